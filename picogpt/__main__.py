@@ -1,0 +1,3 @@
+from picogpt.cli import main
+
+raise SystemExit(main())
