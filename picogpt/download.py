@@ -25,3 +25,21 @@ def weights_dir(override=None):
     if Path("weights").is_dir():
         return Path("weights")
     return Path.home() / ".cache" / "picogpt"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A named GPT-2 size is not on disk (and could not be fetched)."""
+
+
+def ensure_model(size, weights_dir_override=None):
+    """Return the folder of GPT-2 `size` ('124M', 'gpt2-medium', ...), fetching it if needed.
+
+    Until downloading lands this only looks on disk and says where it looked."""
+    size = canonical_size(size) or size
+    folder = weights_dir(weights_dir_override) / size
+    if (folder / "hparams.json").is_file():
+        return folder
+    raise ModelNotFoundError(
+        f"GPT-2 {size} is not in {folder}. Get it with `picogpt download {size}`, or place "
+        f"OpenAI's files for {size} in that folder by hand."
+    )

@@ -3,6 +3,7 @@ import sys
 
 
 def test_python_dash_m_prints_help():
-    out = subprocess.run([sys.executable, "-m", "picogpt", "--help"], capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "picogpt", "--help"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0
     assert "usage: picogpt" in out.stdout
