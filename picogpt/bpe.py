@@ -56,6 +56,7 @@ _LONG_PIECE = 64
 _CACHE_LIMIT = 500_000
 
 ENDOFTEXT = "<|endoftext|>"
+_NEVER = 1 << 62  # the "rank" of a pair that does not merge: above every real rank
 
 
 def bytes_to_unicode():
@@ -358,22 +359,23 @@ _ASCII_RE = re.compile(_ASCII_PATTERN)
 def _merge_short(word, ranks):
     """BPE of `word` (a string in GPT-2's byte alphabet) into token strings: repeatedly merge the
     adjacent pair whose concatenation has the lowest rank, the leftmost on ties (tiktoken's rule).
-    `pair_ranks[i]` is the rank of parts[i] + parts[i+1]; min() and index() scan it in C."""
-    never = len(ranks) + 1
+    `pair_ranks[i]` is the rank of parts[i] + parts[i+1], so min() and index() scan it in C."""
+    get = ranks.get
+    never = _NEVER
     parts = list(word)
-    pair_ranks = [ranks.get(a + b, never) for a, b in zip(parts, parts[1:])]
+    pair_ranks = list(map(get, map(str.__add__, parts, parts[1:]), repeat(never)))
     while pair_ranks:
         best = min(pair_ranks)
         if best == never:
             break
         i = pair_ranks.index(best)
-        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+        parts[i] += parts.pop(i + 1)
         del pair_ranks[i]
-        # only the pairs touching the merged part changed
-        if i > 0:
-            pair_ranks[i - 1] = ranks.get(parts[i - 1] + parts[i], never)
+        # only the pairs touching the merged part have changed
+        if i:
+            pair_ranks[i - 1] = get(parts[i - 1] + parts[i], never)
         if i < len(pair_ranks):
-            pair_ranks[i] = ranks.get(parts[i] + parts[i + 1], never)
+            pair_ranks[i] = get(parts[i] + parts[i + 1], never)
     return parts
 
 
