@@ -140,11 +140,12 @@ def _lane_tables():
     return _LANE_TABLES
 
 
-def _crc32c_raw_lanes(words):
-    """Raw CRC state (initial state 0) of `words`, a [rows, LANES] uint32 array in file order."""
+def _crc32c_raw_lanes(words, initial):
+    """Raw CRC state after `words`, a [rows, LANES] uint32 array in file order, from `initial`."""
     tables = _lane_tables()
     row_lo, row_hi = tables["row"]
     state = np.zeros(LANES, dtype=np.uint32)
+    state[0] = initial  # by linearity, the same as xoring it into the first word
     x = np.empty(LANES, dtype=np.uint32)
     halves = x.view(np.uint16).reshape(LANES, 2)  # little-endian: [:, 0] low, [:, 1] high
     lo_index, hi_index = halves[:, 0], halves[:, 1]
@@ -168,33 +169,15 @@ def _crc32c_raw_lanes(words):
 
 def crc32c(data, state=0):
     """CRC32C of `data` (bytes-like or a uint8 array), continuing from a previous `state`."""
-    buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+    buf = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
     buf = buf.reshape(-1).view(np.uint8)
     raw = state ^ 0xFFFFFFFF
-    block = LANES * 4
-    n_bulk = (len(buf) // block) * block if len(buf) >= 4 * block else 0
+    row_bytes = LANES * 4
+    n_bulk = (len(buf) // row_bytes) * row_bytes if len(buf) >= 4 * row_bytes else 0
     if n_bulk:
-        # The running state enters linearly: xor it into the first word, then the bulk is 0-based.
-        head = np.frombuffer(raw.to_bytes(4, "little"), dtype=np.uint8)
-        words = buf[:n_bulk].view("<u4").reshape(-1, LANES)
-        first = words[0].copy()
-        first[0] ^= int(head.view("<u4")[0])
-        raw = _crc32c_raw_lanes(_RowsWithFirst(words, first))
+        raw = _crc32c_raw_lanes(buf[:n_bulk].view("<u4").reshape(-1, LANES), raw)
     raw = _crc32c_bytes(raw, buf[n_bulk:].tobytes())
     return raw ^ 0xFFFFFFFF
-
-
-class _RowsWithFirst:
-    """`words` with its first row replaced, without copying the rest."""
-
-    def __init__(self, words, first):
-        self.words, self.first = words, first
-
-    def __len__(self):
-        return len(self.words)
-
-    def __getitem__(self, r):
-        return self.first if r == 0 else self.words[r]
 
 
 def mask_crc(crc):
@@ -562,12 +545,55 @@ def _block(entries):
     return bytes(body)
 
 
-def _with_trailer(block):
-    crc = _crc32c_bytes(0xFFFFFFFF, block + b"\x00") ^ 0xFFFFFFFF
-    return block + b"\x00" + struct.pack("<I", mask_crc(crc))
+def _with_trailer(block, compression=0):
+    trailer_type = bytes([compression])
+    crc = _crc32c_bytes(0xFFFFFFFF, block + trailer_type) ^ 0xFFFFFFFF
+    return block + trailer_type + struct.pack("<I", mask_crc(crc))
 
 
 BLOCK_TARGET = 4096  # bytes per data block, as TensorFlow's writer
+
+
+def _index_bytes(entries, compression=0):
+    """An SSTable holding `entries` [(key bytes, value bytes)] in key order."""
+    out = bytearray()
+    handles, block = [], []
+
+    def flush(block_entries):
+        body = _block(block_entries)
+        handle = _varint(len(out)) + _varint(len(body))
+        out.extend(_with_trailer(body, compression))
+        return handle
+
+    for key, value in entries:
+        block.append((key, value))
+        if sum(len(k) + len(v) + 16 for k, v in block) >= BLOCK_TARGET:
+            handles.append((key, flush(block)))
+            block = []
+    if block:
+        handles.append((block[-1][0], flush(block)))
+    metaindex_handle = flush([])
+    index_handle = flush(handles)
+    footer = (metaindex_handle + index_handle).ljust(40, b"\x00")
+    out.extend(footer + struct.pack("<Q", TABLE_MAGIC))
+    return bytes(out)
+
+
+def _header_proto(num_shards=1, endianness=0):
+    return (
+        _field_varint(1, num_shards)
+        + _field_varint(2, endianness)
+        + _field_bytes(3, _field_varint(1, 1))  # version { producer: 1 }
+    )
+
+
+def _write_atomically(path, data):
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
 
 
 def write(prefix, tensors):
@@ -576,63 +602,35 @@ def write(prefix, tensors):
     TensorFlow reads the result back bit-exactly. Files are written under temporary names and
     renamed into place, so an interrupted write never leaves a half-written checkpoint behind."""
     prefix = Path(prefix)
-    arrays = {}
-    for name in sorted(tensors, key=lambda n: n.encode("utf-8")):
+    for name in tensors:
         if not isinstance(name, str) or not name:
             raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+    data, entries, offset = [], [(b"", _header_proto())], 0
+    for name in sorted(tensors, key=lambda n: n.encode("utf-8")):
         array = np.asarray(tensors[name])
-        if array.dtype not in TF_DTYPE:
+        if array.dtype.newbyteorder("=") not in TF_DTYPE:
             raise ValueError(f"tensor {name!r}: dtype {array.dtype} cannot be saved")
-        arrays[name] = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
+        array = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
+        raw = array.reshape(-1).view(np.uint8)
+        dtype_code = TF_DTYPE[array.dtype.newbyteorder("=")]
+        proto = _entry_proto(dtype_code, array.shape, offset, raw.nbytes, crc32c(raw))
+        entries.append((name.encode("utf-8"), proto))
+        data.append(raw)
+        offset += raw.nbytes
     prefix.parent.mkdir(parents=True, exist_ok=True)
     data_path = _shard_path(prefix, 0, 1)
     index_path = Path(f"{prefix}.index")
-    tmp = f".tmp{os.getpid()}"
-    entries, offset = [], 0
-    with open(str(data_path) + tmp, "wb") as f:
-        for name, array in arrays.items():
-            raw = array.reshape(-1).view(np.uint8)
-            f.write(memoryview(raw))
-            proto = _entry_proto(TF_DTYPE[array.dtype.newbyteorder("=")], array.shape, offset,
-                                 raw.nbytes, crc32c(raw))
-            entries.append((name.encode("utf-8"), proto))
-            offset += raw.nbytes
-        f.flush()
-        os.fsync(f.fileno())
-    header = _field_varint(1, 1) + _field_bytes(3, _field_varint(1, 1))
-    entries.insert(0, (b"", header))
-    out = bytearray()
-    index_entries, block = [], []
-
-    def flush_block():
-        handle = _varint(len(out)) + _varint(len(_block(block)))
-        index_entries.append((block[-1][0], handle))
-        out.extend(_with_trailer(_block(block)))
-        block.clear()
-
-    for key, value in entries:
-        block.append((key, value))
-        if sum(len(k) + len(v) + 16 for k, v in block) >= BLOCK_TARGET:
-            flush_block()
-    if block:
-        flush_block()
-    meta_handle = (len(out), len(_block([])))
-    out.extend(_with_trailer(_block([])))
-    index_handle = (len(out), len(_block(index_entries)))
-    out.extend(_with_trailer(_block(index_entries)))
-    footer = _varint(meta_handle[0]) + _varint(meta_handle[1])
-    footer += _varint(index_handle[0]) + _varint(index_handle[1])
-    footer = footer.ljust(40, b"\x00") + struct.pack("<Q", TABLE_MAGIC)
-    out.extend(footer)
-    with open(str(index_path) + tmp, "wb") as f:
-        f.write(out)
-        f.flush()
-        os.fsync(f.fileno())
     state_path = prefix.parent / "checkpoint"
-    with open(str(state_path) + tmp, "w") as f:
-        name = prefix.name
-        f.write(f'model_checkpoint_path: "{name}"\nall_model_checkpoint_paths: "{name}"\n')
+    tmp_data = Path(f"{data_path}.tmp{os.getpid()}")
+    with open(tmp_data, "wb") as f:
+        for raw in data:
+            f.write(memoryview(raw))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp_index = _write_atomically(index_path, _index_bytes(entries))
+    state = f'model_checkpoint_path: "{prefix.name}"\nall_model_checkpoint_paths: "{prefix.name}"\n'
+    tmp_state = _write_atomically(state_path, state.encode())
     # Data first, index second: a reader never sees an index pointing at missing data.
-    os.replace(str(data_path) + tmp, data_path)
-    os.replace(str(index_path) + tmp, index_path)
-    os.replace(str(state_path) + tmp, state_path)
+    os.replace(tmp_data, data_path)
+    os.replace(tmp_index, index_path)
+    os.replace(tmp_state, state_path)
