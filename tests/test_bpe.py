@@ -54,7 +54,7 @@ def ref():
     return reference_encoding(VOCAB_DIR, "gpt2-local")
 
 
-def generated_corpus(seed=0, n_docs=400):
+def generated_corpus(seed=0, n_docs=400, ascii_only=False):
     """Varied documents built from the places where tokenizers usually go wrong."""
     rng = random.Random(seed)
     contractions = [
@@ -89,20 +89,25 @@ def generated_corpus(seed=0, n_docs=400):
         "x" * 1000, "ab" * 700, "Ġ" * 300, "9" * 500, "!" * 400, " " * 300, "\n" * 200,
         "é" * 300, "中" * 400, "👍" * 100,
     ]
+    letters = "abcdefghijklmnopqrstuvwxyz" + ("" if ascii_only else "é")
+    if ascii_only:
+        fragments = [f for f in fragments if f.isascii()]
+        long_words = [w for w in long_words if w.isascii()]
     docs = []
     for _ in range(n_docs):
         parts = [rng.choice(fragments) for _ in range(rng.randint(1, 60))]
         if rng.random() < 0.1:
             parts.insert(rng.randrange(len(parts) + 1), rng.choice(long_words))
         if rng.random() < 0.1:  # a long random word of letters: the heap merge path
-            letters = "".join(rng.choice("abcdefghijklmnopqrstuvwxyzé") for _ in range(2000))
-            parts.append(" " + letters)
+            parts.append(" " + "".join(rng.choice(letters) for _ in range(2000)))
         joiner = rng.choice(["", "", " ", "\n"])
         docs.append(joiner.join(parts))
     return docs
 
 
 CORPUS = generated_corpus()
+# Pure-ASCII documents take the fast `re` pre-tokenizer rather than `regex`: test them apart.
+ASCII_CORPUS = generated_corpus(seed=1, n_docs=200, ascii_only=True)
 PROSE = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
     "It's 3:45pm — don't panic! We'll've seen 1,234 cafés in Zürich (and 東京).\r\n\t\tDone.   \n"
@@ -128,6 +133,14 @@ def test_byte_alphabet_matches_tiktokens_construction():
 def test_corpus_matches_tiktoken(gpt2, ref):
     for doc in CORPUS:
         assert gpt2.encode(doc) == ref.encode_ordinary(doc), repr(doc[:200])
+
+
+def test_ascii_corpus_matches_tiktoken(gpt2, ref):
+    assert all(doc.isascii() for doc in ASCII_CORPUS)
+    for doc in ASCII_CORPUS:
+        assert gpt2.encode(doc) == ref.encode_ordinary(doc), repr(doc[:200])
+    text = "".join(ASCII_CORPUS)
+    assert BPE.load(VOCAB_DIR).encode(text) == ref.encode_ordinary(text)
 
 
 def test_whole_corpus_as_one_text_matches_tiktoken(ref):
@@ -193,10 +206,20 @@ def test_lone_surrogates_are_replaced_as_tiktoken_does(gpt2, ref, text):
     assert gpt2.encode(text) == ref.encode_ordinary(text)
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.text(alphabet=st.characters(max_codepoint=127), max_size=300))
-def test_ascii_fast_pattern_splits_like_gpt2_pattern(text):
+ascii_text = st.one_of(
+    st.text(alphabet=st.characters(max_codepoint=127), max_size=300),
+    st.lists(
+        st.sampled_from(list("'sStTdDmMlLvVrReEa0. _!\t\n\r\x0b\x0c\x1c\x1f\x00\x7f") + ["  "]),
+        max_size=100,
+    ).map("".join),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(ascii_text)
+def test_ascii_fast_pattern_splits_like_gpt2_pattern(gpt2, ref, text):
     assert bpe_module._ASCII_RE.findall(text) == bpe_module._GPT2_RE.findall(text)
+    assert gpt2.encode(text) == ref.encode_ordinary(text)
 
 
 @settings(max_examples=300, deadline=None)
