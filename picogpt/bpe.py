@@ -33,8 +33,10 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 # (Unicode White_Space) is [\t\n\v\f\r ]; \x1c-\x1f are not White_Space, although str.isspace()
 # says they are, so they are spelled out rather than trusting \s in `re`. Both engines are
 # leftmost-first backtracking engines, so on ASCII input the two patterns give the same pieces.
+# (The contractions are grouped as tiktoken writes them: no contraction is a prefix of another,
+# so at most one can match and the grouping changes nothing but speed.)
 _ASCII_PATTERN = (
-    r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\t\n\x0b\x0c\r A-Za-z0-9]+"""
+    r"""'(?:[sdmt]|ll|ve|re)| ?[A-Za-z]+| ?[0-9]+| ?[^\t\n\x0b\x0c\r A-Za-z0-9]+"""
     r"""|[\t\n\x0b\x0c\r ]+(?![^\t\n\x0b\x0c\r ])|[\t\n\x0b\x0c\r ]+"""
 )
 
@@ -52,7 +54,8 @@ _BLOCK_END = regex.compile(r"\S(?=\s)")
 _LONG_PIECE = 64
 
 # Distinct pieces cached per tokenizer before the cache starts over (bounds memory when a
-# long-lived tokenizer sees endless new text; about 100 MB at worst).
+# long-lived tokenizer sees endless new text: about 100 MB at worst, as long pieces, which
+# rarely repeat, are not cached).
 _CACHE_LIMIT = 500_000
 
 ENDOFTEXT = "<|endoftext|>"
@@ -300,9 +303,11 @@ class _PieceCache(dict):
         self._encode_piece = encode_piece
 
     def __missing__(self, piece):
-        if len(self) >= _CACHE_LIMIT:
-            self.clear()
-        ids = self[piece] = self._encode_piece(piece)
+        ids = self._encode_piece(piece)
+        if len(piece) <= _LONG_PIECE:
+            if len(self) >= _CACHE_LIMIT:
+                self.clear()
+            self[piece] = ids
         return ids
 
 
