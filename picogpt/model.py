@@ -13,7 +13,10 @@ LN_EPS = 1e-5
 # Row blocks bound the temporaries of the two products that grow with the input: attention scores
 # ([B, n_head, block, T] instead of [B, n_head, T, T]) and the vocabulary projection.
 ATTN_BLOCK_BYTES = 16 << 20
+ATTN_MAX_ROWS = 128
 LOGITS_BLOCK_ROWS = 256
+SMALL_BATCH = 8  # up to this many rows, products run row by row (see matmul)
+VOCAB_CHUNK = 1024  # vocabulary rows per chunk when projecting a few rows
 GELU_C = math.sqrt(2 / math.pi)
 
 
@@ -43,9 +46,21 @@ def gelu_(x):
     return x
 
 
+def matmul(x, w):
+    """x [M, K] @ w [K, N]. For a few rows (batched decoding) one matrix-vector product per row
+    beats OpenBLAS's gemm, which repacks all of w on every call: the first row streams w from
+    memory and the others find it in cache."""
+    if 1 < len(x) <= SMALL_BATCH:
+        out = np.empty((len(x), w.shape[1]), np.float32)
+        for row, row_out in zip(x, out):
+            np.matmul(row, w, out=row_out)
+        return out
+    return x @ w
+
+
 def linear(x, w, b):
     """x @ w + b over the last axis, for x of any leading shape."""
-    out = x.reshape(-1, x.shape[-1]) @ w
+    out = matmul(x.reshape(-1, x.shape[-1]), w)
     out += b
     return out.reshape(*x.shape[:-1], w.shape[-1])
 
@@ -58,22 +73,28 @@ def softmax_(x):
     return x
 
 
+def causal_mask(n):
+    """[n, n] float32: 0 on and below the diagonal, -inf above (the future)."""
+    return np.triu(np.full((n, n), -np.inf, np.float32), k=1)
+
+
 def attention(q, k, v, offset):
     """Causal attention. q: [B, H, Tq, hd] holds positions offset..offset+Tq-1 (already scaled by
     1/sqrt(hd)); k, v: [B, H, offset+Tq, hd]. Query rows go in blocks, each seeing only the keys up
-    to its last position, so no [Tq, Tk] score matrix is ever whole."""
+    to its last row's position: no [Tq, Tk] score matrix is ever whole, and the blocks skip most
+    of the masked upper triangle instead of computing it."""
     B, H, Tq, hd = q.shape
     out = np.empty_like(q)
     per_row = B * H * k.shape[2] * 4
-    block = max(1, min(Tq, ATTN_BLOCK_BYTES // per_row))
+    block = max(1, min(Tq, ATTN_BLOCK_BYTES // per_row, ATTN_MAX_ROWS))
+    mask = causal_mask(block) if Tq > 1 else None
     for start in range(0, Tq, block):
         stop = min(Tq, start + block)
         n_keys = offset + stop
         scores = q[:, :, start:stop] @ k[:, :, :n_keys].swapaxes(-1, -2)  # [B, H, rows, n_keys]
-        if stop - start > 1:
-            rows = np.arange(offset + start, offset + stop)[:, None]
-            future = np.arange(n_keys)[None, :] > rows
-            scores[..., future] = -np.inf
+        if mask is not None:
+            rows = stop - start
+            scores[..., n_keys - rows :] += mask[:rows, :rows]  # only this block's own keys
         softmax_(scores)
         np.matmul(scores, v[:, :, :n_keys], out=out[:, :, start:stop])
     return out
@@ -191,14 +212,22 @@ class GPT:
             x += linear(gelu_(linear(h, *blk["c_fc"])), *blk["mlp_proj"])
         cache.length = start + T
         if not all_logits:
-            return layer_norm(x[:, -1], *self.ln_f) @ self.wte.T  # [B, V]: the only row needed
+            return self.project(layer_norm(x[:, -1], *self.ln_f))  # [B, V]: the only row needed
         return self.project(layer_norm(x, *self.ln_f))
 
     def project(self, x):
-        """Logits x @ wte.T for x [..., C], in row blocks into one preallocated output."""
+        """Logits x @ wte.T for x [..., C], in blocks into one preallocated output."""
         rows = x.reshape(-1, x.shape[-1])
-        out = np.empty((len(rows), self.wte.shape[0]), np.float32)
-        for start in range(0, len(rows), LOGITS_BLOCK_ROWS):
-            stop = start + LOGITS_BLOCK_ROWS
-            np.matmul(rows[start:stop], self.wte.T, out=out[start:stop])
+        n_vocab = self.wte.shape[0]
+        out = np.empty((len(rows), n_vocab), np.float32)
+        if 1 < len(rows) <= SMALL_BATCH:
+            # As in matmul: row by row, over chunks of the vocabulary small enough to stay cached.
+            for start in range(0, n_vocab, VOCAB_CHUNK):
+                chunk = self.wte[start : start + VOCAB_CHUNK]
+                for row, row_out in zip(rows, out):
+                    np.matmul(chunk, row, out=row_out[start : start + VOCAB_CHUNK])
+        else:
+            for start in range(0, len(rows), LOGITS_BLOCK_ROWS):
+                stop = start + LOGITS_BLOCK_ROWS
+                np.matmul(rows[start:stop], self.wte.T, out=out[start:stop])
         return out.reshape(*x.shape[:-1], -1)
