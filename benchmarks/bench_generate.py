@@ -103,6 +103,14 @@ def export_for_transformers(params, hparams, out):
 
 
 def peak_rss_mb():
+    """This process's peak resident set. VmHWM, not ru_maxrss: on Linux the latter carries the
+    parent's peak across fork+exec, so a worker would report the parent's 2 GB of random weights."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
