@@ -204,3 +204,13 @@ def test_two_processes_downloading_at_once_share_one_download(server, tmp_path):
     for name in dl.FILES:
         assert len(server.requests_for(name)) == 1, name
     assert sum("waiting" in e for e in errs) == 1
+
+
+def test_a_part_file_longer_than_the_file_is_discarded(server, tmp_path):
+    folder = tmp_path / "124M"
+    folder.mkdir()
+    (folder / ("vocab.bpe.part")).write_bytes(b"x" * (len(served(server, "vocab.bpe")) + 10))
+    dl.download("124M", tmp_path, server.url, **FAST)
+    assert_complete(server, folder)
+    ranges = [r for _, r in server.requests_for("vocab.bpe")]
+    assert ranges[0].startswith("bytes=") and ranges[1:] == [None]
