@@ -314,6 +314,10 @@ class Conversation:
 
     def __init__(self, model, reply_tokens, preamble=CHAT_PREAMBLE):
         self.model = model
+        try:
+            model.encode(preamble)
+        except ValueError:  # a character-level model that never saw some of its characters
+            preamble = ""
         self.preamble = preamble
         self.turns = []  # (message, reply) pairs, reply as generated (with its leading space)
         self.budget = model.hparams["n_ctx"] - reply_tokens  # prompt tokens we can afford
@@ -358,17 +362,20 @@ def _chat(args):
         print(f"picogpt chat with {args.model}: type a message and press Enter. /reset forgets "
               "the conversation; Ctrl-D leaves.", file=sys.stderr)
     chat = Conversation(model, args.n)
+    name = "gpt2" if download.canonical_size(args.model) else Path(args.model).name
     out = sys.stdout
     turn = 0
     while True:
-        try:
-            line = input("you> ") if interactive else sys.stdin.readline()
-        except EOFError:
-            line = ""
-        if not line:  # end of input
-            if interactive:
+        if interactive:
+            try:
+                line = input("you> ")
+            except EOFError:  # Ctrl-D
                 print(file=sys.stderr)
-            return 0
+                return 0
+        else:
+            line = sys.stdin.readline()
+            if not line:  # end of input
+                return 0
         message = line.strip()
         if not message:
             continue
@@ -380,11 +387,17 @@ def _chat(args):
             continue
         if not interactive:  # show the exchange, so a piped session reads as a transcript
             out.write(f"you> {message}\n")
-        out.write("gpt2> ")
+        try:
+            prompt = chat.prompt(message)
+        except ValueError as e:  # characters a char-level model does not know: say, go on
+            out.write(f"(cannot read that message: {e})\n")
+            out.flush()
+            continue
+        out.write(f"{name}> ")
         out.flush()
         seed = None if args.seed is None else args.seed + turn
         reply = ""
-        stream = model.stream(chat.prompt(message), n=args.n, seed=seed, **_sampling(args))
+        stream = model.stream(prompt, n=args.n, seed=seed, **_sampling(args))
         try:
             for piece in stream:
                 end = piece.find("\n")  # the reply ends with its line: the next turn is ours
