@@ -195,7 +195,7 @@ def _fetch_once(session, url, part, have, timeout, progress):
     headers = {"Range": f"bytes={have}-"} if have else {}
     with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
         if r.status_code == 416 and have:  # asked past the end: the .part is suspicious, restart
-            part.unlink()
+            part.unlink(missing_ok=True)
             raise _Retry(f"server refused to resume at byte {have}")
         if r.status_code == 404:
             raise DownloadError(f"{url} does not exist (HTTP 404); is the base URL right?")
@@ -204,7 +204,7 @@ def _fetch_once(session, url, part, have, timeout, progress):
         if r.status_code == 206:
             start, total = _content_range(r.headers.get("Content-Range", ""))
             if start != have:  # not the range we asked for: start over cleanly
-                part.unlink()
+                part.unlink(missing_ok=True)
                 raise _Retry(f"server resumed at byte {start}, not {have}")
         elif r.status_code == 200:
             have = 0  # the server ignored Range: it sends the whole file again
@@ -214,7 +214,7 @@ def _fetch_once(session, url, part, have, timeout, progress):
             raise DownloadError(f"{url}: unexpected HTTP {r.status_code} {r.reason}")
         if r.status_code == 206 and r.headers.get("Content-Length", "").isdigit():
             if total is not None and have + int(r.headers["Content-Length"]) != total:
-                part.unlink()
+                part.unlink(missing_ok=True)
                 raise _Retry("server sent an inconsistent Content-Range")
 
         got = 0
@@ -236,7 +236,7 @@ def _fetch_once(session, url, part, have, timeout, progress):
             e = _Retry(f"got {have + got} of {total} bytes")
             e.picogpt_got = got
             if have + got > total:  # more than promised: the .part cannot be trusted
-                part.unlink()
+                part.unlink(missing_ok=True)
             raise e
         return got
 
