@@ -1,0 +1,636 @@
+"""TensorFlow V2 checkpoints ("tensor bundles") read, verified and written with NumPy alone.
+
+A checkpoint `model.ckpt` is an index (`model.ckpt.index`, an SSTable mapping tensor names to
+protobuf entries) and data shards (`model.ckpt.data-00000-of-00001`, raw tensor bytes). The byte
+format is written up in docs/tf-checkpoint-format.md. Reading memory-maps the shards and returns
+read-only views, so opening GPT-2 copies nothing; `verify` checks every CRC32C.
+"""
+
+import os
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["CheckpointError", "read", "verify", "write", "resolve_prefix", "crc32c"]
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, malformed, or corrupted. The message names the file."""
+
+
+# TensorFlow DataType enum -> NumPy dtype. 14 is bfloat16: read as uint16 and widened to float32.
+DTYPES = {
+    1: np.float32, 2: np.float64, 3: np.int32, 4: np.uint8, 5: np.int16, 6: np.int8,
+    8: np.complex64, 9: np.int64, 10: np.bool_, 14: np.uint16, 17: np.uint16,
+    18: np.complex128, 19: np.float16, 22: np.uint32, 23: np.uint64,
+}  # fmt: skip
+BFLOAT16 = 14
+TF_DTYPE = {np.dtype(v): k for k, v in DTYPES.items() if k != BFLOAT16}
+
+TABLE_MAGIC = 0xDB4775248B80FB57
+FOOTER_SIZE = 48
+BLOCK_TRAILER_SIZE = 5  # compression type byte + masked CRC32C
+MAX_DIMS = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# CRC32C (Castagnoli), vectorised with NumPy.
+#
+# CRC without its initial and final xor is linear over GF(2): crc(a ^ b) = crc(a) ^ crc(b), and
+# appending n zero bytes is a fixed linear map of the 32-bit state. So the data is cut into L
+# interleaved lanes (lane j holds 32-bit words j, j+L, j+2L, ...); each row of L contiguous words
+# is folded into L lane states at once by two 64K-entry table lookups per word, where the tables
+# compose "absorb this word" with "skip the other lanes' (L-1)*4 bytes". The lane states are then
+# combined pairwise in log2(L) levels, each level one fixed "append n zero bytes" map.
+# ---------------------------------------------------------------------------------------------
+
+CRC32C_POLY = 0x82F63B78  # reflected 0x1EDC6F41
+LANES = 4096
+
+
+def _byte_table():
+    table = np.arange(256, dtype=np.uint32)
+    for _ in range(8):
+        table = np.where(table & 1, (table >> 1) ^ np.uint32(CRC32C_POLY), table >> 1)
+    return table.astype(np.uint32)
+
+
+BYTE_TABLE = _byte_table()
+_BYTE_LIST = BYTE_TABLE.tolist()  # Python ints: fast in the byte loop
+
+
+def _crc32c_bytes(state, data):
+    """The reference byte-at-a-time update of a raw (un-xored) state: for short inputs."""
+    for byte in data:
+        state = _BYTE_LIST[(state ^ byte) & 0xFF] ^ (state >> 8)
+    return state
+
+
+def _apply(tables, state):
+    """Apply a GF(2)-linear map of 32-bit states given as four 256-entry byte tables."""
+    return (
+        tables[0][state & 0xFF]
+        ^ tables[1][(state >> 8) & 0xFF]
+        ^ tables[2][(state >> 16) & 0xFF]
+        ^ tables[3][state >> 24]
+    )
+
+
+def _zeros_map(n_bytes):
+    """Byte tables of the map 'append n_bytes zero bytes' on a raw CRC state."""
+    basis = np.array([1 << i for i in range(32)], dtype=np.uint32)
+    # Square-and-multiply on the 32 images of the basis vectors, one zero byte being the base map.
+    one_byte = BYTE_TABLE[basis & 0xFF] ^ (basis >> 8)
+    result = basis.copy()
+    power = one_byte
+    while n_bytes:
+        if n_bytes & 1:
+            result = _compose(power, result)
+        power = _compose(power, power)
+        n_bytes >>= 1
+    return _tables_from_images(result)
+
+
+def _compose(outer, inner):
+    """Images of the basis under outer(inner(x)), both maps given as basis images."""
+    out = np.zeros(32, dtype=np.uint32)
+    for bit in range(32):
+        out ^= np.where((inner >> np.uint32(bit)) & 1, outer[bit], np.uint32(0)).astype(np.uint32)
+    return out
+
+
+def _tables_from_images(images):
+    """Four 256-entry tables for a linear map given by the images of the 32 basis vectors."""
+    tables = []
+    byte = np.arange(256, dtype=np.uint32)
+    for k in range(4):
+        table = np.zeros(256, dtype=np.uint32)
+        for bit in range(8):
+            table ^= np.where((byte >> bit) & 1, images[8 * k + bit], np.uint32(0)).astype(
+                np.uint32
+            )
+        tables.append(table)
+    return tables
+
+
+def _word_tables(skip_bytes):
+    """Two 64K tables: absorb one little-endian 32-bit word into a raw state, then skip
+    `skip_bytes` zero bytes. Indexed by the low and high 16 bits of (state ^ word)."""
+    x = np.arange(65536, dtype=np.uint32)
+    lo, hi = x, x << 16
+    for _ in range(32):  # four bytes through the byte table, bit by bit
+        lo = np.where(lo & 1, (lo >> 1) ^ np.uint32(CRC32C_POLY), lo >> 1).astype(np.uint32)
+        hi = np.where(hi & 1, (hi >> 1) ^ np.uint32(CRC32C_POLY), hi >> 1).astype(np.uint32)
+    if skip_bytes:
+        skip = _zeros_map(skip_bytes)
+        lo, hi = _apply(skip, lo), _apply(skip, hi)
+    return lo, hi
+
+
+_LANE_TABLES = {}
+
+
+def _lane_tables():
+    if not _LANE_TABLES:
+        _LANE_TABLES["row"] = _word_tables((LANES - 1) * 4)
+        _LANE_TABLES["last"] = _word_tables(0)
+        _LANE_TABLES["combine"] = [_zeros_map(4 << level) for level in range(LANES.bit_length())]
+    return _LANE_TABLES
+
+
+def _crc32c_raw_lanes(words, initial):
+    """Raw CRC state after `words`, a [rows, LANES] uint32 array in file order, from `initial`."""
+    tables = _lane_tables()
+    row_lo, row_hi = tables["row"]
+    state = np.zeros(LANES, dtype=np.uint32)
+    state[0] = initial  # by linearity, the same as xoring it into the first word
+    x = np.empty(LANES, dtype=np.uint32)
+    halves = x.view(np.uint16).reshape(LANES, 2)  # little-endian: [:, 0] low, [:, 1] high
+    lo_index, hi_index = halves[:, 0], halves[:, 1]
+    tmp = np.empty(LANES, dtype=np.uint32)
+    rows = len(words)
+    for r in range(rows):
+        np.bitwise_xor(state, words[r], out=x)
+        if r == rows - 1:
+            row_lo, row_hi = tables["last"]
+        np.take(row_lo, lo_index, out=state)
+        np.take(row_hi, hi_index, out=tmp)
+        state ^= tmp
+    # Lane j's state still lacks the (LANES-1-j)*4 bytes that follow it in its last row.
+    level = 0
+    while len(state) > 1:
+        left, right = state[0::2], state[1::2]
+        state = _apply(tables["combine"][level], left) ^ right
+        level += 1
+    return int(state[0])
+
+
+def crc32c(data, state=0):
+    """CRC32C of `data` (bytes-like or a uint8 array), continuing from a previous `state`."""
+    buf = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
+    buf = buf.reshape(-1).view(np.uint8)
+    raw = state ^ 0xFFFFFFFF
+    row_bytes = LANES * 4
+    n_bulk = (len(buf) // row_bytes) * row_bytes if len(buf) >= 4 * row_bytes else 0
+    if n_bulk:
+        raw = _crc32c_raw_lanes(buf[:n_bulk].view("<u4").reshape(-1, LANES), raw)
+    raw = _crc32c_bytes(raw, buf[n_bulk:].tobytes())
+    return raw ^ 0xFFFFFFFF
+
+
+def mask_crc(crc):
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def unmask_crc(masked):
+    rot = (masked - 0xA282EAD8) & 0xFFFFFFFF
+    return ((rot >> 17) | (rot << 15)) & 0xFFFFFFFF
+
+
+# ---------------------------------------------------------------------------------------------
+# Varints, protobuf, and the SSTable index
+# ---------------------------------------------------------------------------------------------
+
+
+class _Buffer:
+    """A cursor over bytes that raises CheckpointError (naming the file) instead of IndexError."""
+
+    def __init__(self, data, where):
+        self.data, self.pos, self.where = data, 0, where
+
+    def fail(self, what):
+        raise CheckpointError(f"{self.where}: {what}")
+
+    def varint(self, max_bits=64):
+        result = shift = 0
+        while True:
+            if self.pos >= len(self.data):
+                self.fail("varint runs off the end of the data")
+            byte = self.data[self.pos]
+            self.pos += 1
+            result |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+            if shift >= max_bits:
+                self.fail("varint is too long")
+        if result >> max_bits:
+            self.fail("varint is too large")
+        return result
+
+    def take(self, n):
+        if n > len(self.data) - self.pos:
+            left = len(self.data) - self.pos
+            self.fail(f"needs {n} bytes at offset {self.pos} but only {left} remain")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def done(self):
+        return self.pos >= len(self.data)
+
+
+def _proto_fields(data, where):
+    """Yield (field number, wire type, value) of a protobuf message; skips nothing silently."""
+    buf = _Buffer(data, where)
+    while not buf.done():
+        tag = buf.varint()
+        field, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value = buf.varint()
+        elif wire == 1:
+            value = int.from_bytes(buf.take(8), "little")
+        elif wire == 2:
+            value = buf.take(buf.varint())
+        elif wire == 5:
+            value = int.from_bytes(buf.take(4), "little")
+        else:
+            buf.fail(f"unsupported protobuf wire type {wire}")
+        yield field, wire, value
+
+
+def _read_block(index, handle, where):
+    """The entries of the SSTable block at `handle` = (offset, size), after checking its trailer."""
+    offset, size = handle
+    if offset + size + BLOCK_TRAILER_SIZE > len(index) - FOOTER_SIZE:
+        raise CheckpointError(f"{where}: block at offset {offset} of size {size} is past the end")
+    raw = index[offset : offset + size + BLOCK_TRAILER_SIZE]
+    compression = raw[size]
+    stored = int.from_bytes(raw[size + 1 :], "little")
+    if unmask_crc(stored) != _crc32c_bytes(0xFFFFFFFF, raw[: size + 1]) ^ 0xFFFFFFFF:
+        raise CheckpointError(f"{where}: block at offset {offset} fails its CRC32C check")
+    if compression != 0:
+        raise CheckpointError(
+            f"{where}: block at offset {offset} is compressed (type {compression}); "
+            "TensorFlow writes tensor-bundle indexes uncompressed"
+        )
+    return _block_entries(raw[:size], where)
+
+
+def _block_entries(block, where):
+    if len(block) < 4:
+        raise CheckpointError(f"{where}: block too small")
+    num_restarts = int.from_bytes(block[-4:], "little")
+    end = len(block) - 4 * (num_restarts + 1)
+    if num_restarts == 0 or end < 0:
+        raise CheckpointError(f"{where}: bad restart count {num_restarts}")
+    buf = _Buffer(block[:end], where)
+    key = b""
+    while not buf.done():
+        shared, non_shared, value_len = buf.varint(32), buf.varint(32), buf.varint(32)
+        if shared > len(key):
+            buf.fail(f"entry shares {shared} bytes of a {len(key)}-byte key")
+        key = key[:shared] + buf.take(non_shared)
+        yield key, buf.take(value_len)
+
+
+def _handle(value, where):
+    buf = _Buffer(value, where)
+    return buf.varint(), buf.varint()
+
+
+def _index_entries(index, where):
+    """Yield (key, value) of every entry of the SSTable `index`, in order."""
+    if len(index) < FOOTER_SIZE:
+        raise CheckpointError(f"{where}: file is too short ({len(index)} bytes) to be an index")
+    footer = index[-FOOTER_SIZE:]
+    magic = int.from_bytes(footer[-8:-4], "little") | int.from_bytes(footer[-4:], "little") << 32
+    if magic != TABLE_MAGIC:
+        raise CheckpointError(f"{where}: bad magic number: not a TensorFlow checkpoint index")
+    buf = _Buffer(footer[:40], where)
+    _metaindex = (buf.varint(), buf.varint())
+    index_handle = (buf.varint(), buf.varint())
+    for _, handle_value in _read_block(index, index_handle, where):
+        yield from _read_block(index, _handle(handle_value, where), where)
+
+
+def _parse_header(value, where):
+    header = {"num_shards": 0, "endianness": 0}
+    for field, wire, v in _proto_fields(value, where):
+        if field == 1 and wire == 0:
+            header["num_shards"] = v
+        elif field == 2 and wire == 0:
+            header["endianness"] = v
+    if header["endianness"] not in (0, 1):
+        raise CheckpointError(f"{where}: unknown endianness {header['endianness']}")
+    return header
+
+
+def _parse_entry(value, where):
+    entry = {"dtype": 0, "shape": [], "shard_id": 0, "offset": 0, "size": 0, "crc32c": None}
+    for field, wire, v in _proto_fields(value, where):
+        if field == 1 and wire == 0:
+            entry["dtype"] = v
+        elif field == 2 and wire == 2:
+            entry["shape"] = _parse_shape(v, where)
+        elif field == 3 and wire == 0:
+            entry["shard_id"] = v
+        elif field == 4 and wire == 0:
+            entry["offset"] = v
+        elif field == 5 and wire == 0:
+            entry["size"] = v
+        elif field == 6 and wire == 5:
+            entry["crc32c"] = v
+        elif field == 7:
+            raise CheckpointError(f"{where}: is a partitioned (sliced) tensor, not supported")
+    return entry
+
+
+def _parse_shape(value, where):
+    dims = []
+    for field, wire, v in _proto_fields(value, where):
+        if field == 2 and wire == 2:
+            size = 0
+            for f, w, d in _proto_fields(v, where):
+                if f == 1 and w == 0:
+                    size = d - (1 << 64) if d >> 63 else d  # int64 two's complement
+            if size < 0:
+                raise CheckpointError(f"{where}: has an unknown or negative dimension {size}")
+            dims.append(size)
+            if len(dims) > MAX_DIMS:
+                raise CheckpointError(f"{where}: more than {MAX_DIMS} dimensions")
+        elif field == 3 and wire == 0 and v:
+            raise CheckpointError(f"{where}: shape of unknown rank")
+    return dims
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_prefix(path):
+    """The checkpoint prefix for `path`: a prefix itself, or a folder holding one."""
+    path = Path(path)
+    if not path.is_dir():
+        if Path(str(path) + ".index").is_file():
+            return path
+        raise CheckpointError(f"{path}: no checkpoint here (no {path.name}.index)")
+    state = path / "checkpoint"
+    if state.is_file():
+        text = state.read_text(errors="replace")
+        match = re.search(r'^model_checkpoint_path:\s*"(.*)"', text, re.M)
+        if match:
+            # The recorded path may be absolute and stale (written on another machine).
+            prefix = path / Path(match.group(1).replace("\\", "/")).name
+            if Path(str(prefix) + ".index").is_file():
+                return prefix
+            raise CheckpointError(f"{state}: names {match.group(1)!r}; {prefix}.index is absent")
+    indexes = sorted(path.glob("*.index"))
+    if len(indexes) == 1:
+        return indexes[0].with_suffix("")
+    if not indexes:
+        raise CheckpointError(f"{path}: no checkpoint (*.index) in this folder")
+    names = ", ".join(p.name for p in indexes)
+    raise CheckpointError(f"{path}: several checkpoints ({names}) and no 'checkpoint' file")
+
+
+def _read_entries(prefix):
+    """Parse the index of `prefix`: (header, {name: entry}) with every entry checked for sanity."""
+    index_path = Path(str(prefix) + ".index")
+    where = str(index_path)
+    try:
+        index = index_path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{where}: cannot read: {e.strerror or e}") from None
+    header, entries = None, {}
+    for key, value in _index_entries(index, where):
+        if key == b"":
+            header = _parse_header(value, where)
+            continue
+        name = key.decode("utf-8", errors="replace")
+        entries[name] = _parse_entry(value, f"{where}: tensor {name!r}")
+    if header is None:
+        raise CheckpointError(f"{where}: no bundle header (empty key)")
+    if header["num_shards"] < 1 or header["num_shards"] > 100_000:
+        raise CheckpointError(f"{where}: implausible number of shards {header['num_shards']}")
+    return header, entries
+
+
+def _shard_path(prefix, shard, num_shards):
+    return Path(f"{prefix}.data-{shard:05d}-of-{num_shards:05d}")
+
+
+def _map_shards(prefix, num_shards, needed):
+    """Memory-map each shard that some tensor uses."""
+    maps = {}
+    for shard in sorted(needed):
+        path = _shard_path(prefix, shard, num_shards)
+        try:
+            size = path.stat().st_size
+        except OSError:
+            raise CheckpointError(f"{path}: data shard is missing") from None
+        if size == 0:
+            maps[shard] = np.zeros(0, dtype=np.uint8)
+        else:
+            maps[shard] = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+    return maps
+
+
+def _tensor_view(name, entry, maps, header, prefix):
+    """A read-only array over the tensor's bytes, after checking everything about them."""
+    where = f"{prefix}.index: tensor {name!r}"
+    dtype_code = entry["dtype"]
+    if dtype_code not in DTYPES:
+        kind = "string" if dtype_code == 7 else "unknown"
+        raise CheckpointError(f"{where}: {kind} dtype {dtype_code} is not supported")
+    if entry["shard_id"] >= header["num_shards"]:
+        raise CheckpointError(f"{where}: shard {entry['shard_id']} of {header['num_shards']}")
+    dtype = np.dtype(DTYPES[dtype_code])
+    shape = entry["shape"]
+    n = 1
+    for d in shape:
+        n *= d  # Python ints: no overflow; compared with the data size before any allocation
+    if n * dtype.itemsize != entry["size"]:
+        raise CheckpointError(
+            f"{where}: size {entry['size']} bytes does not match shape {shape} of {dtype}"
+        )
+    data = maps[entry["shard_id"]]
+    start, end = entry["offset"], entry["offset"] + entry["size"]
+    if end > len(data):
+        shard = _shard_path(prefix, entry["shard_id"], header["num_shards"])
+        raise CheckpointError(
+            f"{where}: bytes [{start}, {end}) are outside {shard} ({len(data)} bytes)"
+        )
+    raw = data[start:end]
+    if header["endianness"] == 1:
+        array = raw.view(dtype.newbyteorder(">")).astype(dtype)
+    else:
+        array = raw.view(dtype)
+    if dtype_code == BFLOAT16:
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+    array = array.reshape(tuple(shape))
+    array.flags.writeable = False
+    return array
+
+
+def _open(path):
+    prefix = resolve_prefix(path)
+    header, entries = _read_entries(prefix)
+    shards = {e["shard_id"] for e in entries.values() if e["shard_id"] < header["num_shards"]}
+    maps = _map_shards(prefix, header["num_shards"], shards)
+    return prefix, header, entries, maps
+
+
+def read(path):
+    """All tensors of the checkpoint at `path` (a prefix or a folder): {name: read-only array}.
+
+    Arrays are views into a memory map of the data shards, so nothing is copied until used
+    (except bfloat16, widened to float32, and big-endian data, swapped to native order)."""
+    prefix, header, entries, maps = _open(path)
+    return {name: _tensor_view(name, e, maps, header, prefix) for name, e in entries.items()}
+
+
+def verify(path):
+    """Check every tensor's CRC32C against its bytes; raise CheckpointError naming the tensor.
+    (Index block CRCs are checked on every read.)"""
+    prefix, header, entries, maps = _open(path)
+    for name, entry in entries.items():
+        _tensor_view(name, entry, maps, header, prefix)  # checks dtype, shape, bounds
+        if entry["crc32c"] is None:
+            raise CheckpointError(f"{prefix}.index: tensor {name!r} has no checksum")
+        data = maps[entry["shard_id"]][entry["offset"] : entry["offset"] + entry["size"]]
+        if crc32c(data) != unmask_crc(entry["crc32c"]):
+            raise CheckpointError(f"{prefix}: tensor {name!r} fails its CRC32C check (corrupted)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def _varint(n):
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field_varint(field, value):
+    return _varint(field << 3) + _varint(value) if value else b""
+
+
+def _field_bytes(field, value):
+    return _varint(field << 3 | 2) + _varint(len(value)) + value
+
+
+def _entry_proto(dtype_code, shape, offset, size, crc):
+    dims = b"".join(_field_bytes(2, _field_varint(1, d) or b"") for d in shape)
+    return (
+        _field_varint(1, dtype_code)
+        + _field_bytes(2, dims)
+        + _field_varint(4, offset)
+        + _field_varint(5, size)
+        + _varint(6 << 3 | 5)
+        + mask_crc(crc).to_bytes(4, "little")
+    )
+
+
+def _block(entries):
+    """An SSTable block with one restart point per entry (no prefix compression: simple)."""
+    body, restarts = bytearray(), []
+    for key, value in entries:
+        restarts.append(len(body))
+        body += _varint(0) + _varint(len(key)) + _varint(len(value)) + key + value
+    for r in restarts or [0]:
+        body += struct.pack("<I", r)
+    body += struct.pack("<I", len(restarts) or 1)
+    return bytes(body)
+
+
+def _with_trailer(block, compression=0):
+    trailer_type = bytes([compression])
+    crc = _crc32c_bytes(0xFFFFFFFF, block + trailer_type) ^ 0xFFFFFFFF
+    return block + trailer_type + struct.pack("<I", mask_crc(crc))
+
+
+BLOCK_TARGET = 4096  # bytes per data block, as TensorFlow's writer
+
+
+def _index_bytes(entries, compression=0):
+    """An SSTable holding `entries` [(key bytes, value bytes)] in key order."""
+    out = bytearray()
+    handles, block = [], []
+
+    def flush(block_entries):
+        body = _block(block_entries)
+        handle = _varint(len(out)) + _varint(len(body))
+        out.extend(_with_trailer(body, compression))
+        return handle
+
+    for key, value in entries:
+        block.append((key, value))
+        if sum(len(k) + len(v) + 16 for k, v in block) >= BLOCK_TARGET:
+            handles.append((key, flush(block)))
+            block = []
+    if block:
+        handles.append((block[-1][0], flush(block)))
+    metaindex_handle = flush([])
+    index_handle = flush(handles)
+    footer = (metaindex_handle + index_handle).ljust(40, b"\x00")
+    out.extend(footer + struct.pack("<Q", TABLE_MAGIC))
+    return bytes(out)
+
+
+def _header_proto(num_shards=1, endianness=0):
+    return (
+        _field_varint(1, num_shards)
+        + _field_varint(2, endianness)
+        + _field_bytes(3, _field_varint(1, 1))  # version { producer: 1 }
+    )
+
+
+def _write_atomically(path, data):
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def write(prefix, tensors):
+    """Write `tensors` ({name: array}) as a V2 checkpoint at `prefix`, plus a `checkpoint` file.
+
+    TensorFlow reads the result back bit-exactly. Files are written under temporary names and
+    renamed into place, so an interrupted write never leaves a half-written checkpoint behind."""
+    prefix = Path(prefix)
+    for name in tensors:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+    data, entries, offset = [], [(b"", _header_proto())], 0
+    for name in sorted(tensors, key=lambda n: n.encode("utf-8")):
+        array = np.asarray(tensors[name])
+        if array.dtype.newbyteorder("=") not in TF_DTYPE:
+            raise ValueError(f"tensor {name!r}: dtype {array.dtype} cannot be saved")
+        array = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
+        raw = array.reshape(-1).view(np.uint8)
+        dtype_code = TF_DTYPE[array.dtype.newbyteorder("=")]
+        proto = _entry_proto(dtype_code, array.shape, offset, raw.nbytes, crc32c(raw))
+        entries.append((name.encode("utf-8"), proto))
+        data.append(raw)
+        offset += raw.nbytes
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    data_path = _shard_path(prefix, 0, 1)
+    index_path = Path(f"{prefix}.index")
+    state_path = prefix.parent / "checkpoint"
+    tmp_data = Path(f"{data_path}.tmp{os.getpid()}")
+    with open(tmp_data, "wb") as f:
+        for raw in data:
+            f.write(memoryview(raw))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp_index = _write_atomically(index_path, _index_bytes(entries))
+    state = f'model_checkpoint_path: "{prefix.name}"\nall_model_checkpoint_paths: "{prefix.name}"\n'
+    tmp_state = _write_atomically(state_path, state.encode())
+    # Data first, index second: a reader never sees an index pointing at missing data.
+    os.replace(tmp_data, data_path)
+    os.replace(tmp_index, index_path)
+    os.replace(tmp_state, state_path)
