@@ -445,7 +445,7 @@ def _eval(args):
     except ValueError as e:  # characters a char-level model has never seen
         raise UsageError(f"{args.file}: {e}") from None
     # GPT-2 begins texts after <|endoftext|>: with it as context, every token of the file is scored.
-    eot = getattr(getattr(model, "tokenizer", None), "eot_id", None)
+    eot = _eot_id(model)
     if eot is not None:
         ids = [eot, *ids]
         n_bytes = len(text.encode("utf-8"))
@@ -488,6 +488,15 @@ def _eval(args):
     print(f"perplexity:    {math.exp(ce):.4f}")
     print(f"bits per byte: {nll / math.log(2) / n_bytes:.4f}")
     return 0
+
+
+def _eot_id(model):
+    """The id of <|endoftext|> (GPT-2), or None (character-level models have none)."""
+    for owner in (getattr(model, "tokenizer", None), model):
+        eot = getattr(owner, "eot_id", None)
+        if eot is not None:
+            return eot
+    return None
 
 
 # --- train ----------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from picogpt import download as dl
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "gpt2-tiny"
 DATA = "model.ckpt.data-00000-of-00001"
+EOT = 512  # <|endoftext|> in the fixture's encoder.json
 needs_fixture = pytest.mark.skipif(not (FIXTURE / DATA).is_file(),
                                    reason="the fixture model tests/fixtures/gpt2-tiny is missing")
 needs_engine = pytest.mark.skipif(not hasattr(picogpt, "load"), reason="the engine is missing")
@@ -262,7 +263,7 @@ def test_eval_of_a_short_file_is_the_plain_cross_entropy(ready_env, tmp_path):
     stdout, got = _eval(path, ready_env)
     model = picogpt.load(str(FIXTURE))
     text = path.read_text(encoding="utf-8")
-    ids = [model.tokenizer.eot_id, *model.encode(text)]  # every token scored, after <|endoftext|>
+    ids = [EOT, *model.encode(text)]  # every token scored, after <|endoftext|>
     assert len(ids) <= model.hparams["n_ctx"] and f"{len(ids) - 1} tokens scored" in stdout
     ce = -_log_softmax(model.logits(ids))[range(len(ids) - 1), ids[1:]].mean()
     assert math.isclose(got["cross-entropy"], ce, rel_tol=1e-4)
@@ -276,7 +277,7 @@ def test_eval_of_a_long_file_slides_the_window(ready_env, tmp_path):
     path.write_text("All work and no play makes Jack a dull boy.\n" * 6, encoding="utf-8")
     model = picogpt.load(str(FIXTURE))
     n_ctx = model.hparams["n_ctx"]
-    ids = [model.tokenizer.eot_id, *model.encode(path.read_text(encoding="utf-8"))]
+    ids = [EOT, *model.encode(path.read_text(encoding="utf-8"))]
     assert len(ids) > 2 * n_ctx
     # With stride 1 every token is predicted from the n_ctx - 1 tokens before it.
     nll = [-_log_softmax(model.logits(ids[max(0, t - n_ctx + 1):t]))[-1, ids[t]]
