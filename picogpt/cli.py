@@ -104,7 +104,7 @@ def _add_model_options(p, default="124M"):
     p.add_argument("--base-url", metavar="URL", help="download from here instead of OpenAI")
 
 
-def _add_sampling_options(p, n, temperature=1.0):
+def _add_sampling_options(p, n, temperature=1.0, unit="sample"):
     p.add_argument("--n", type=_whole_number("must be >= 0"), default=n, metavar="N",
                    help=f"tokens to generate (default {n})")
     p.add_argument("--temperature", "-t", type=_temperature, default=temperature, metavar="T",
@@ -114,7 +114,7 @@ def _add_sampling_options(p, n, temperature=1.0):
     p.add_argument("--top-p", type=_top_p, default=None, metavar="P",
                    help="nucleus sampling: the fewest tokens whose probability sums to P (0, 1]")
     p.add_argument("--seed", type=int, default=None, metavar="S",
-                   help="make sampling repeatable (sample k uses seed S+k-1)")
+                   help=f"make sampling repeatable ({unit} k uses seed S+k-1)")
 
 
 def build_parser():
@@ -163,7 +163,7 @@ def build_parser():
                     "/reset forgets the conversation.",
         epilog="example: printf 'Hello!\\nWhat is the capital of France?\\n' | picogpt chat",
     )
-    _add_sampling_options(c, n=60, temperature=0.7)
+    _add_sampling_options(c, n=60, temperature=0.7, unit="turn")
     _add_model_options(c)
 
     d = sub.add_parser("download", prog="picogpt download", help="fetch a GPT-2 size ahead of time",
