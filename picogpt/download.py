@@ -375,31 +375,32 @@ def _human(n):
 
 
 class _Progress:
-    """`model.ckpt.data-...  123.4 MB / 497.8 MB  24.1 MB/s  ETA 0:15`, redrawn in place."""
+    """`model.ckpt.data-...  123.4 MB / 497.8 MB   25%  24.1 MB/s  ETA 0:15`, redrawn in place."""
 
     def __init__(self, name, start, total):
         self.name, self.start, self.total = name, start, total
         self.t0 = self.last = time.monotonic()
-        self.drawn = False
 
-    def update(self, done, force=False):
+    def update(self, done, final=False):
         now = time.monotonic()
-        if not force and now - self.last < 0.1:
+        if not final and now - self.last < 0.1:
             return
         self.last = now
-        rate = (done - self.start) / max(now - self.t0, 1e-6)
-        line = f"{self.name}  {_human(done)}"
+        elapsed = max(now - self.t0, 1e-6)
+        rate = (done - self.start) / elapsed
+        line = f"{self.name:<30}  {_human(done)}"
         if self.total:
             line += f" / {_human(self.total)}  {100 * done / self.total:3.0f}%"
         line += f"  {_human(rate)}/s"
-        if self.total and rate > 0:
+        if final:
+            line += f"  in {elapsed:.1f} s"
+        elif self.total and rate > 0:
             eta = int((self.total - done) / rate)
             line += f"  ETA {eta // 60}:{eta % 60:02d}"
         sys.stderr.write("\r" + line + "\x1b[K")
         sys.stderr.flush()
-        self.drawn = True
 
     def close(self, done):
-        self.update(done, force=True)
+        self.update(done, final=True)
         sys.stderr.write("\n")
         sys.stderr.flush()
