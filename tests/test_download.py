@@ -214,3 +214,14 @@ def test_a_part_file_longer_than_the_file_is_discarded(server, tmp_path):
     assert_complete(server, folder)
     ranges = [r for _, r in server.requests_for("vocab.bpe")]
     assert ranges[0].startswith("bytes=") and ranges[1:] == [None]
+
+
+def test_progress_line_only_on_a_terminal(server, tmp_path, capsys):
+    dl.download("124M", tmp_path / "a", server.url, **dict(FAST, progress=True))
+    err = capsys.readouterr().err
+    line = [x for x in err.split("\r") if x.startswith(DATA)][-1]
+    size = len(served(server, DATA)) / 1000
+    assert f"{size:.1f} kB / {size:.1f} kB  100%" in line and "/s" in line
+    dl.download("124M", tmp_path / "b", server.url, **dict(FAST, progress=None))
+    err = capsys.readouterr().err  # captured: not a terminal, so no progress line
+    assert "\r" not in err and "Downloading GPT-2 124M" in err
