@@ -1,3 +1,258 @@
-"""picogpt: GPT-2 end to end in plain Python and NumPy."""
+"""picogpt: GPT-2 end to end in plain Python and NumPy.
+
+    import picogpt
+    picogpt.generate("Once upon a time", n=40)       # GPT-2 124M, downloaded once
+    m = picogpt.load("124M")     # or "gpt2-medium", "shakespeare-char", a folder
+    for piece in m.stream("Once upon a time", n=40):
+        print(piece, end="", flush=True)
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from picogpt import checkpoint, download, sampling
+from picogpt.model import GPT
 
 __version__ = "0.1.0"
+__all__ = ["load", "generate", "Model", "ModelError"]
+
+BUNDLED = Path(__file__).parent / "models"
+
+
+class ModelError(ValueError):
+    """A model folder that cannot be used: missing or malformed hparams, tokenizer or weights."""
+
+
+class Model:
+    """A GPT-2 engine tied to its tokenizer, remembering what its KV cache holds.
+
+    Each call reuses the longest prefix of its input that the cache already holds, so a prompt
+    that extends the previous context (a chat turn, say) costs only its new tokens."""
+
+    def __init__(self, gpt, tokenizer, folder=None):
+        self.gpt, self.tokenizer, self.folder = gpt, tokenizer, folder
+        self.n_ctx = gpt.n_ctx
+        # Past n_ctx, generation keeps this many of the newest tokens and re-prefills them.
+        self.window_keep = max(1, gpt.n_ctx * 3 // 4)
+        self._cache = gpt.new_cache()
+        self._context = []  # the ids whose keys and values self._cache holds
+
+    @property
+    def hparams(self):
+        return dict(self.gpt.hparams)
+
+    def encode(self, text):
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids)
+
+    def logits(self, ids):
+        """float32 [len(ids), n_vocab]: the logits after each position, in one forward pass."""
+        ids = self._check_ids(ids)
+        if not 0 < len(ids) <= self.n_ctx:
+            raise ValueError(f"logits takes 1 to {self.n_ctx} ids, got {len(ids)}")
+        cache = self.gpt.new_cache(length=len(ids))
+        return self.gpt.forward(np.array([ids]), cache, all_logits=True)[0]
+
+    def generate_tokens(self, ids, n, temperature=1.0, top_k=40, top_p=None, seed=None,
+                        stop_at_eos=True, samples=1):
+        """The n new ids (fewer if <|endoftext|> ends them); a list of such lists if samples > 1."""
+        rows = [[] for _ in range(samples if isinstance(samples, int) else 1)]
+        for step in self._steps(ids, n, temperature, top_k, top_p, seed, stop_at_eos, samples):
+            for row, token in zip(rows, step):
+                if token is not None:
+                    row.append(token)
+        return rows[0] if samples == 1 else rows
+
+    def generate(self, prompt, n=40, temperature=1.0, top_k=40, top_p=None, seed=None,
+                 stop_at_eos=True, samples=1):
+        """The continuation of `prompt` (the prompt itself not included); a list if samples > 1."""
+        out = self.generate_tokens(self._prompt_ids(prompt), n, temperature, top_k, top_p, seed,
+                                   stop_at_eos, samples)  # fmt: skip
+        return self.decode(out) if samples == 1 else [self.decode(row) for row in out]
+
+    def stream(self, prompt, n=40, temperature=1.0, top_k=40, top_p=None, seed=None,
+               stop_at_eos=True):
+        """Yield the continuation of `prompt` as text pieces, as each token is generated.
+        A character split across tokens is held back until complete."""
+        decoder = self.tokenizer.decoder()
+        steps = self._steps(self._prompt_ids(prompt), n, temperature, top_k, top_p, seed,
+                            stop_at_eos, 1)  # fmt: skip
+        for (token,) in steps:
+            if token is not None:
+                piece = decoder.feed(token)
+                if piece:
+                    yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+    # --- generation ------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        return self.encode(prompt)
+
+    def _check_ids(self, ids):
+        ids = [int(i) for i in ids]
+        n_vocab = self.gpt.hparams["n_vocab"]
+        bad = [i for i in ids if not 0 <= i < n_vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{n_vocab - 1})")
+        return ids
+
+    def _start_ids(self):
+        """What an empty prompt means: <|endoftext|>, as GPT-2 was trained; else a newline."""
+        if getattr(self.tokenizer, "eot_id", None) is not None:
+            return [self.tokenizer.eot_id]
+        try:
+            return self.encode("\n")[:1]
+        except ValueError:
+            raise ValueError("an empty prompt needs <|endoftext|> or a newline") from None
+
+    def _prefill(self, ids):
+        """Bring the cache to hold `ids`, reusing the longest common prefix; the last logits."""
+        if len(ids) > self.n_ctx:
+            ids = ids[-self.n_ctx :]
+        reuse = 0
+        for a, b in zip(self._context, ids):
+            if a != b:
+                break
+            reuse += 1
+        reuse = min(reuse, len(ids) - 1)  # at least one position must run to give logits
+        self._cache.length = reuse
+        self._context = ids[:reuse]
+        logits = self.gpt.forward(np.array([ids[reuse:]]), self._cache)
+        self._context = list(ids)
+        return logits
+
+    def _steps(self, ids, n, temperature, top_k, top_p, seed, stop_at_eos, samples):
+        """Yield, per step, a tuple with each row's new id (None once a row has ended)."""
+        sampling.check_options(temperature, top_k, top_p)
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be an integer >= 0, got {n!r}")
+        if not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+        ids = self._check_ids(ids) or self._start_ids()
+        if n == 0:
+            return
+        rng = np.random.default_rng(seed)
+        eot = getattr(self.tokenizer, "eot_id", None) if stop_at_eos else None
+        logits = self._prefill(ids)
+        if samples == 1:
+            for step in range(n):
+                token = int(sampling.sample(logits, rng, temperature, top_k, top_p)[0])
+                if token == eot:
+                    return
+                yield (token,)
+                if step == n - 1:
+                    return
+                logits = self._advance(token)
+            return
+        # Batched: the prompt ran once; its cache is copied into one row per sample, and every
+        # step then runs all rows together, sharing each read of the weights.
+        cache = self._cache.expand(samples)
+        logits = np.repeat(logits, samples, axis=0)
+        contexts = [list(self._context) for _ in range(samples)]
+        live = [True] * samples
+        for step in range(n):
+            tokens = sampling.sample(logits, rng, temperature, top_k, top_p)
+            for r, token in enumerate(tokens):
+                if token == eot:
+                    live[r] = False
+            yield tuple(int(t) if alive else None for t, alive in zip(tokens, live))
+            if step == n - 1 or not any(live):
+                return
+            for context, token in zip(contexts, tokens):
+                context.append(int(token))
+            if cache.length == self.n_ctx:
+                kept = np.array([c[-self.window_keep :] for c in contexts])
+                cache.length = 0
+                logits = self.gpt.forward(kept, cache)
+            else:
+                logits = self.gpt.forward(tokens[:, None], cache)
+
+    def _advance(self, token):
+        """Feed one new token; past n_ctx, slide the window and re-prefill what is kept."""
+        if self._cache.length == self.n_ctx:
+            kept = (self._context + [token])[-self.window_keep :]
+            self._cache.length, self._context = 0, []
+            return self._prefill(kept)
+        logits = self.gpt.forward(np.array([[token]]), self._cache)
+        self._context.append(token)
+        return logits
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def _tokenizer(folder):
+    if (folder / "encoder.json").is_file() or (folder / "vocab.bpe").is_file():
+        from picogpt.bpe import BPE
+
+        return BPE.load(folder)
+    if (folder / "chars.json").is_file():
+        from picogpt.chars import CharTokenizer
+
+        return CharTokenizer.load(folder)
+    raise ModelError(f"{folder}: no tokenizer (encoder.json + vocab.bpe, or chars.json)")
+
+
+def _model_folder(name, weights_dir=None):
+    """Resolve a bundled model name, a GPT-2 size or alias, or a path, to a folder."""
+    name = str(name)
+    if "/" not in name and "\\" not in name and (BUNDLED / name / "hparams.json").is_file():
+        return BUNDLED / name
+    if download.canonical_size(name):
+        return download.ensure_model(name, weights_dir)
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return folder
+    bundled = sorted(p.name for p in BUNDLED.glob("*") if (p / "hparams.json").is_file())
+    raise download.ModelNotFoundError(
+        f"no model {name!r}: not a GPT-2 size ({', '.join(download.SIZES)}, or "
+        f"{', '.join(download.ALIASES)}), not a bundled model ({', '.join(bundled) or 'none'}), "
+        "and not a folder"
+    )
+
+
+def load(name="124M", weights_dir=None):
+    """A Model from a GPT-2 size ('124M', 'gpt2-medium', ...), a bundled model name, or a folder
+    holding hparams.json, a TF checkpoint and a tokenizer (OpenAI's layout, or a trained model)."""
+    folder = _model_folder(name, weights_dir)
+    try:
+        hparams = json.loads((folder / "hparams.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{folder}: not a model folder (no hparams.json)") from None
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{folder / 'hparams.json'}: cannot be read: {e}") from None
+    if not isinstance(hparams, dict):
+        raise ModelError(f"{folder / 'hparams.json'}: expected a JSON object")
+    tokenizer = _tokenizer(folder)
+    params = checkpoint.read(folder)
+    try:
+        gpt = GPT(params, hparams)
+    except ValueError as e:
+        raise ModelError(f"{folder}: {e}") from None
+    if tokenizer.n_vocab > hparams["n_vocab"]:
+        raise ModelError(
+            f"{folder}: the tokenizer has {tokenizer.n_vocab} tokens, "
+            f"the model only {hparams['n_vocab']}"
+        )
+    return Model(gpt, tokenizer, folder)
+
+
+_loaded = {}
+
+
+def generate(prompt, n=40, model="124M", **options):
+    """The continuation of `prompt` by `model` (loaded once, then kept); options as
+    Model.generate: temperature, top_k, top_p, seed, stop_at_eos, samples."""
+    key = str(model)
+    if key not in _loaded:
+        _loaded[key] = load(model)
+    return _loaded[key].generate(prompt, n=n, **options)

@@ -1,0 +1,204 @@
+"""GPT-2's forward pass in NumPy, with a KV cache and row-blocked products.
+
+`params` is a dict of arrays keyed by OpenAI's names (`model/wte`, `model/h0/attn/c_attn/w`, ...),
+as `checkpoint.read` returns them; `hparams` has `n_vocab, n_ctx, n_embd, n_head, n_layer`.
+Everything is float32: a stray float64 operand would silently make every product 2-4x slower.
+"""
+
+import math
+
+import numpy as np
+
+LN_EPS = 1e-5
+# Row blocks bound the temporaries of the two products that grow with the input: attention scores
+# ([B, n_head, block, T] instead of [B, n_head, T, T]) and the vocabulary projection.
+ATTN_BLOCK_BYTES = 16 << 20
+LOGITS_BLOCK_ROWS = 256
+GELU_C = math.sqrt(2 / math.pi)
+
+
+def layer_norm(x, g, b, eps=LN_EPS):
+    """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * g + b."""
+    xc = x - x.mean(axis=-1, keepdims=True)
+    var = np.einsum("...i,...i->...", xc, xc)[..., None]
+    var *= 1.0 / x.shape[-1]
+    var += eps
+    np.sqrt(var, out=var)
+    xc /= var
+    xc *= g
+    xc += b
+    return xc
+
+
+def gelu_(x):
+    """GPT-2's tanh GELU, in place: 0.5 x (1 + tanh(c (x + 0.044715 x^3)))."""
+    t = x * x  # x*x*x, never x**3: the generic power is many times slower
+    t *= GELU_C * 0.044715
+    t += GELU_C
+    t *= x
+    np.tanh(t, out=t)
+    t += 1.0
+    x *= t
+    x *= 0.5
+    return x
+
+
+def linear(x, w, b):
+    """x @ w + b over the last axis, for x of any leading shape."""
+    out = x.reshape(-1, x.shape[-1]) @ w
+    out += b
+    return out.reshape(*x.shape[:-1], w.shape[-1])
+
+
+def softmax_(x):
+    """Softmax over the last axis, in place."""
+    x -= x.max(axis=-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=-1, keepdims=True)
+    return x
+
+
+def attention(q, k, v, offset):
+    """Causal attention. q: [B, H, Tq, hd] holds positions offset..offset+Tq-1 (already scaled by
+    1/sqrt(hd)); k, v: [B, H, offset+Tq, hd]. Query rows go in blocks, each seeing only the keys up
+    to its last position, so no [Tq, Tk] score matrix is ever whole."""
+    B, H, Tq, hd = q.shape
+    out = np.empty_like(q)
+    per_row = B * H * k.shape[2] * 4
+    block = max(1, min(Tq, ATTN_BLOCK_BYTES // per_row))
+    for start in range(0, Tq, block):
+        stop = min(Tq, start + block)
+        n_keys = offset + stop
+        scores = q[:, :, start:stop] @ k[:, :, :n_keys].swapaxes(-1, -2)  # [B, H, rows, n_keys]
+        if stop - start > 1:
+            rows = np.arange(offset + start, offset + stop)[:, None]
+            future = np.arange(n_keys)[None, :] > rows
+            scores[..., future] = -np.inf
+        softmax_(scores)
+        np.matmul(scores, v[:, :, :n_keys], out=out[:, :, start:stop])
+    return out
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, preallocated to n_ctx."""
+
+    def __init__(self, n_layer, batch, n_head, n_ctx, head_dim):
+        shape = (batch, n_head, n_ctx, head_dim)
+        self.k = [np.zeros(shape, np.float32) for _ in range(n_layer)]
+        self.v = [np.zeros(shape, np.float32) for _ in range(n_layer)]
+        self.length = 0
+        self.n_ctx = n_ctx
+
+    @property
+    def batch(self):
+        return self.k[0].shape[0]
+
+    def expand(self, batch):
+        """A new cache holding `batch` copies of this batch-1 cache's contents."""
+        n_layer, (_, n_head, n_ctx, head_dim) = len(self.k), self.k[0].shape
+        new = KVCache(n_layer, batch, n_head, n_ctx, head_dim)
+        for src, dst in zip(self.k + self.v, new.k + new.v):
+            dst[:, :, : self.length] = src[:, :, : self.length]
+        new.length = self.length
+        return new
+
+
+class GPT:
+    """GPT-2 over a params dict; `forward` runs new tokens through it, extending a KV cache."""
+
+    def __init__(self, params, hparams):
+        self.hparams = dict(hparams)
+        for key in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"):
+            if not isinstance(self.hparams.get(key), int) or self.hparams[key] <= 0:
+                raise ValueError(f"hparams: {key} must be a positive integer")
+        self.n_ctx, self.n_head = self.hparams["n_ctx"], self.hparams["n_head"]
+        n_embd, n_layer = self.hparams["n_embd"], self.hparams["n_layer"]
+        if n_embd % self.n_head:
+            raise ValueError(f"hparams: n_embd {n_embd} is not divisible by n_head {self.n_head}")
+        self.head_dim = n_embd // self.n_head
+        d = n_embd
+        expected = {
+            "model/wte": (self.hparams["n_vocab"], d),
+            "model/wpe": (self.n_ctx, d),
+            "model/ln_f/g": (d,),
+            "model/ln_f/b": (d,),
+        }
+        for i in range(n_layer):
+            p = f"model/h{i}/"
+            expected.update({
+                p + "ln_1/g": (d,), p + "ln_1/b": (d,), p + "ln_2/g": (d,), p + "ln_2/b": (d,),
+                p + "attn/c_attn/w": (1, d, 3 * d), p + "attn/c_attn/b": (3 * d,),
+                p + "attn/c_proj/w": (1, d, d), p + "attn/c_proj/b": (d,),
+                p + "mlp/c_fc/w": (1, d, 4 * d), p + "mlp/c_fc/b": (4 * d,),
+                p + "mlp/c_proj/w": (1, 4 * d, d), p + "mlp/c_proj/b": (d,),
+            })  # fmt: skip
+        for name, shape in expected.items():
+            if name not in params:
+                raise ValueError(f"the checkpoint has no tensor {name!r}")
+            if tuple(params[name].shape) != shape:
+                raise ValueError(f"tensor {name!r}: shape {params[name].shape}, expected {shape}")
+            if params[name].dtype != np.float32:
+                raise ValueError(f"tensor {name!r} is {params[name].dtype}, expected float32")
+
+        def w(name):
+            return params[name][0]  # [1, nx, nf] -> [nx, nf], a view
+
+        self.wte, self.wpe = params["model/wte"], params["model/wpe"]
+        self.ln_f = params["model/ln_f/g"], params["model/ln_f/b"]
+        self.blocks = []
+        for i in range(n_layer):
+            p = f"model/h{i}/"
+            self.blocks.append({
+                "ln_1": (params[p + "ln_1/g"], params[p + "ln_1/b"]),
+                "c_attn": (w(p + "attn/c_attn/w"), params[p + "attn/c_attn/b"]),
+                "c_proj": (w(p + "attn/c_proj/w"), params[p + "attn/c_proj/b"]),
+                "ln_2": (params[p + "ln_2/g"], params[p + "ln_2/b"]),
+                "c_fc": (w(p + "mlp/c_fc/w"), params[p + "mlp/c_fc/b"]),
+                "mlp_proj": (w(p + "mlp/c_proj/w"), params[p + "mlp/c_proj/b"]),
+            })  # fmt: skip
+
+    def new_cache(self, batch=1, length=None):
+        """An empty cache for `batch` rows of up to `length` (default n_ctx) positions."""
+        length = self.n_ctx if length is None else length
+        return KVCache(len(self.blocks), batch, self.n_head, length, self.head_dim)
+
+    def forward(self, ids, cache, all_logits=False):
+        """Run `ids` ([B, T] ints, positions cache.length..) through the network, appending their
+        keys and values to `cache`. Returns logits [B, n_vocab] of the last position, or
+        [B, T, n_vocab] with all_logits (computed in row blocks)."""
+        ids = np.asarray(ids)
+        B, T = ids.shape
+        start = cache.length
+        if start + T > cache.n_ctx:
+            raise ValueError(f"{start + T} positions do not fit a cache of {cache.n_ctx}")
+        if B != cache.batch:
+            raise ValueError(f"batch of {B} rows for a cache of {cache.batch}")
+        x = self.wte[ids] + self.wpe[start : start + T]  # [B, T, C]
+        scale = np.float32(1.0 / math.sqrt(self.head_dim))
+        for layer, blk in enumerate(self.blocks):
+            h = layer_norm(x, *blk["ln_1"])
+            qkv = linear(h, *blk["c_attn"])  # [B, T, 3C]
+            qkv = qkv.reshape(B, T, 3, self.n_head, self.head_dim).transpose(2, 0, 3, 1, 4)
+            q, k, v = qkv  # each [B, H, T, hd]
+            cache.k[layer][:, :, start : start + T] = k
+            cache.v[layer][:, :, start : start + T] = v
+            q = q * scale
+            a = attention(q, cache.k[layer][:, :, : start + T], cache.v[layer][:, :, : start + T],
+                          start)  # fmt: skip
+            a = a.transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, T, C]
+            x += linear(a, *blk["c_proj"])
+            h = layer_norm(x, *blk["ln_2"])
+            x += linear(gelu_(linear(h, *blk["c_fc"])), *blk["mlp_proj"])
+        cache.length = start + T
+        if not all_logits:
+            return layer_norm(x[:, -1], *self.ln_f) @ self.wte.T  # [B, V]: the only row needed
+        return self.project(layer_norm(x, *self.ln_f))
+
+    def project(self, x):
+        """Logits x @ wte.T for x [..., C], in row blocks into one preallocated output."""
+        rows = x.reshape(-1, x.shape[-1])
+        out = np.empty((len(rows), self.wte.shape[0]), np.float32)
+        for start in range(0, len(rows), LOGITS_BLOCK_ROWS):
+            stop = start + LOGITS_BLOCK_ROWS
+            np.matmul(rows[start:stop], self.wte.T, out=out[start:stop])
+        return out.reshape(*x.shape[:-1], -1)

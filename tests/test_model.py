@@ -1,0 +1,182 @@
+"""The NumPy engine against an independent float64 forward pass and against HuggingFace's GPT-2,
+on weights TensorFlow wrote; the KV cache against full recomputes."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import picogpt
+from picogpt import checkpoint, model
+
+TINY = Path(__file__).parent / "fixtures" / "gpt2-tiny"
+
+
+@pytest.fixture(scope="module")
+def params():
+    return checkpoint.read(TINY)
+
+
+@pytest.fixture(scope="module")
+def hparams():
+    return json.loads((TINY / "hparams.json").read_text())
+
+
+@pytest.fixture
+def tiny():
+    return picogpt.load(TINY)
+
+
+def reference_logits(params, hparams, ids):
+    """GPT-2 written out plainly in float64, one head and one position at a time where it is
+    clearer: no cache, no blocks, nothing shared with picogpt.model."""
+    p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    n_head, T = hparams["n_head"], len(ids)
+
+    def ln(x, g, b):
+        mu = x.mean(-1, keepdims=True)
+        return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-5) * g + b
+
+    def gelu(x):
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+    x = p["model/wte"][ids] + p["model/wpe"][:T]
+    for i in range(hparams["n_layer"]):
+        h = f"model/h{i}/"
+        a = ln(x, p[h + "ln_1/g"], p[h + "ln_1/b"])
+        q, k, v = np.split(a @ p[h + "attn/c_attn/w"][0] + p[h + "attn/c_attn/b"], 3, axis=-1)
+        heads = []
+        for hq, hk, hv in zip(*(np.split(t, n_head, axis=-1) for t in (q, k, v))):
+            scores = hq @ hk.T / math.sqrt(hq.shape[-1])
+            scores[np.triu_indices(T, 1)] = -np.inf
+            w = np.exp(scores - scores.max(-1, keepdims=True))
+            heads.append(w / w.sum(-1, keepdims=True) @ hv)
+        x = x + np.hstack(heads) @ p[h + "attn/c_proj/w"][0] + p[h + "attn/c_proj/b"]
+        m = ln(x, p[h + "ln_2/g"], p[h + "ln_2/b"])
+        m = gelu(m @ p[h + "mlp/c_fc/w"][0] + p[h + "mlp/c_fc/b"])
+        x = x + m @ p[h + "mlp/c_proj/w"][0] + p[h + "mlp/c_proj/b"]
+    return ln(x, p["model/ln_f/g"], p["model/ln_f/b"]) @ p["model/wte"].T
+
+
+def relative_error(got, expected):
+    return np.abs(got - expected).max() / np.abs(expected).max()
+
+
+def test_forward_matches_float64_reference(tiny, params, hparams):
+    ids = np.random.default_rng(0).integers(0, hparams["n_vocab"], hparams["n_ctx"]).tolist()
+    got = tiny.logits(ids)
+    assert got.dtype == np.float32 and got.shape == (len(ids), hparams["n_vocab"])
+    assert relative_error(got, reference_logits(params, hparams, ids)) < 1e-5
+
+
+def hf_model(params, hparams):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        vocab_size=hparams["n_vocab"], n_positions=hparams["n_ctx"], n_embd=hparams["n_embd"],
+        n_layer=hparams["n_layer"], n_head=hparams["n_head"], activation_function="gelu_new",
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
+        bos_token_id=hparams["n_vocab"] - 1, eos_token_id=hparams["n_vocab"] - 1,
+    )  # fmt: skip
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    names = {"ln_1.weight": "ln_1/g", "ln_1.bias": "ln_1/b", "ln_2.weight": "ln_2/g",
+             "ln_2.bias": "ln_2/b", "attn.c_attn.weight": "attn/c_attn/w",
+             "attn.c_attn.bias": "attn/c_attn/b", "attn.c_proj.weight": "attn/c_proj/w",
+             "attn.c_proj.bias": "attn/c_proj/b", "mlp.c_fc.weight": "mlp/c_fc/w",
+             "mlp.c_fc.bias": "mlp/c_fc/b", "mlp.c_proj.weight": "mlp/c_proj/w",
+             "mlp.c_proj.bias": "mlp/c_proj/b"}  # fmt: skip
+    state = {"transformer.wte.weight": params["model/wte"], "transformer.wpe.weight":
+             params["model/wpe"], "transformer.ln_f.weight": params["model/ln_f/g"],
+             "transformer.ln_f.bias": params["model/ln_f/b"]}  # fmt: skip
+    for i in range(hparams["n_layer"]):
+        for hf_name, tf_name in names.items():
+            value = params[f"model/h{i}/{tf_name}"]
+            state[f"transformer.h.{i}.{hf_name}"] = value[0] if value.ndim == 3 else value
+    state = {k: torch.tensor(np.array(v)) for k, v in state.items()}
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    hf.load_state_dict(state)
+    return hf, torch
+
+
+def test_logits_match_huggingface(tiny, params, hparams):
+    hf, torch = hf_model(params, hparams)
+    ids = np.random.default_rng(1).integers(0, hparams["n_vocab"], 50).tolist()
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids])).logits[0].numpy()
+    assert relative_error(tiny.logits(ids), expected) < 1e-4
+
+
+def test_greedy_continuation_matches_huggingface(tiny, params, hparams):
+    hf, torch = hf_model(params, hparams)
+    prompt = tiny.encode("The quick brown fox")
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(30):
+            ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+    got = tiny.generate_tokens(prompt, 30, temperature=0, stop_at_eos=False)
+    assert got == ids[len(prompt) :]
+
+
+def test_kv_cache_equals_full_recompute_at_every_step_across_the_window(tiny, hparams):
+    n_ctx = hparams["n_ctx"]
+    logits = tiny._prefill(tiny.encode("Once upon a time"))
+    slid = 0
+    for _ in range(2 * n_ctx + 10):
+        token = int(logits[0].argmax())
+        before = len(tiny._context)
+        logits = tiny._advance(token)
+        slid += len(tiny._context) < before
+        assert len(tiny._context) <= n_ctx
+        full = tiny.logits(tiny._context)[-1]
+        assert relative_error(logits[0], full) < 1e-5
+    assert slid >= 2  # the window really moved, more than once
+
+
+def test_generation_runs_far_past_the_context(tiny, hparams):
+    out = tiny.generate_tokens([5], 3 * hparams["n_ctx"], seed=0, stop_at_eos=False)
+    assert len(out) == 3 * hparams["n_ctx"]
+
+
+def test_row_blocks_give_the_same_logits(tiny, monkeypatch, hparams):
+    ids = np.random.default_rng(2).integers(0, hparams["n_vocab"], hparams["n_ctx"]).tolist()
+    whole = tiny.logits(ids)
+    monkeypatch.setattr(model, "ATTN_BLOCK_BYTES", 1)  # one query row at a time
+    monkeypatch.setattr(model, "LOGITS_BLOCK_ROWS", 7)
+    assert np.array_equal(np.argmax(tiny.logits(ids), -1), np.argmax(whole, -1))
+    assert relative_error(tiny.logits(ids), whole) < 1e-6
+
+
+def test_attention_blocks_never_hold_the_whole_score_matrix(monkeypatch):
+    seen = []
+    real_softmax = model.softmax_
+
+    def recording_softmax(x):
+        seen.append(x.shape)
+        return real_softmax(x)
+
+    monkeypatch.setattr(model, "softmax_", recording_softmax)
+    monkeypatch.setattr(model, "ATTN_BLOCK_BYTES", 64 * 4 * 4 * 16)  # 16 rows of 64 keys, 4 heads
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((1, 4, 64, 8)).astype(np.float32) for _ in range(3))
+    blocked = model.attention(q, k, v, 0)
+    assert max(s[2] for s in seen) <= 16
+    monkeypatch.setattr(model, "ATTN_BLOCK_BYTES", 1 << 30)
+    assert np.allclose(blocked, model.attention(q, k, v, 0), atol=1e-6)
+
+
+def test_everything_stays_float32(tiny):
+    for value in tiny.gpt.blocks[0].values():
+        assert all(v.dtype == np.float32 for v in value)
+    assert tiny.logits([1, 2, 3]).dtype == np.float32
+    assert tiny._prefill([1, 2, 3]).dtype == np.float32
+
+
+def test_wrong_shapes_are_named(params, hparams):
+    bad = dict(params)
+    bad["model/h1/mlp/c_fc/b"] = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="model/h1/mlp/c_fc/b"):
+        model.GPT(bad, hparams)
+    with pytest.raises(ValueError, match="n_head"):
+        model.GPT(params, dict(hparams, n_head=5))
