@@ -396,24 +396,30 @@ def _chat(args):
         out.write(f"{name}> ")
         out.flush()
         seed = None if args.seed is None else args.seed + turn
-        reply = ""
-        stream = model.stream(prompt, n=args.n, seed=seed, **_sampling(args))
-        try:
-            for piece in stream:
-                end = piece.find("\n")  # the reply ends with its line: the next turn is ours
-                if end >= 0:
-                    piece = piece[:end]
-                out.write(piece.lstrip() if not reply.strip() else piece)
-                out.flush()
-                reply += piece
-                if end >= 0:
-                    break
-        finally:
-            stream.close()
-        out.write("\n" if reply.strip() else "...\n")
-        out.flush()
+        reply = _reply(model, prompt, out, n=args.n, seed=seed, **_sampling(args))
         chat.add(message, reply)
         turn += 1
+
+
+def _reply(model, prompt, out, **options):
+    """Stream the model's turn to `out`, stopping where it ends its line; return it as generated."""
+    reply = ""
+    stream = model.stream(prompt, **options)
+    try:
+        for piece in stream:
+            end = piece.find("\n")  # the reply ends with its line: the next turn is the user's
+            if end >= 0:
+                piece = piece[:end]
+            out.write(piece.lstrip() if not reply.strip() else piece)
+            out.flush()
+            reply += piece
+            if end >= 0:
+                break
+    finally:
+        stream.close()
+    out.write("\n" if reply.strip() else "...\n")
+    out.flush()
+    return reply
 
 
 # --- download -------------------------------------------------------------------------------------

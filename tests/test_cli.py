@@ -287,3 +287,35 @@ def test_eval_of_a_long_file_slides_the_window(ready_env, tmp_path):
     # The default stride (half the window) gives less context to some tokens, never none.
     _, half = _eval(path, ready_env)
     assert math.isfinite(half["cross-entropy"]) and half["cross-entropy"] > 0
+
+
+def test_chat_turns_reuse_the_kv_cache():
+    if not (FIXTURE / DATA).is_file() or not hasattr(picogpt, "load"):
+        pytest.skip("needs the fixture model and the engine")
+    import io
+
+    import numpy as np
+
+    model = picogpt.load(str(FIXTURE))
+    positions = []  # how many positions each forward pass of the engine runs
+    forward = model.gpt.forward
+
+    def counting_forward(ids, *args, **kwargs):
+        positions.append(np.asarray(ids).shape[1])
+        return forward(ids, *args, **kwargs)
+
+    model.gpt.forward = counting_forward
+    chat = cli.Conversation(model, reply_tokens=8, preamble="A chat.\n")
+    options = dict(n=8, temperature=1.0, top_k=40, top_p=None)
+    first = chat.prompt("hi there")
+    reply = cli._reply(model, first, io.StringIO(), seed=1, **options)
+    assert positions[0] == len(model.encode(first))  # a fresh model computes the whole prompt
+    chat.add("hi there", reply)
+
+    positions.clear()
+    second = chat.prompt("and then?")
+    assert second.startswith(first + reply + "\n")
+    cli._reply(model, second, io.StringIO(), seed=2, **options)
+    # Turn 1's prompt is still in the cache: at most the reply's line and the new message run
+    # (all of the reply when its text re-encodes differently, as random weights' bytes may).
+    assert positions[0] <= len(model.encode(second)) - len(model.encode(first)) + 1
