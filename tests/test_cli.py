@@ -319,3 +319,24 @@ def test_chat_turns_reuse_the_kv_cache():
     # Turn 1's prompt is still in the cache: at most the reply's line and the new message run
     # (all of the reply when its text re-encodes differently, as random weights' bytes may).
     assert positions[0] <= len(model.encode(second)) - len(model.encode(first)) + 1
+
+
+def test_output_streams_and_ctrl_c_stops_cleanly(ready_env):
+    # 100,000 tokens would take minutes: text arriving early proves it streams as generated.
+    proc = subprocess.Popen([sys.executable, "-m", "picogpt", "Stream", "--n", "100000"],
+                            env=ready_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            encoding="utf-8", errors="replace")
+    try:
+        head = proc.stdout.read(len("Stream") + 20)
+        assert head.startswith("Stream") and len(head) == len("Stream") + 20
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+
+
+def test_train_command_delegates_to_picogpt_train(env):
+    pytest.importorskip("picogpt.train")
+    out = picogpt_cmd("train", "--help", env=env)
+    assert out.returncode == 0 and "usage: picogpt train" in out.stdout, out.stderr
