@@ -467,7 +467,7 @@ def _eval(args):
     nll = 0.0
     scored = 1  # ids[scored] is the next token to score
     begin = 0
-    t0 = time.monotonic()
+    t0 = shown = time.monotonic()
     while scored < len(ids):
         end = min(begin + window, len(ids))
         logits = np.asarray(model.logits(ids[begin:end]), dtype=np.float64)  # [end-begin, V]
@@ -477,7 +477,8 @@ def _eval(args):
         nll += float((log_z - rows[np.arange(len(rows)), ids[scored:end]]).sum())
         scored = end
         begin = max(0, min(end + stride, len(ids)) - window)
-        if progress:
+        if progress and (time.monotonic() - shown > 0.1 or scored == len(ids)):
+            shown = time.monotonic()
             done = scored - 1
             rate = done / max(time.monotonic() - t0, 1e-9)
             sys.stderr.write(f"\reval: {done}/{total} tokens  {nll / done:.4f} nats/token  "
