@@ -155,6 +155,8 @@ def _fetch(session, url, dest, retries, backoff, timeout, progress):
     import requests
 
     part = dest.with_name(dest.name + ".part")
+    if part.exists() and part.stat().st_size:
+        _say(f"{dest.name}: resuming after the {_human(part.stat().st_size)} already fetched")
     failures = 0
     received_any = False
     while True:
