@@ -1,5 +1,10 @@
+import configparser
+import importlib
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_python_dash_m_prints_help():
@@ -7,3 +12,21 @@ def test_python_dash_m_prints_help():
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0
     assert "usage: picogpt" in out.stdout
+
+
+def test_version_matches_the_package():
+    import picogpt
+
+    out = subprocess.run([sys.executable, "-m", "picogpt", "--version"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"picogpt {picogpt.__version__}"
+
+
+def test_the_console_script_points_at_a_callable_main():
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    scripts = [line.split("=") for line in
+               cfg["options.entry_points"]["console_scripts"].strip().splitlines()]
+    targets = {name.strip(): target.strip() for name, target in scripts}
+    module, function = targets["picogpt"].split(":")
+    assert callable(getattr(importlib.import_module(module), function))
