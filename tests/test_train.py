@@ -1,0 +1,483 @@
+"""Training: every layer's backward against finite differences (float64), the whole model's
+gradients and the optimizer against PyTorch, and the training loop end to end: saving, loading
+in the engine, resuming, and surviving a crash mid-save."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _reference import hf_model
+
+import picogpt
+from picogpt import checkpoint
+from picogpt import train as tr
+from picogpt.chars import CharTokenizer
+
+RNG = np.random.default_rng(0)
+
+
+def numerical_grad(f, x, eps=1e-6):
+    """d f / d x by central differences, one element at a time (x is perturbed in place)."""
+    grad = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        up = f()
+        flat[i] = old - eps
+        down = f()
+        flat[i] = old
+        gflat[i] = (up - down) / (2 * eps)
+    return grad
+
+
+def assert_close(analytic, numeric, tol=1e-6):
+    scale = max(np.abs(numeric).max(), 1e-8)
+    assert np.abs(analytic - numeric).max() / scale < tol
+
+
+def randn(*shape):
+    return RNG.standard_normal(shape)
+
+
+def check_layer(forward, backward, inputs, params=(), out_index=None):
+    """Check backward against finite differences of L = sum(forward(...) * R), R random.
+    `forward(*inputs, *params)` returns the output (or a tuple whose [0] is it) and backward
+    `(dout, forward_result, param_grads)` returns the input gradients (a tuple)."""
+    inputs, params = list(inputs), list(params)
+
+    def out():
+        result = forward(*[a.copy() for a in inputs], *params)
+        return result[0] if isinstance(result, tuple) else result
+
+    R = randn(*out().shape)
+
+    def loss():
+        return float((out() * R).sum())
+
+    result = forward(*[a.copy() for a in inputs], *params)
+    param_grads = [np.zeros_like(p) for p in params]
+    input_grads = backward(R, result, param_grads)
+    for x, dx in zip(inputs, input_grads):
+        assert_close(dx, numerical_grad(loss, x))
+    for p, dp in zip(params, param_grads):
+        assert_close(dp, numerical_grad(loss, p))
+
+
+# --- each layer ---------------------------------------------------------------------------------
+
+
+def test_linear_backward():
+    x, w = randn(6, 4), randn(4, 5)
+    check_layer(tr.linear_forward, lambda d, out, grads: (tr.linear_backward(d, x, w, *grads),),
+                [x], [w, randn(5)])  # fmt: skip
+
+
+def test_layer_norm_backward():
+    x, g = randn(5, 8) * 3 + 1, randn(8)
+    check_layer(tr.layer_norm_forward,
+                lambda d, res, grads: (tr.layer_norm_backward(d, res[1], g, *grads),),
+                [x], [g, randn(8)])  # fmt: skip
+
+
+def test_softmax_backward():
+    check_layer(tr.softmax_forward,
+                lambda d, y, grads: (tr.softmax_backward(d, y),), [randn(3, 4, 7)])  # fmt: skip
+
+
+@pytest.mark.parametrize("n_head", [1, 3])
+def test_causal_attention_backward(n_head):
+    B, T, C = 2, 5, 6
+    y, _ = tr.attention_forward(randn(B * T, 3 * C), B, T, n_head)
+    assert y.shape == (B * T, C)
+    check_layer(lambda qkv: tr.attention_forward(qkv, B, T, n_head),
+                lambda d, res, grads: (tr.attention_backward(d, res[1]),),
+                [randn(B * T, 3 * C)])  # fmt: skip
+
+
+def test_attention_is_causal():
+    B, T, C, n_head = 1, 6, 4, 2
+    qkv = randn(B * T, 3 * C)
+    y, _ = tr.attention_forward(qkv.copy(), B, T, n_head)
+    later = qkv.copy()
+    later[3:] += randn(T - 3, 3 * C)  # change positions 3.. only
+    y2, _ = tr.attention_forward(later, B, T, n_head)
+    np.testing.assert_array_equal(y[:3], y2[:3])
+    assert not np.allclose(y[3:], y2[3:])
+
+
+def test_gelu_backward():
+    x = randn(4, 9) * 2
+    check_layer(tr.gelu_forward, lambda d, res, grads: (tr.gelu_backward(d, x, res[1]),), [x])
+
+
+def test_dropout_backward_with_its_mask():
+    x = randn(50, 40)
+    out, mask = tr.dropout_forward(x, 0.25, np.random.default_rng(1))
+    dropped = out == 0
+    assert 0.2 < dropped.mean() < 0.3
+    np.testing.assert_allclose(out[~dropped], x[~dropped] / 0.75)
+    dout = randn(50, 40)
+    np.testing.assert_allclose(tr.dropout_backward(dout, mask), dout * mask)
+    assert tr.dropout_forward(x, 0.0, None)[0] is x
+
+
+def test_embedding_backward():
+    idx = np.array([[1, 3, 1], [0, 1, 2]])
+    wte, wpe = randn(4, 5), randn(6, 5)
+
+    def backward(d, out, grads):
+        grads[0][...] = 0  # embedding_backward adds into dwte
+        tr.embedding_backward(d, idx, *grads)
+        return ()
+
+    check_layer(lambda *p: tr.embedding_forward(*p, idx), backward, [], [wte, wpe])
+
+
+def test_cross_entropy_backward():
+    targets = np.array([2, 0, 4, 4])
+    logits = randn(4, 5)
+    loss, probs = tr.cross_entropy_forward(logits.copy(), targets)
+    expected = -np.mean(np.log(np.exp(logits) / np.exp(logits).sum(1, keepdims=True))[
+        np.arange(4), targets])  # fmt: skip
+    assert loss == pytest.approx(expected, rel=1e-12)
+    numeric = numerical_grad(lambda: tr.cross_entropy_forward(logits.copy(), targets)[0], logits)
+    assert_close(tr.cross_entropy_backward(probs, targets), numeric)
+
+
+def tiny_hparams(**overrides):
+    return {"n_vocab": 7, "n_ctx": 6, "n_embd": 8, "n_head": 2, "n_layer": 2, **overrides}
+
+
+def tiny_params(hparams, dtype=np.float64, seed=0):
+    _, params = tr.flat_views(tr.param_shapes(hparams), dtype)
+    tr.init_params(params, hparams, np.random.default_rng(seed))
+    rng = np.random.default_rng(seed + 1)
+    for array in params.values():  # make biases and gains matter too
+        array += rng.normal(0, 0.1, array.shape)
+    return params
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_block_backward_with_its_residuals(dropout):
+    hparams = tiny_hparams()
+    params = tiny_params(hparams)
+    names = [n for n in params if n.startswith("model/h0/")]
+    B, T = 2, 4
+
+    def forward(x, *values):
+        p = dict(zip(names, values))
+        rng = np.random.default_rng(5)  # the same dropout masks every time
+        return tr.block_forward(x, tr.block_params({**params, **p}, 0), B, T, 2, dropout, rng)
+
+    def backward(d, res, grads):
+        return (tr.block_backward(d, res[1], tr.block_params(dict(zip(names, values)), 0),
+                                  tr.block_params(dict(zip(names, grads)), 0)),)  # fmt: skip
+
+    values = [params[n] for n in names]
+    check_layer(forward, backward, [randn(B * T, 8)], values)
+
+
+# --- the whole model ----------------------------------------------------------------------------
+
+
+def model_gradients(params, hparams, idx, targets):
+    grads = {name: np.zeros_like(p) for name, p in params.items()}
+    loss, cache = tr.gpt_forward(params, hparams, idx, targets)
+    tr.gpt_backward(cache, params, hparams, grads)
+    return loss, grads
+
+
+def test_whole_model_gradients_match_finite_differences():
+    hparams = tiny_hparams()
+    params = tiny_params(hparams)
+    rng = np.random.default_rng(3)
+    idx, targets = rng.integers(0, 7, (2, 6)), rng.integers(0, 7, (2, 6))
+    _, grads = model_gradients(params, hparams, idx, targets)
+    for name, p in params.items():
+        numeric = numerical_grad(lambda: tr.gpt_forward(params, hparams, idx, targets)[0], p)
+        assert_close(grads[name], numeric)
+
+
+def test_whole_model_gradients_match_pytorch_autograd():
+    hparams = {"n_vocab": 11, "n_ctx": 16, "n_embd": 16, "n_head": 4, "n_layer": 3}
+    params = tiny_params(hparams, np.float32)
+    hf, torch = hf_model(params, hparams)
+    hf = hf.double()
+    rng = np.random.default_rng(4)
+    idx, targets = rng.integers(0, 11, (3, 16)), rng.integers(0, 11, (3, 16))
+    logits = hf(torch.tensor(idx)).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), torch.tensor(targets).view(-1))
+    loss.backward()
+    torch_grads = {name: p.grad.numpy() for name, p in hf.named_parameters()}
+
+    ours_loss, grads = model_gradients({k: v.astype(np.float64) for k, v in params.items()},
+                                       hparams, idx, targets)  # fmt: skip
+    assert ours_loss == pytest.approx(loss.item(), rel=1e-10)
+    pairs = {"model/wte": "transformer.wte.weight", "model/wpe": "transformer.wpe.weight",
+             "model/ln_f/g": "transformer.ln_f.weight", "model/ln_f/b": "transformer.ln_f.bias"}
+    for i in range(hparams["n_layer"]):
+        for ours, theirs in [("ln_1/g", "ln_1.weight"), ("ln_1/b", "ln_1.bias"),
+                             ("attn/c_attn/w", "attn.c_attn.weight"),
+                             ("attn/c_attn/b", "attn.c_attn.bias"),
+                             ("attn/c_proj/w", "attn.c_proj.weight"),
+                             ("attn/c_proj/b", "attn.c_proj.bias"), ("ln_2/g", "ln_2.weight"),
+                             ("ln_2/b", "ln_2.bias"), ("mlp/c_fc/w", "mlp.c_fc.weight"),
+                             ("mlp/c_fc/b", "mlp.c_fc.bias"), ("mlp/c_proj/w", "mlp.c_proj.weight"),
+                             ("mlp/c_proj/b", "mlp.c_proj.bias")]:  # fmt: skip
+            pairs[f"model/h{i}/{ours}"] = f"transformer.h.{i}.{theirs}"
+    assert set(pairs) == set(params)
+    for ours, theirs in pairs.items():
+        expected = torch_grads[theirs].reshape(grads[ours].shape)
+        error = np.abs(grads[ours] - expected).max() / np.abs(expected).max()
+        assert error < 1e-4, (ours, error)
+
+
+def test_float32_training_step_matches_float64():
+    hparams = tiny_hparams(n_embd=16, n_head=4)
+    params64 = tiny_params(hparams)
+    params32 = {k: v.astype(np.float32) for k, v in params64.items()}
+    rng = np.random.default_rng(6)
+    idx, targets = rng.integers(0, 7, (4, 6)), rng.integers(0, 7, (4, 6))
+    loss64, g64 = model_gradients(params64, hparams, idx, targets)
+    loss32, g32 = model_gradients(params32, hparams, idx, targets)
+    assert all(g.dtype == np.float32 for g in g32.values())  # no silent float64 on the fast path
+    assert loss32 == pytest.approx(loss64, rel=1e-5)
+    for name in g64:
+        assert np.abs(g32[name] - g64[name]).max() <= 1e-4 * np.abs(g64[name]).max() + 1e-7
+
+
+# --- optimizer and schedule ---------------------------------------------------------------------
+
+
+def test_adamw_and_clipping_match_pytorch():
+    torch = pytest.importorskip("torch")
+    shapes = {"w": (5, 4), "b": (4,)}
+    flat, views = tr.flat_views(shapes, np.float64)
+    flat[:] = np.random.default_rng(7).normal(size=flat.size)
+    tensors = [torch.tensor(views[n].copy(), requires_grad=True) for n in shapes]
+    ours = tr.AdamW(flat, tr.n_decayed(shapes), beta1=0.9, beta2=0.99, weight_decay=0.1)
+    theirs = torch.optim.AdamW([{"params": tensors[:1], "weight_decay": 0.1},
+                                {"params": tensors[1:], "weight_decay": 0.0}],
+                               lr=1e-2, betas=(0.9, 0.99), eps=1e-8)  # fmt: skip
+    rng = np.random.default_rng(8)
+    for step in range(6):
+        grad = rng.normal(size=flat.size) * (10 if step % 2 else 0.1)  # clipped every other step
+        for t, g in zip(tensors, np.split(grad, [20])):
+            t.grad = torch.tensor(g.reshape(t.shape))
+        torch_norm = torch.nn.utils.clip_grad_norm_(tensors, 1.0).item()
+        assert tr.clip_grad_norm(grad, 1.0) == pytest.approx(torch_norm, rel=1e-12)
+        lr = 1e-2 * (step + 1) / 6
+        for group in theirs.param_groups:
+            group["lr"] = lr
+        theirs.step()
+        ours.update(grad, lr)
+        for t, name in zip(tensors, shapes):
+            np.testing.assert_allclose(views[name], t.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_learning_rate_schedule():
+    def lr(it):
+        return tr.learning_rate(it, 1e-3, 1e-4, warmup_iters=10, lr_decay_iters=110)
+
+    warmup = [lr(i) for i in range(11)]
+    assert warmup == sorted(warmup) and warmup[0] < 2e-4
+    assert lr(10) == pytest.approx(1e-3)
+    assert lr(60) == pytest.approx(0.5 * (1e-3 + 1e-4))  # halfway down the cosine
+    decay = [lr(i) for i in range(10, 111)]
+    assert decay == sorted(decay, reverse=True)
+    assert lr(110) == lr(500) == 1e-4
+
+
+def test_batches_are_shifted_windows_and_seeded():
+    data = np.arange(1000, dtype=np.uint16)
+    x, y = tr.get_batch(data, 8, 5, np.random.default_rng(1))
+    assert x.shape == y.shape == (5, 8)
+    np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+    np.testing.assert_array_equal(np.diff(x, axis=1), 1)
+    x2, _ = tr.get_batch(data, 8, 5, np.random.default_rng(1))
+    np.testing.assert_array_equal(x, x2)
+    train, val = tr.split_data(data)
+    assert len(train) == 900 and val[0] == 900
+
+
+# --- training end to end --------------------------------------------------------------------------
+
+TEXT = "".join(
+    f"{name}: {line}\n\n"
+    for name, line in [("ROMEO", "But soft, what light through yonder window breaks?"),
+                       ("JULIET", "O Romeo, Romeo, wherefore art thou Romeo?"),
+                       ("MERCUTIO", "A plague o' both your houses!"),
+                       ("NURSE", "Faith, I can cut a caper.")] * 40
+)  # fmt: skip
+SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+         "--batch-size", "8", "--eval-interval", "20", "--eval-iters", "4", "--warmup-iters", "10",
+         "--lr", "3e-3"]  # fmt: skip
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "plays.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def train_cli(*args, check=True):
+    out = subprocess.run([sys.executable, "-m", "picogpt", "train", *map(str, args)],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    if check:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_train_saves_a_model_the_engine_runs(text_file, tmp_path):
+    out_dir = tmp_path / "model"
+    result = train_cli(text_file, "--out", out_dir, "--max-iters", "60", *SMALL)
+    assert "val loss" in result.stdout and "ms/iter" in result.stdout
+
+    log = [json.loads(line) for line in (out_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log] == [0, 20, 40, 60]
+    assert set(log[0]) == {"iter", "train_loss", "val_loss", "ms_per_iter"}
+    assert log[0]["val_loss"] == pytest.approx(math.log(len(set(TEXT))), abs=0.1)  # a fresh model
+    assert log[-1]["val_loss"] < log[0]["val_loss"] - 1.0  # that learned
+    config = json.loads((out_dir / "train_config.json").read_text())
+    assert config["command"].startswith("picogpt train ") and "--n-embd 32" in config["command"]
+
+    model = picogpt.load(out_dir)
+    assert model.hparams == {"n_vocab": len(set(TEXT)), "n_ctx": 32, "n_embd": 32, "n_head": 2,
+                             "n_layer": 2}  # fmt: skip
+    # The engine's forward pass and training's give the same logits for the saved weights.
+    params = checkpoint.read(out_dir)
+    ids = model.encode("ROMEO: But soft, what light")
+    _, cache = tr.gpt_forward(params, model.hparams, np.array([ids]), np.array([ids]))
+    probs = cache[-1]
+    engine = model.logits(ids).astype(np.float64)
+    engine_probs = np.exp(engine - engine.max(1, keepdims=True))
+    engine_probs /= engine_probs.sum(1, keepdims=True)
+    np.testing.assert_allclose(probs, engine_probs, atol=1e-5)
+    text = model.generate("ROMEO:", n=80, seed=1)
+    assert len(text) == 80 and set(text) <= set(TEXT)
+
+    gen = subprocess.run([sys.executable, "-m", "picogpt", "--model", str(out_dir), "JULIET:",
+                          "--n", "40", "--seed", "2"], capture_output=True, text=True, timeout=120)
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.startswith("JULIET:") and len(gen.stdout) >= len("JULIET:") + 40
+
+
+def test_best_model_is_kept_and_old_checkpoints_removed(text_file, tmp_path):
+    out_dir = tmp_path / "model"
+    train_cli(text_file, "--out", out_dir, "--max-iters", "40", *SMALL)
+    log = [json.loads(line) for line in (out_dir / "train_log.jsonl").read_text().splitlines()]
+    best = min(log, key=lambda r: r["val_loss"])
+    assert sorted(p.name for p in out_dir.glob("model.ckpt-*")) == [
+        f"model.ckpt-{best['iter']}.data-00000-of-00001", f"model.ckpt-{best['iter']}.index"]
+    assert len(list((out_dir / "resume").glob("state.ckpt-*.index"))) == 1
+
+
+def test_resume_continues_exactly_where_it_stopped(text_file, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    # The same schedule for both (by default the decay ends at --max-iters).
+    train_cli(text_file, "--out", straight, "--max-iters", "40", "--lr-decay-iters", "40", *SMALL)
+    train_cli(text_file, "--out", split, "--max-iters", "20", "--lr-decay-iters", "40", *SMALL)
+    result = train_cli(text_file, "--out", split, "--resume", "--max-iters", "40")
+    assert "resuming at iter 20" in result.stdout
+    a, b = checkpoint.read(straight / "resume"), checkpoint.read(split / "resume")
+    assert int(b["train/iter"]) == 40
+    for name in a:  # the same batches, the same optimizer state: the same numbers
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    lines = (split / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iter"] for line in lines] == [0, 20, 40]  # 20 not repeated
+
+
+def test_a_crash_while_saving_leaves_the_last_good_model(text_file, tmp_path, monkeypatch):
+    """Fault injection: the second save dies just before its last rename (the `checkpoint` file
+    that names the new weights); the folder must still load the first save, bit for bit."""
+    tok = CharTokenizer.from_text(TEXT)
+    config = tr.make_config(tr_args(SMALL, max_iters=20))
+    trainer = tr.Trainer(config, tok, tmp_path / "model")
+    trainer.initialize()
+    trainer.save_model()
+    saved = {k: v.copy() for k, v in trainer.params.items()}
+    data = tr.split_data(np.array(tok.encode(TEXT), np.uint16))
+    trainer.step(*tr.get_batch(data[0], 32, 8, np.random.default_rng(0)), 1e-2, None)
+    trainer.iter = 20
+
+    real_replace = os.replace
+
+    def dying_replace(src, dst):
+        if os.path.basename(dst) == "checkpoint":
+            raise KeyboardInterrupt  # killed
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_model()
+    monkeypatch.undo()
+    model = picogpt.load(tmp_path / "model")
+    params = checkpoint.read(tmp_path / "model")
+    checkpoint.verify(tmp_path / "model")
+    for name, value in saved.items():
+        np.testing.assert_array_equal(params[name], value)
+    assert model.generate("ROMEO:", n=5, seed=0)
+
+
+def tr_args(flags, **extra):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    tr.add_arguments(parser)
+    args = parser.parse_args(["unused.txt", "--out", "unused", *flags])
+    for key, value in extra.items():
+        setattr(args, key, value)
+    return args
+
+
+# --- the command's errors -------------------------------------------------------------------------
+
+
+def test_refuses_to_overwrite_a_model(text_file, tmp_path):
+    out_dir = tmp_path / "model"
+    train_cli(text_file, "--out", out_dir, "--max-iters", "0", *SMALL)
+    again = train_cli(text_file, "--out", out_dir, "--max-iters", "10", check=False)
+    assert again.returncode == 2 and "already holds a model" in again.stderr
+    assert "Traceback" not in again.stderr
+
+
+def test_resume_refuses_a_new_shape_and_unknown_characters(text_file, tmp_path):
+    out_dir = tmp_path / "model"
+    train_cli(text_file, "--out", out_dir, "--max-iters", "0", *SMALL)
+    shape = train_cli(text_file, "--out", out_dir, "--resume", "--n-embd", "64", check=False)
+    assert shape.returncode == 2 and "--n-embd 64" in shape.stderr
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT + "Zebra quagga ☃\n", encoding="utf-8")
+    chars = train_cli(other, "--out", out_dir, "--resume", check=False)
+    assert chars.returncode == 2 and "'☃'" in chars.stderr and "'Z'" in chars.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.txt"], "no such file"),
+    (["{text}", "--n-embd", "30", "--n-head", "4"], "not divisible"),
+    (["{text}", "--block-size", "1000"], "too short"),
+    (["{text}", "--dropout", "1.5"], "[0, 1)"),
+    (["{text}", "--resume"], "nothing to resume"),
+])  # fmt: skip
+def test_bad_input_is_one_line_and_exit_2(text_file, tmp_path, args, message):
+    args = [a.format(text=text_file) for a in args]
+    result = train_cli(*args, "--out", tmp_path / "m", check=False)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "m" / "hparams.json").exists()
+
+
+def test_engine_does_not_import_training():
+    code = ("import sys, picogpt; from picogpt import cli; "
+            "picogpt.load(sys.argv[1]).generate('a', n=3); print('picogpt.train' in sys.modules)")
+    tiny = Path(__file__).parent / "fixtures" / "gpt2-tiny"
+    out = subprocess.run([sys.executable, "-c", code, str(tiny)], capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == "False"
