@@ -12,7 +12,6 @@ new token), 4 samples batched against 1, and peak RSS. Batch 1, greedy, float32.
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -25,6 +24,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from machine import describe  # noqa: E402
+
 SIZES = {"124M": (768, 12, 12), "355M": (1024, 16, 24), "774M": (1280, 20, 36),
          "1558M": (1600, 25, 48)}  # fmt: skip
 NEW_TOKENS = 64
@@ -224,7 +225,7 @@ def report(size, results):
             ("4 samples batched / 1 sample (time)", "batch4_cost", "{:.2f}x"),
             ("peak RSS (MB)", "peak_rss_mb", "{:.0f}")]  # fmt: skip
     engines = list(results)
-    print(f"\nGPT-2 {size}, random weights, {os.cpu_count()} cores; median (min-max) of "
+    print(f"\nGPT-2 {size}, random weights; {describe()}; median (min-max) of "
           f"{len(results[engines[0]])} runs")  # fmt: skip
     print("| | " + " | ".join(engines) + (" | picogpt / hf |" if len(engines) == 2 else " |"))
     print("|---" * (len(engines) + 1 + (len(engines) == 2)) + "|")

@@ -427,6 +427,7 @@ class Trainer:
                                config["weight_decay"])  # fmt: skip
         self.iter = 0
         self.best_val_loss = math.inf
+        self.saved_iter = None  # the iteration of the resume state on disk
 
     def initialize(self):
         init_params(self.params, self.hparams, np.random.default_rng(self.config["seed"]))
@@ -472,6 +473,7 @@ class Trainer:
         prefix = state_dir / f"state.ckpt-{self.iter}"
         checkpoint.write(prefix, tensors)
         _remove_other_checkpoints(state_dir, "state.ckpt-", prefix.name)
+        self.saved_iter = self.iter
 
     def load_state(self):
         state_dir = self.out / "resume"
@@ -485,7 +487,7 @@ class Trainer:
             self.best_val_loss = float(_stored(tensors, "train/best_val_loss", ()))
         except checkpoint.CheckpointError as e:
             raise TrainingError(f"cannot resume: {e}") from None
-        self.optimizer.step = self.iter
+        self.optimizer.step = self.saved_iter = self.iter
 
 
 def _stored(tensors, name, shape):
@@ -620,41 +622,36 @@ def add_arguments(parser):
             raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
         return x
 
-    d = DEFAULTS
     parser.add_argument("text", metavar="TEXT", help="a UTF-8 text file to learn from")
     parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
     parser.add_argument("--resume", action="store_true",
                         help="continue training the model in DIR from its last saved state")
-    g = parser.add_argument_group("model (fixed once training starts)")
-    g.add_argument("--n-layer", type=positive, help=f"transformer blocks ({d['n_layer']})")
-    g.add_argument("--n-head", type=positive, help=f"attention heads ({d['n_head']})")
-    g.add_argument("--n-embd", type=positive, help=f"embedding width ({d['n_embd']})")
-    g.add_argument("--block-size", type=positive,
-                   help=f"context length in characters ({d['block_size']})")
-    g = parser.add_argument_group("training (--resume keeps the saved values unless given)")
-    g.add_argument("--batch-size", type=positive, help=f"windows per step ({d['batch_size']})")
-    g.add_argument("--max-iters", type=whole, help=f"optimizer steps in all ({d['max_iters']})")
-    g.add_argument("--lr", type=nonnegative, help=f"peak learning rate ({d['lr']})")
-    g.add_argument("--min-lr", type=nonnegative, help=f"final learning rate ({d['min_lr']})")
-    g.add_argument("--warmup-iters", type=whole,
-                   help=f"linear warmup steps ({d['warmup_iters']})")
-    g.add_argument("--lr-decay-iters", type=whole,
-                   help="cosine decay reaches --min-lr here (default: --max-iters)")
-    g.add_argument("--dropout", type=rate, help=f"dropout probability ({d['dropout']})")
-    g.add_argument("--weight-decay", type=nonnegative,
-                   help=f"AdamW weight decay, matrices only ({d['weight_decay']})")
-    g.add_argument("--beta1", type=rate, help=f"AdamW's beta1 ({d['beta1']})")
-    g.add_argument("--beta2", type=rate, help=f"AdamW's beta2 ({d['beta2']})")
-    g.add_argument("--grad-clip", type=nonnegative,
-                   help=f"clip the gradient's norm to this; 0: off ({d['grad_clip']})")
-    g.add_argument("--eval-interval", type=positive,
-                   help=f"evaluate and save every this many steps ({d['eval_interval']})")
-    g.add_argument("--eval-iters", type=positive,
-                   help=f"batches per loss estimate ({d['eval_iters']})")
-    g.add_argument("--log-interval", type=positive,
-                   help=f"steps between progress lines when not on a terminal "
-                        f"({d['log_interval']})")  # fmt: skip
-    g.add_argument("--seed", type=int, help=f"initialisation, batches and dropout ({d['seed']})")
+    model = parser.add_argument_group("model (fixed once training starts)")
+    training = parser.add_argument_group("training (--resume keeps the saved values unless given)")
+    for group, flag, metavar, kind, text in [
+        (model, "--n-layer", "N", positive, "transformer blocks"),
+        (model, "--n-head", "N", positive, "attention heads"),
+        (model, "--n-embd", "N", positive, "embedding width"),
+        (model, "--block-size", "N", positive, "context length in characters"),
+        (training, "--batch-size", "N", positive, "windows per step"),
+        (training, "--max-iters", "N", whole, "optimizer steps in all"),
+        (training, "--lr", "LR", nonnegative, "peak learning rate"),
+        (training, "--min-lr", "LR", nonnegative, "final learning rate"),
+        (training, "--warmup-iters", "N", whole, "linear warmup steps"),
+        (training, "--lr-decay-iters", "N", whole, "cosine decay reaches --min-lr here"),
+        (training, "--dropout", "P", rate, "dropout probability"),
+        (training, "--weight-decay", "W", nonnegative, "AdamW weight decay, matrices only"),
+        (training, "--beta1", "B", rate, "AdamW's beta1"),
+        (training, "--beta2", "B", rate, "AdamW's beta2"),
+        (training, "--grad-clip", "NORM", nonnegative, "clip the gradient's norm; 0: off"),
+        (training, "--eval-interval", "N", positive, "evaluate and save every N steps"),
+        (training, "--eval-iters", "N", positive, "batches per loss estimate"),
+        (training, "--log-interval", "N", positive, "steps per progress line (not on a terminal)"),
+        (training, "--seed", "S", int, "initialisation, batches and dropout"),
+    ]:
+        default = DEFAULTS[flag[2:].replace("-", "_")]
+        default = "--max-iters" if default is None else default
+        group.add_argument(flag, metavar=metavar, type=kind, help=f"{text} ({default})")
 
 
 def make_config(args, saved=None):
@@ -749,7 +746,7 @@ def run(args):
         train(trainer, data, report=status.report, status=status.update, resumed=args.resume)
     except KeyboardInterrupt:
         status.report(f"interrupted at iter {trainer.iter}")
-        _say_where(trainer, args)
+        _say_where(trainer, args, interrupted=True)
         return 130
     _say_where(trainer, args)
     return 0
@@ -762,12 +759,18 @@ def command_line(text, out, config):
     return f"picogpt train {_quote(str(text))} --out {_quote(str(out))} " + " ".join(flags)
 
 
-def _say_where(trainer, args):
+def _say_where(trainer, args, interrupted=False):
+    out, text = _quote(str(trainer.out)), _quote(str(args.text))
     if math.isfinite(trainer.best_val_loss):
-        print(f"best model (val loss {trainer.best_val_loss:.4f}) in {trainer.out}; try: "
-              f"picogpt --model {_quote(str(trainer.out))} \"{_sample_prompt(trainer)}\" --n 200")
-        print(f"continue training: picogpt train {_quote(str(args.text))} "
-              f"--out {_quote(str(trainer.out))} --resume --max-iters N")
+        print(f"best model (val loss {trainer.best_val_loss:.4f}) in {out}; try: "
+              f"picogpt --model {out} \"{_sample_prompt(trainer)}\" --n 200")
+    if trainer.saved_iter is None:
+        return
+    if interrupted:
+        print(f"picogpt train {text} --out {out} --resume   continues from iter "
+              f"{trainer.saved_iter} (the last evaluation)")
+    else:
+        print(f"picogpt train {text} --out {out} --resume --max-iters N   trains it further")
 
 
 def _sample_prompt(trainer):

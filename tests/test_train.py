@@ -481,3 +481,24 @@ def test_engine_does_not_import_training():
     out = subprocess.run([sys.executable, "-c", code, str(tiny)], capture_output=True,
                          text=True, check=True)  # fmt: skip
     assert out.stdout.strip() == "False"
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(text_file, tmp_path):
+    import signal
+
+    out_dir = tmp_path / "model"
+    command = [sys.executable, "-m", "picogpt", "train", str(text_file), "--out", str(out_dir),
+               "--max-iters", "100000", *SMALL]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not any(" 20: train loss" in line for line in lines):  # an evaluation, some steps
+            lines.append(proc.stdout.readline())
+            assert lines[-1], "training ended early"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted at iter" in out and "--resume" in out
+    assert picogpt.load(out_dir).generate("ROMEO:", n=5, seed=0)

@@ -1,0 +1,29 @@
+"""What a benchmark ran on: cores, NumPy, and which kernels its BLAS chose.
+
+OpenBLAS picks its kernels for the CPU when NumPy is imported, unless OPENBLAS_CORETYPE names
+them; on a CPU with AVX-512 its AVX-512 kernels ("SkylakeX") multiply matrices about twice as
+fast as its AVX2 ones ("Haswell"). Some machines set OPENBLAS_CORETYPE=Haswell for the sake of
+old OpenBLAS builds; the figures in the README were taken without it (unset for the benchmark's
+command alone), as a laptop user would run, and every benchmark prints which kernels it had.
+"""
+
+import os
+
+import numpy as np
+
+
+def describe():
+    blas = "BLAS unknown (pip install threadpoolctl to see it)"
+    try:
+        import threadpoolctl
+
+        for lib in threadpoolctl.threadpool_info():
+            if lib.get("user_api") == "blas":
+                blas = (f"{lib.get('internal_api')} {lib.get('version')} "
+                        f"({lib.get('architecture')} kernels, {lib.get('num_threads')} threads)")
+                break
+    except ImportError:
+        pass
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    return (f"{os.cpu_count()} cores, NumPy {np.__version__}, {blas}"
+            + (f", OPENBLAS_CORETYPE={forced}" if forced else ""))  # fmt: skip
