@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _reference import hf_model
+from _reference import hf_model, hf_names
 
 import picogpt
 from picogpt import checkpoint
@@ -219,18 +219,7 @@ def test_whole_model_gradients_match_pytorch_autograd():
     ours_loss, grads = model_gradients({k: v.astype(np.float64) for k, v in params.items()},
                                        hparams, idx, targets)  # fmt: skip
     assert ours_loss == pytest.approx(loss.item(), rel=1e-10)
-    pairs = {"model/wte": "transformer.wte.weight", "model/wpe": "transformer.wpe.weight",
-             "model/ln_f/g": "transformer.ln_f.weight", "model/ln_f/b": "transformer.ln_f.bias"}
-    for i in range(hparams["n_layer"]):
-        for ours, theirs in [("ln_1/g", "ln_1.weight"), ("ln_1/b", "ln_1.bias"),
-                             ("attn/c_attn/w", "attn.c_attn.weight"),
-                             ("attn/c_attn/b", "attn.c_attn.bias"),
-                             ("attn/c_proj/w", "attn.c_proj.weight"),
-                             ("attn/c_proj/b", "attn.c_proj.bias"), ("ln_2/g", "ln_2.weight"),
-                             ("ln_2/b", "ln_2.bias"), ("mlp/c_fc/w", "mlp.c_fc.weight"),
-                             ("mlp/c_fc/b", "mlp.c_fc.bias"), ("mlp/c_proj/w", "mlp.c_proj.weight"),
-                             ("mlp/c_proj/b", "mlp.c_proj.bias")]:  # fmt: skip
-            pairs[f"model/h{i}/{ours}"] = f"transformer.h.{i}.{theirs}"
+    pairs = hf_names(hparams["n_layer"])
     assert set(pairs) == set(params)
     for ours, theirs in pairs.items():
         expected = torch_grads[theirs].reshape(grads[ours].shape)
