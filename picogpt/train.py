@@ -478,6 +478,7 @@ class Trainer:
     def load_state(self):
         state_dir = self.out / "resume"
         try:
+            checkpoint.verify(state_dir)  # every CRC: never continue from damaged numbers
             tensors = checkpoint.read(state_dir)
             for name, array in self.params.items():
                 array[...] = _stored(tensors, name, array.shape)
@@ -691,6 +692,8 @@ def prepare(args):
     """Check everything that can be wrong before any training: text, flags, --out."""
     out = Path(args.out)
     text = read_text(args.text)
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out} is a file, not a folder")
     has_model = (out / "hparams.json").exists() or (out / "resume").exists()
     if args.resume:
         if not (out / "resume" / "checkpoint").exists():
@@ -748,6 +751,10 @@ def run(args):
         status.report(f"interrupted at iter {trainer.iter}")
         _say_where(trainer, args, interrupted=True)
         return 130
+    except OSError as e:  # a full disk, a folder made read-only meanwhile
+        status.report(f"picogpt train: error: cannot save to {trainer.out}: {e}")
+        _say_where(trainer, args, interrupted=True)
+        return 1
     _say_where(trainer, args)
     return 0
 

@@ -437,6 +437,17 @@ def test_refuses_to_overwrite_a_model(text_file, tmp_path):
     assert "Traceback" not in again.stderr
 
 
+def test_resume_refuses_a_damaged_state(text_file, tmp_path):
+    out_dir = tmp_path / "model"
+    train_cli(text_file, "--out", out_dir, "--max-iters", "0", *SMALL)
+    data = next((out_dir / "resume").glob("*.data-*"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data.write_bytes(bytes(raw))
+    result = train_cli(text_file, "--out", out_dir, "--resume", check=False)
+    assert result.returncode == 2 and "cannot resume" in result.stderr and "CRC" in result.stderr
+
+
 def test_resume_refuses_a_new_shape_and_unknown_characters(text_file, tmp_path):
     out_dir = tmp_path / "model"
     train_cli(text_file, "--out", out_dir, "--max-iters", "0", *SMALL)
@@ -454,10 +465,11 @@ def test_resume_refuses_a_new_shape_and_unknown_characters(text_file, tmp_path):
     (["{text}", "--block-size", "1000"], "too short"),
     (["{text}", "--dropout", "1.5"], "[0, 1)"),
     (["{text}", "--resume"], "nothing to resume"),
+    (["{text}", "--out", "{text}"], "is a file"),
 ])  # fmt: skip
 def test_bad_input_is_one_line_and_exit_2(text_file, tmp_path, args, message):
     args = [a.format(text=text_file) for a in args]
-    result = train_cli(*args, "--out", tmp_path / "m", check=False)
+    result = train_cli(*args, *([] if "--out" in args else ["--out", tmp_path / "m"]), check=False)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "m" / "hparams.json").exists()
