@@ -106,7 +106,7 @@ def lazy_zeros(shape):
 
     np.zeros would do for small arrays, but NumPy asks the kernel for 2 MB huge pages on large
     ones, so the first key written into each head's slab of a KV cache commits 2 MB: a 4-sample
-    cache of GPT-2 124M would cost 300 MB before it held 20 tokens. An anonymous map has no
+    cache of GPT-2 124M committed 240 MB before it held 20 tokens. An anonymous map has no
     such advice."""
     n_bytes = math.prod(shape) * 4
     if n_bytes == 0:
