@@ -20,6 +20,7 @@ import ctypes
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -763,11 +764,12 @@ def command_line(text, out, config):
     """The `picogpt train` command that trains this configuration from scratch."""
     flags = [f"--{key.replace('_', '-')} {config[key]}" for key in DEFAULTS
              if config[key] is not None and key != "log_interval"]  # fmt: skip
-    return f"picogpt train {_quote(str(text))} --out {_quote(str(out))} " + " ".join(flags)
+    where = f"{shlex.quote(str(text))} --out {shlex.quote(str(out))}"
+    return f"picogpt train {where} " + " ".join(flags)
 
 
 def _say_where(trainer, args, interrupted=False):
-    out, text = _quote(str(trainer.out)), _quote(str(args.text))
+    out, text = shlex.quote(str(trainer.out)), shlex.quote(str(args.text))
     if math.isfinite(trainer.best_val_loss):
         print(f"best model (val loss {trainer.best_val_loss:.4f}) in {out}; try: "
               f"picogpt --model {out} \"{_sample_prompt(trainer)}\" --n 200")
@@ -782,12 +784,6 @@ def _say_where(trainer, args, interrupted=False):
 
 def _sample_prompt(trainer):
     return "ROMEO:" if "R" in trainer.tokenizer.chars and ":" in trainer.tokenizer.chars else ""
-
-
-def _quote(arg):
-    import shlex
-
-    return shlex.quote(arg)
 
 
 class _Status:
