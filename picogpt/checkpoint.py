@@ -6,6 +6,7 @@ format is written up in docs/tf-checkpoint-format.md. Reading memory-maps the sh
 read-only views, so opening GPT-2 copies nothing; `verify` checks every CRC32C.
 """
 
+import mmap
 import os
 import re
 import struct
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CheckpointError", "read", "verify", "write", "resolve_prefix", "crc32c"]
+__all__ = ["CheckpointError", "read", "release", "verify", "write", "resolve_prefix", "crc32c"]
 
 
 class CheckpointError(Exception):
@@ -481,6 +482,23 @@ def read(path):
     (except bfloat16, widened to float32, and big-endian data, swapped to native order)."""
     prefix, header, entries, maps = _open(path)
     return {name: _tensor_view(name, e, maps, header, prefix) for name, e in entries.items()}
+
+
+def release(array):
+    """Hand back the memory-mapped pages under `array` (a tensor from `read`) once a copy of it
+    is all that is used: they leave this process's resident set and stay in the page cache, and
+    reading the array again faults them back in. A no-op for arrays that are not mapped."""
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is None or not hasattr(mmap, "MADV_DONTNEED") or array.nbytes == 0:
+        return
+    map_start = np.frombuffer(base, np.uint8).ctypes.data
+    start = array.ctypes.data - map_start
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the array only:
+    last = (start + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE  # its neighbours stay mapped
+    if last > first:
+        base.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def verify(path):

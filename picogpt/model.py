@@ -3,12 +3,17 @@
 `params` is a dict of arrays keyed by OpenAI's names (`model/wte`, `model/h0/attn/c_attn/w`, ...),
 as `checkpoint.read` returns them; `hparams` has `n_vocab, n_ctx, n_embd, n_head, n_layer`.
 Everything is float32: a stray float64 operand would silently make every product 2-4x slower.
+
+The blocks' weight matrices are copied at load from OpenAI's [n_in, n_out] to [n_out, n_in]
+order (see matmul for why); the embeddings, biases and LayerNorm parameters stay as they are.
 """
 
 import math
 import mmap
 
 import numpy as np
+
+from .checkpoint import release
 
 LN_EPS = 1e-5
 # Row blocks bound the temporaries of the two products that grow with the input: attention scores
@@ -47,23 +52,27 @@ def gelu_(x):
     return x
 
 
-def matmul(x, w):
-    """x [M, K] @ w [K, N]. For a few rows (batched decoding) one matrix-vector product per row
-    beats OpenBLAS's gemm, which repacks all of w on every call: the first row streams w from
-    memory and the others find it in cache."""
-    if 1 < len(x) <= SMALL_BATCH:
-        out = np.empty((len(x), w.shape[1]), np.float32)
+def matmul(x, wt):
+    """x [M, K] @ wt.T for weights wt [N, K], each output's weights contiguous.
+
+    Decoding is a matrix-vector product that streams every weight from memory once, and in this
+    order OpenBLAS runs it as N dot products over contiguous rows, which streams 30-40% faster
+    than the column updates it runs over OpenAI's [K, N] order. For a few rows (batched
+    decoding) one such product per row beats gemm, which repacks all of wt on every call: the
+    first row streams wt from memory and the others find it in cache."""
+    if len(x) <= SMALL_BATCH:
+        out = np.empty((len(x), wt.shape[0]), np.float32)
         for row, row_out in zip(x, out):
-            np.matmul(row, w, out=row_out)
+            np.matmul(wt, row, out=row_out)
         return out
-    return x @ w
+    return x @ wt.T
 
 
-def linear(x, w, b):
-    """x @ w + b over the last axis, for x of any leading shape."""
-    out = matmul(x.reshape(-1, x.shape[-1]), w)
+def linear(x, wt, b):
+    """x @ wt.T + b over the last axis, for x of any leading shape."""
+    out = matmul(x.reshape(-1, x.shape[-1]), wt)
     out += b
-    return out.reshape(*x.shape[:-1], w.shape[-1])
+    return out.reshape(*x.shape[:-1], wt.shape[0])
 
 
 def softmax_(x):
@@ -177,7 +186,9 @@ class GPT:
                 raise ValueError(f"tensor {name!r} is {params[name].dtype}, expected float32")
 
         def w(name):
-            return params[name][0]  # [1, nx, nf] -> [nx, nf], a view
+            wt = np.ascontiguousarray(params[name][0].T)  # [1, nx, nf] -> [nf, nx]
+            release(params[name])  # the copy is used from now on, not the mapped file
+            return wt
 
         self.wte, self.wpe = params["model/wte"], params["model/wpe"]
         self.ln_f = params["model/ln_f/g"], params["model/ln_f/b"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _memory import HAS_SMAPS, resident_kb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -81,6 +82,28 @@ def test_arrays_are_read_only_views_of_the_file():
     assert isinstance(base, np.memmap)
     with pytest.raises(ValueError):
         w[0, 0] = 1.0
+
+
+@pytest.mark.skipif(not HAS_SMAPS, reason="needs Linux's smaps")
+def test_release_hands_back_the_pages_and_keeps_the_values(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {
+        "a": rng.standard_normal(1000).astype(np.float32),
+        "big": rng.standard_normal((2048, 4096)).astype(np.float32),  # 32 MB
+        "c": rng.standard_normal(1000).astype(np.float32),
+    }
+    checkpoint.write(tmp_path / "model.ckpt", tensors)
+    data = tmp_path / "model.ckpt.data-00000-of-00001"
+    params = checkpoint.read(tmp_path)
+    assert float(params["big"].sum()) == pytest.approx(float(tensors["big"].sum()), rel=1e-4)
+    touched = resident_kb(data)
+    assert touched >= 32 << 10
+    checkpoint.release(params["big"])
+    assert resident_kb(data) <= touched - (32 << 10) + 8  # at most its two edge pages stay
+    assert_same_tensors(params, tensors)  # released pages fault back in, unchanged
+    checkpoint.release(tensors["a"])  # not mapped: nothing to do
+    checkpoint.release(params["a"])  # smaller than a page: no whole page to hand back
+    assert_same_tensors(params, tensors)
 
 
 def test_prefix_folder_and_stale_absolute_path(tiny):

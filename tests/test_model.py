@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _memory import HAS_SMAPS, resident_kb
 from _reference import hf_model
 
 import picogpt
-from picogpt import checkpoint, model
+from picogpt import checkpoint, model, train
 
 TINY = Path(__file__).parent / "fixtures" / "gpt2-tiny"
 
@@ -143,6 +144,25 @@ def test_everything_stays_float32(tiny):
         assert all(v.dtype == np.float32 for v in value)
     assert tiny.logits([1, 2, 3]).dtype == np.float32
     assert tiny._prefill([1, 2, 3]).dtype == np.float32
+
+
+@pytest.mark.skipif(not HAS_SMAPS, reason="needs Linux's smaps")
+def test_loading_keeps_no_second_copy_of_the_block_weights(tmp_path, hparams):
+    # The blocks' weights are copied into [n_out, n_in] order; the mapped file's pages they were
+    # copied from must not stay resident too, or loading GPT-2 would hold its weights twice.
+    big = dict(hparams, n_embd=256, n_head=4, n_layer=2)
+    rng = np.random.default_rng(0)
+    tensors = {name: rng.standard_normal(shape).astype(np.float32) * 0.02
+               for name, shape in train.param_shapes(big).items()}  # fmt: skip
+    checkpoint.write(tmp_path / "model.ckpt", tensors)
+    params = checkpoint.read(tmp_path)
+    gpt = model.GPT(params, big)
+    block_kb = sum(v.nbytes for k, v in tensors.items() if k.startswith("model/h")) >> 10
+    assert block_kb > 4096
+    assert resident_kb(tmp_path / "model.ckpt.data-00000-of-00001") < 256
+    ids = rng.integers(0, big["n_vocab"], (1, 20))
+    got = gpt.forward(ids, gpt.new_cache(), all_logits=True)[0]
+    assert relative_error(got, reference_logits(tensors, big, ids[0].tolist())) < 1e-5
 
 
 def test_wrong_shapes_are_named(params, hparams):
