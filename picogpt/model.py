@@ -23,6 +23,7 @@ ATTN_MAX_ROWS = 128
 LOGITS_BLOCK_ROWS = 256
 SMALL_BATCH = 8  # up to this many rows, products run row by row (see matmul)
 VOCAB_CHUNK = 1024  # vocabulary rows per chunk when projecting a few rows
+TRANSPOSE_ROWS = 16  # rows per band when copying weights into [n_out, n_in] order
 GELU_C = math.sqrt(2 / math.pi)
 
 
@@ -110,6 +111,34 @@ def attention(q, k, v, offset):
     return out
 
 
+def transposed(w):
+    """A contiguous copy of w.T, made in bands of TRANSPOSE_ROWS rows of w, so that each row of
+    the copy takes one cache line per band. A plain w.T copy reads whole columns, a page per
+    row of w, more pages than the TLB holds: GPT-2 355M's blocks took 1.4 s instead of 0.28 s."""
+    out = np.empty(w.shape[::-1], w.dtype)
+    for start in range(0, w.shape[0], TRANSPOSE_ROWS):
+        out[:, start : start + TRANSPOSE_ROWS] = w[start : start + TRANSPOSE_ROWS].T
+    return out
+
+
+def project(x, wte):
+    """Logits x @ wte.T for x [..., C] and wte [n_vocab, C], in blocks into one output."""
+    rows = x.reshape(-1, x.shape[-1])
+    n_vocab = wte.shape[0]
+    out = np.empty((len(rows), n_vocab), np.float32)
+    if 1 < len(rows) <= SMALL_BATCH:
+        # As in matmul: row by row, over chunks of the vocabulary small enough to stay cached.
+        for start in range(0, n_vocab, VOCAB_CHUNK):
+            chunk = wte[start : start + VOCAB_CHUNK]
+            for row, row_out in zip(rows, out):
+                np.matmul(chunk, row, out=row_out[start : start + VOCAB_CHUNK])
+    else:
+        for start in range(0, len(rows), LOGITS_BLOCK_ROWS):
+            stop = start + LOGITS_BLOCK_ROWS
+            np.matmul(rows[start:stop], wte.T, out=out[start:stop])
+    return out.reshape(*x.shape[:-1], -1)
+
+
 def lazy_zeros(shape):
     """float32 zeros whose memory is committed only where written, a 4 KB page at a time.
 
@@ -186,7 +215,7 @@ class GPT:
                 raise ValueError(f"tensor {name!r} is {params[name].dtype}, expected float32")
 
         def w(name):
-            wt = np.ascontiguousarray(params[name][0].T)  # [1, nx, nf] -> [nf, nx]
+            wt = transposed(params[name][0])  # [1, nx, nf] -> [nf, nx]
             release(params[name])  # the copy is used from now on, not the mapped file
             return wt
 
@@ -238,22 +267,5 @@ class GPT:
             x += linear(gelu_(linear(h, *blk["c_fc"])), *blk["mlp_proj"])
         cache.length = start + T
         if not all_logits:
-            return self.project(layer_norm(x[:, -1], *self.ln_f))  # [B, V]: the only row needed
-        return self.project(layer_norm(x, *self.ln_f))
-
-    def project(self, x):
-        """Logits x @ wte.T for x [..., C], in blocks into one preallocated output."""
-        rows = x.reshape(-1, x.shape[-1])
-        n_vocab = self.wte.shape[0]
-        out = np.empty((len(rows), n_vocab), np.float32)
-        if 1 < len(rows) <= SMALL_BATCH:
-            # As in matmul: row by row, over chunks of the vocabulary small enough to stay cached.
-            for start in range(0, n_vocab, VOCAB_CHUNK):
-                chunk = self.wte[start : start + VOCAB_CHUNK]
-                for row, row_out in zip(rows, out):
-                    np.matmul(chunk, row, out=row_out[start : start + VOCAB_CHUNK])
-        else:
-            for start in range(0, len(rows), LOGITS_BLOCK_ROWS):
-                stop = start + LOGITS_BLOCK_ROWS
-                np.matmul(rows[start:stop], self.wte.T, out=out[start:stop])
-        return out.reshape(*x.shape[:-1], -1)
+            return project(layer_norm(x[:, -1], *self.ln_f), self.wte)  # [B, V]: the last row
+        return project(layer_norm(x, *self.ln_f), self.wte)

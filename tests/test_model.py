@@ -146,6 +146,13 @@ def test_everything_stays_float32(tiny):
     assert tiny._prefill([1, 2, 3]).dtype == np.float32
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (15, 7), (16, 3), (17, 40), (100, 33), (0, 4)])
+def test_transposed_copies_exactly(shape):
+    w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    got = model.transposed(w)
+    assert got.flags.c_contiguous and np.array_equal(got, w.T)
+
+
 @pytest.mark.skipif(not HAS_SMAPS, reason="needs Linux's smaps")
 def test_loading_keeps_no_second_copy_of_the_block_weights(tmp_path, hparams):
     # The blocks' weights are copied into [n_out, n_in] order; the mapped file's pages they were

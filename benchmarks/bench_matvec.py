@@ -1,0 +1,97 @@
+"""What one decoding step's products cost through NumPy's BLAS: 1 row against 4 rows.
+
+    python benchmarks/bench_matvec.py [--size 124M|355M|774M|1558M] [--runs 15]
+
+A decoding step multiplies one row per sample by every weight matrix of GPT-2 (the blocks' four,
+and wte for the logits). With random weights of a size's shapes this times, over all of them:
+- 1 row in the engine's [n_out, n_in] order (N dot products) and in OpenAI's [n_in, n_out] order
+  (column updates): the reason the engine copies the weights at load;
+- 4 rows as the engine runs them (one matrix-vector product per row: the first streams the
+  matrix from memory, the other three find it in cache) and as one matrix product, both ways round;
+- the rate of a matrix-vector product over one matrix that is already in cache.
+If 4 rows must read each matrix once from memory and 3 more times from cache, they cost at least
+1 + 3 x (memory rate / cache rate) times one row; gemm avoids the re-reads but repacks the weights.
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import describe  # noqa: E402
+
+from picogpt.model import matmul, project  # noqa: E402
+
+SIZES = {"124M": (768, 12), "355M": (1024, 24), "774M": (1280, 36), "1558M": (1600, 48)}
+N_VOCAB = 50257
+
+
+def weights(n_embd, n_layer, rng):
+    """Every matrix a decoding step multiplies by, in the engine's [n_out, n_in] order; wte last."""
+    d = n_embd
+    shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] * n_layer + [(N_VOCAB, d)]
+    return [rng.standard_normal(shape, dtype=np.float32) for shape in shapes]
+
+
+def engine(x, wts):
+    """The products of a decoding step as the engine runs them (wte through its projection)."""
+    return [matmul(x[:, : w.shape[1]], w) for w in wts[:-1]] + [project(x[:, : wts[-1].shape[1]],
+                                                                        wts[-1])]  # fmt: skip
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=list(SIZES), default="124M")
+    parser.add_argument("--runs", type=int, default=15, help="alternating runs of each variant")
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    wts = weights(*SIZES[args.size], rng)
+    ws = [np.ascontiguousarray(wt.T) for wt in wts]  # OpenAI's [n_in, n_out] order
+    n_bytes = sum(wt.nbytes for wt in wts)
+    x1 = rng.standard_normal((1, 4 * SIZES[args.size][0]), dtype=np.float32)
+    x4 = rng.standard_normal((4, x1.shape[1]), dtype=np.float32)
+
+    variants = {
+        "1 row, [n_out, n_in] (the engine)": lambda: engine(x1, wts),
+        "1 row, [n_in, n_out] (OpenAI's order)": lambda: [x1[0, : w.shape[0]] @ w for w in ws],
+        "4 rows, a product per row (the engine)": lambda: engine(x4, wts),
+        "4 rows, one gemm wt @ X.T": lambda: [w @ x4[:, : w.shape[1]].T for w in wts],
+        "4 rows, one gemm X @ wt.T": lambda: [x4[:, : w.shape[1]] @ w.T for w in wts],
+    }  # fmt: skip
+    times = {name: [] for name in variants}
+    for run in range(args.runs + 1):
+        for name, f in variants.items():
+            t = time.perf_counter()
+            f()
+            if run:  # the first run only warms up
+                times[name].append(time.perf_counter() - t)
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    cached = wts[2]  # the first block's c_fc, once more right after a first product loaded it
+    in_cache = []
+    for _ in range(args.runs + 1):
+        t = time.perf_counter()
+        cached @ x1[0, : cached.shape[1]]
+        in_cache.append(time.perf_counter() - t)
+    median["1 row, one c_fc matrix already in cache"] = statistics.median(in_cache[1:])
+
+    one = median["1 row, [n_out, n_in] (the engine)"]
+    print(f"GPT-2 {args.size} shapes, {n_bytes / 1e6:.0f} MB of weights; {describe()}; "
+          f"median of {args.runs} runs")  # fmt: skip
+    print("| | time | weights streamed | / 1 row |\n|---|---|---|---|")
+    for name, t in median.items():
+        size = cached.nbytes if "cache" in name else n_bytes
+        print(f"| {name} | {t * 1e3:.2f} ms | {size / t / 1e9:.0f} GB/s | "
+              + ("" if "cache" in name else f"{t / one:.2f}x") + " |")  # fmt: skip
+    memory_rate = n_bytes / one
+    cache_rate = cached.nbytes / median["1 row, one c_fc matrix already in cache"]
+    bound = 1 + 3 * memory_rate / cache_rate
+    print(f"\n4 rows reading each matrix once from memory and 3 times from cache: >= {bound:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
