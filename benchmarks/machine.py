@@ -8,8 +8,22 @@ command alone), as a laptop user would run, and every benchmark prints which ker
 """
 
 import os
+import time
 
 import numpy as np
+
+
+def stream_rate():
+    """GB/s a matrix-vector product streams a 256 MB matrix at, now: the bound on decoding speed.
+    It moves with the other tenants of a shared host (48-65 GB/s on the machine of the README)."""
+    w = np.ones((65536, 1024), np.float32)
+    x = np.ones(1024, np.float32)
+    times = []
+    for _ in range(6):
+        t = time.perf_counter()
+        w @ x
+        times.append(time.perf_counter() - t)
+    return w.nbytes / min(times[1:]) / 1e9
 
 
 def describe():

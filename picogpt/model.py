@@ -22,7 +22,10 @@ ATTN_BLOCK_BYTES = 16 << 20
 ATTN_MAX_ROWS = 128
 LOGITS_BLOCK_ROWS = 256
 SMALL_BATCH = 8  # up to this many rows, products run row by row (see matmul)
-VOCAB_CHUNK = 1024  # vocabulary rows per chunk when projecting a few rows
+# Row-by-row products go through the weights in chunks this large: small enough to stay in cache
+# for the next rows, large enough that OpenBLAS still splits each product over two cores (below
+# about 2 MB it runs on one, and 4 rows cost 3x one instead of 2x).
+MATVEC_CHUNK_BYTES = 3 << 20
 TRANSPOSE_ROWS = 16  # rows per band when copying weights into [n_out, n_in] order
 GELU_C = math.sqrt(2 / math.pi)
 
@@ -53,20 +56,27 @@ def gelu_(x):
     return x
 
 
-def matmul(x, wt):
-    """x [M, K] @ wt.T for weights wt [N, K], each output's weights contiguous.
+def matmul(x, wt, out=None):
+    """x [M, K] @ wt.T for weights wt [N, K], each output's weights contiguous; into `out` if given.
 
     Decoding is a matrix-vector product that streams every weight from memory once, and in this
-    order OpenBLAS runs it as N dot products over contiguous rows, which streams 30-40% faster
+    order OpenBLAS runs it as N dot products over contiguous rows, which streams 5-25% faster
     than the column updates it runs over OpenAI's [K, N] order. For a few rows (batched
-    decoding) one such product per row beats gemm, which repacks all of wt on every call: the
-    first row streams wt from memory and the others find it in cache."""
-    if len(x) <= SMALL_BATCH:
-        out = np.empty((len(x), wt.shape[0]), np.float32)
-        for row, row_out in zip(x, out):
-            np.matmul(wt, row, out=row_out)
-        return out
-    return x @ wt.T
+    decoding) one such product per row beats gemm, which repacks all of wt on every call. The
+    rows go through wt in chunks of MATVEC_CHUNK_BYTES: the first row streams a chunk from
+    memory and the others find it in cache (GPT-2 1558M's matrices, whole, do not fit)."""
+    out = np.empty((len(x), wt.shape[0]), np.float32) if out is None else out
+    if 1 < len(x) <= SMALL_BATCH:
+        step = max(1, MATVEC_CHUNK_BYTES // (wt.shape[1] * 4))
+        for start in range(0, wt.shape[0], step):
+            chunk = wt[start : start + step]
+            for row, row_out in zip(x, out):
+                np.matmul(chunk, row, out=row_out[start : start + step])
+    elif len(x) == 1:
+        np.matmul(wt, x[0], out=out[0])
+    else:
+        np.matmul(x, wt.T, out=out)
+    return out
 
 
 def linear(x, wt, b):
@@ -122,20 +132,12 @@ def transposed(w):
 
 
 def project(x, wte):
-    """Logits x @ wte.T for x [..., C] and wte [n_vocab, C], in blocks into one output."""
+    """Logits x @ wte.T for x [..., C] and wte [n_vocab, C], in row blocks into one output."""
     rows = x.reshape(-1, x.shape[-1])
-    n_vocab = wte.shape[0]
-    out = np.empty((len(rows), n_vocab), np.float32)
-    if 1 < len(rows) <= SMALL_BATCH:
-        # As in matmul: row by row, over chunks of the vocabulary small enough to stay cached.
-        for start in range(0, n_vocab, VOCAB_CHUNK):
-            chunk = wte[start : start + VOCAB_CHUNK]
-            for row, row_out in zip(rows, out):
-                np.matmul(chunk, row, out=row_out[start : start + VOCAB_CHUNK])
-    else:
-        for start in range(0, len(rows), LOGITS_BLOCK_ROWS):
-            stop = start + LOGITS_BLOCK_ROWS
-            np.matmul(rows[start:stop], wte.T, out=out[start:stop])
+    out = np.empty((len(rows), wte.shape[0]), np.float32)
+    for start in range(0, len(rows), LOGITS_BLOCK_ROWS):
+        stop = start + LOGITS_BLOCK_ROWS
+        matmul(rows[start:stop], wte, out=out[start:stop])
     return out.reshape(*x.shape[:-1], -1)
 
 

@@ -146,6 +146,18 @@ def test_everything_stays_float32(tiny):
     assert tiny._prefill([1, 2, 3]).dtype == np.float32
 
 
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 9, 300])
+def test_matmul_takes_every_path_to_the_same_product(monkeypatch, rows):
+    monkeypatch.setattr(model, "MATVEC_CHUNK_BYTES", 7 * 40 * 4)  # 7 weight rows: 15 chunks
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 40)).astype(np.float32)
+    wt = rng.standard_normal((100, 40)).astype(np.float32)
+    expected = x.astype(np.float64) @ wt.T.astype(np.float64)
+    assert np.allclose(model.matmul(x, wt), expected, rtol=1e-4, atol=1e-4)
+    out = np.full((rows, 100), np.nan, np.float32)
+    assert model.matmul(x, wt, out=out) is out and np.allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (15, 7), (16, 3), (17, 40), (100, 33), (0, 4)])
 def test_transposed_copies_exactly(shape):
     w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
