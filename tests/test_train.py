@@ -123,8 +123,17 @@ def test_dropout_backward_with_its_mask():
     assert 0.2 < dropped.mean() < 0.3
     np.testing.assert_allclose(out[~dropped], x[~dropped] / 0.75)
     dout = randn(50, 40)
-    np.testing.assert_allclose(tr.dropout_backward(dout, mask), dout * mask)
+    np.testing.assert_allclose(tr.dropout_backward(dout, mask), np.where(dropped, 0, dout / 0.75),
+                               rtol=1e-6)  # fmt: skip
     assert tr.dropout_forward(x, 0.0, None)[0] is x
+
+
+def test_dropout_keeps_the_expectation():
+    x = np.ones((1000, 1000), np.float32)
+    out, _ = tr.dropout_forward(x, 0.1, np.random.default_rng(2))
+    assert out.dtype == np.float32
+    assert abs((out == 0).mean() - 0.1) < 0.002
+    assert abs(out.mean() - 1.0) < 0.003  # 1/(1-p) makes up for what was dropped
 
 
 def test_embedding_backward():
