@@ -5,11 +5,14 @@ as `checkpoint.read` returns them; `hparams` has `n_vocab, n_ctx, n_embd, n_head
 Everything is float32: a stray float64 operand would silently make every product 2-4x slower.
 
 The blocks' weight matrices are copied at load from OpenAI's [n_in, n_out] to [n_out, n_in]
-order (see matmul for why); the embeddings, biases and LayerNorm parameters stay as they are.
+order (see matmul for why) when the copy takes at most half the machine's memory; otherwise they
+stay mapped from the file, read through transposed views: slower, but GPT-2 1558M still runs on
+an 8 GB laptop. The embeddings, biases and LayerNorm parameters stay as they are.
 """
 
 import math
 import mmap
+import os
 
 import numpy as np
 
@@ -141,6 +144,14 @@ def project(x, wte):
     return out.reshape(*x.shape[:-1], -1)
 
 
+def physical_memory():
+    """Bytes of RAM in this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def lazy_zeros(shape):
     """float32 zeros whose memory is committed only where written, a 4 KB page at a time.
 
@@ -216,7 +227,13 @@ class GPT:
             if params[name].dtype != np.float32:
                 raise ValueError(f"tensor {name!r} is {params[name].dtype}, expected float32")
 
+        matrices = [name for name in expected if name.startswith("model/h") and name.endswith("/w")]
+        ram = physical_memory()
+        self.reordered = ram is None or sum(params[n].nbytes for n in matrices) <= ram // 2
+
         def w(name):
+            if not self.reordered:
+                return params[name][0].T  # [nf, nx], a view of OpenAI's [nx, nf] order
             wt = transposed(params[name][0])  # [1, nx, nf] -> [nf, nx]
             release(params[name])  # the copy is used from now on, not the mapped file
             return wt

@@ -184,6 +184,21 @@ def test_loading_keeps_no_second_copy_of_the_block_weights(tmp_path, hparams):
     assert relative_error(got, reference_logits(tensors, big, ids[0].tolist())) < 1e-5
 
 
+def test_weights_stay_mapped_when_memory_is_short(monkeypatch, params, hparams):
+    reordered = model.GPT(params, hparams)
+    monkeypatch.setattr(model, "physical_memory", lambda: 64 << 10)  # less than twice the blocks
+    mapped = model.GPT(params, hparams)
+    assert reordered.reordered and not mapped.reordered
+    wt = mapped.blocks[0]["c_fc"][0]
+    assert wt.shape == (4 * hparams["n_embd"], hparams["n_embd"])
+    assert np.shares_memory(wt, params["model/h0/mlp/c_fc/w"])
+    ids = np.random.default_rng(4).integers(0, hparams["n_vocab"], (3, 9))  # the few-row path
+    for T in (9, 1):  # a prefill of 27 rows, then one step of 3 rows
+        got = mapped.forward(ids[:, :T], mapped.new_cache(3), all_logits=True)
+        expected = reordered.forward(ids[:, :T], reordered.new_cache(3), all_logits=True)
+        assert relative_error(got, expected) < 1e-5
+
+
 def test_wrong_shapes_are_named(params, hparams):
     bad = dict(params)
     bad["model/h1/mlp/c_fc/b"] = np.zeros(3, np.float32)
