@@ -71,6 +71,8 @@ def matmul(x, wt, out=None):
     out = np.empty((len(x), wt.shape[0]), np.float32) if out is None else out
     if 1 < len(x) <= SMALL_BATCH:
         step = max(1, MATVEC_CHUNK_BYTES // (wt.shape[1] * 4))
+        if not wt.flags.c_contiguous:
+            step = len(wt)  # a transposed view (see GPT): its rows are strided, its chunks slow
         for start in range(0, wt.shape[0], step):
             chunk = wt[start : start + step]
             for row, row_out in zip(x, out):
