@@ -69,18 +69,16 @@ def matmul(x, wt, out=None):
     rows go through wt in chunks of MATVEC_CHUNK_BYTES: the first row streams a chunk from
     memory and the others find it in cache (GPT-2 1558M's matrices, whole, do not fit)."""
     out = np.empty((len(x), wt.shape[0]), np.float32) if out is None else out
-    if 1 < len(x) <= SMALL_BATCH:
+    if len(x) > SMALL_BATCH:
+        return np.matmul(x, wt.T, out=out)
+    # One row, or a transposed view (see GPT) whose rows are strided: wt whole, in one product.
+    step = len(wt)
+    if len(x) > 1 and wt.flags.c_contiguous:
         step = max(1, MATVEC_CHUNK_BYTES // (wt.shape[1] * 4))
-        if not wt.flags.c_contiguous:
-            step = len(wt)  # a transposed view (see GPT): its rows are strided, its chunks slow
-        for start in range(0, wt.shape[0], step):
-            chunk = wt[start : start + step]
-            for row, row_out in zip(x, out):
-                np.matmul(chunk, row, out=row_out[start : start + step])
-    elif len(x) == 1:
-        np.matmul(wt, x[0], out=out[0])
-    else:
-        np.matmul(x, wt.T, out=out)
+    for start in range(0, len(wt), step):
+        chunk = wt[start : start + step]
+        for row, row_out in zip(x, out):
+            np.matmul(chunk, row, out=row_out[start : start + step])
     return out
 
 
@@ -167,6 +165,24 @@ def lazy_zeros(shape):
     return np.frombuffer(mmap.mmap(-1, n_bytes), np.float32).reshape(shape)
 
 
+def param_shapes(hparams):
+    """Every tensor of a GPT-2 checkpoint: OpenAI's name -> shape, in the network's order."""
+    d = hparams["n_embd"]
+    shapes = {"model/wte": (hparams["n_vocab"], d), "model/wpe": (hparams["n_ctx"], d)}
+    for i in range(hparams["n_layer"]):
+        p = f"model/h{i}/"
+        shapes.update({
+            p + "ln_1/g": (d,), p + "ln_1/b": (d,),
+            p + "attn/c_attn/w": (1, d, 3 * d), p + "attn/c_attn/b": (3 * d,),
+            p + "attn/c_proj/w": (1, d, d), p + "attn/c_proj/b": (d,),
+            p + "ln_2/g": (d,), p + "ln_2/b": (d,),
+            p + "mlp/c_fc/w": (1, d, 4 * d), p + "mlp/c_fc/b": (4 * d,),
+            p + "mlp/c_proj/w": (1, 4 * d, d), p + "mlp/c_proj/b": (d,),
+        })  # fmt: skip
+    shapes.update({"model/ln_f/g": (d,), "model/ln_f/b": (d,)})
+    return shapes
+
+
 class KVCache:
     """Keys and values of every layer for the positions seen so far, preallocated to n_ctx
     (reserved, not committed: see lazy_zeros)."""
@@ -205,22 +221,7 @@ class GPT:
         if n_embd % self.n_head:
             raise ValueError(f"hparams: n_embd {n_embd} is not divisible by n_head {self.n_head}")
         self.head_dim = n_embd // self.n_head
-        d = n_embd
-        expected = {
-            "model/wte": (self.hparams["n_vocab"], d),
-            "model/wpe": (self.n_ctx, d),
-            "model/ln_f/g": (d,),
-            "model/ln_f/b": (d,),
-        }
-        for i in range(n_layer):
-            p = f"model/h{i}/"
-            expected.update({
-                p + "ln_1/g": (d,), p + "ln_1/b": (d,), p + "ln_2/g": (d,), p + "ln_2/b": (d,),
-                p + "attn/c_attn/w": (1, d, 3 * d), p + "attn/c_attn/b": (3 * d,),
-                p + "attn/c_proj/w": (1, d, d), p + "attn/c_proj/b": (d,),
-                p + "mlp/c_fc/w": (1, d, 4 * d), p + "mlp/c_fc/b": (4 * d,),
-                p + "mlp/c_proj/w": (1, 4 * d, d), p + "mlp/c_proj/b": (d,),
-            })  # fmt: skip
+        expected = param_shapes(self.hparams)
         for name, shape in expected.items():
             if name not in params:
                 raise ValueError(f"the checkpoint has no tensor {name!r}")

@@ -28,11 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from picogpt import checkpoint
+from picogpt import checkpoint, model
 from picogpt.chars import CharTokenizer
+from picogpt.model import GELU_C, LN_EPS, causal_mask
 
-LN_EPS = 1e-5
-GELU_C = math.sqrt(2 / math.pi)
 GELU_A = 0.044715
 
 # nanoGPT's CPU recipe for Tiny Shakespeare: trains in about a minute here.
@@ -102,12 +101,7 @@ def linear_backward(dout, x, w, dw, db):
     return dout @ w.T
 
 
-def softmax_forward(x):
-    """Softmax over the last axis, in place."""
-    x -= x.max(axis=-1, keepdims=True)
-    np.exp(x, out=x)
-    x /= x.sum(axis=-1, keepdims=True)
-    return x
+softmax_forward = model.softmax_  # the engine's: softmax over the last axis, in place
 
 
 def softmax_backward(dout, y):
@@ -115,11 +109,6 @@ def softmax_backward(dout, y):
     dx = dout * y
     dx -= y * dx.sum(axis=-1, keepdims=True)
     return dx
-
-
-def causal_mask(T, dtype):
-    """[T, T]: 0 on and below the diagonal, -inf above (the future)."""
-    return np.triu(np.full((T, T), -np.inf, dtype), k=1)
 
 
 def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None):
@@ -133,7 +122,7 @@ def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None):
     scale = 1.0 / math.sqrt(hd)
     att = q @ k.swapaxes(-1, -2)  # [B, H, T, T]
     att *= scale
-    att += causal_mask(T, att.dtype)
+    att += causal_mask(T)  # the engine's: 0, and -inf on the future
     softmax_forward(att)
     att_dropped, mask = dropout_forward(att, dropout, rng)
     y = att_dropped @ v  # [B, H, T, hd]
@@ -301,20 +290,11 @@ def gpt_backward(cache, params, hparams, grads):
 
 
 def param_shapes(hparams):
-    """Every parameter's name (the engine's) and shape; the matrices, which weight decay applies
-    to, come first."""
-    C, L = hparams["n_embd"], hparams["n_layer"]
-    matrices = {"model/wte": (hparams["n_vocab"], C), "model/wpe": (hparams["n_ctx"], C)}
-    vectors = {}
-    for i in range(L):
-        p = f"model/h{i}/"
-        matrices.update({p + "attn/c_attn/w": (1, C, 3 * C), p + "attn/c_proj/w": (1, C, C),
-                         p + "mlp/c_fc/w": (1, C, 4 * C), p + "mlp/c_proj/w": (1, 4 * C, C)})
-        vectors.update({p + "ln_1/g": (C,), p + "ln_1/b": (C,), p + "attn/c_attn/b": (3 * C,),
-                        p + "attn/c_proj/b": (C,), p + "ln_2/g": (C,), p + "ln_2/b": (C,),
-                        p + "mlp/c_fc/b": (4 * C,), p + "mlp/c_proj/b": (C,)})  # fmt: skip
-    vectors.update({"model/ln_f/g": (C,), "model/ln_f/b": (C,)})
-    return {**matrices, **vectors}
+    """Every parameter's name and shape, as the engine reads them (model.param_shapes), with the
+    matrices, which weight decay applies to, first."""
+    shapes = model.param_shapes(hparams)
+    matrices = {name: shape for name, shape in shapes.items() if len(shape) >= 2}
+    return {**matrices, **{name: shape for name, shape in shapes.items() if len(shape) < 2}}
 
 
 def flat_views(shapes, dtype=np.float32):

@@ -11,7 +11,7 @@ from _memory import HAS_SMAPS, resident_kb
 from _reference import hf_model
 
 import picogpt
-from picogpt import checkpoint, model, train
+from picogpt import checkpoint, model
 
 TINY = Path(__file__).parent / "fixtures" / "gpt2-tiny"
 
@@ -172,7 +172,7 @@ def test_loading_keeps_no_second_copy_of_the_block_weights(tmp_path, hparams):
     big = dict(hparams, n_embd=256, n_head=4, n_layer=2)
     rng = np.random.default_rng(0)
     tensors = {name: rng.standard_normal(shape).astype(np.float32) * 0.02
-               for name, shape in train.param_shapes(big).items()}  # fmt: skip
+               for name, shape in model.param_shapes(big).items()}  # fmt: skip
     checkpoint.write(tmp_path / "model.ckpt", tensors)
     params = checkpoint.read(tmp_path)
     gpt = model.GPT(params, big)
