@@ -26,6 +26,8 @@ from pathlib import Path
 
 import regex
 
+from picogpt.errors import VocabularyError
+
 # GPT-2's pre-tokenizer (OpenAI's encoder.py; tiktoken's r50k/gpt2 pattern is the same language).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -90,10 +92,6 @@ _LATIN1_TO_GPT2 = {b: c for b, c in _BYTE_TO_CHAR.items()}
 _GPT2_TO_LATIN1 = {ord(c): b for b, c in _BYTE_TO_CHAR.items()}
 # Joins token strings for one-call conversion: in neither GPT-2's alphabet nor Latin-1.
 _SEPARATOR = "\uffff"
-
-
-class VocabularyError(ValueError):
-    """The vocabulary (encoder.json / vocab.bpe, or the tables given to BPE) is malformed."""
 
 
 class BPE:

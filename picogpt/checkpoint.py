@@ -14,11 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from picogpt.errors import CheckpointError
+
 __all__ = ["CheckpointError", "read", "release", "verify", "write", "resolve_prefix", "crc32c"]
-
-
-class CheckpointError(Exception):
-    """A checkpoint is missing, malformed, or corrupted. The message names the file."""
 
 
 # TensorFlow DataType enum -> NumPy dtype. 14 is bfloat16: read as uint16 and widened to float32.

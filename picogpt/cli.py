@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from picogpt import download
+from picogpt import download, files
+from picogpt.errors import PicogptError, UnknownModelError
 
 COMMANDS = ("generate", "chat", "download", "eval", "train")
 
@@ -43,7 +44,7 @@ CHAT_PREAMBLE = (
 )
 
 
-class UsageError(Exception):
+class UsageError(PicogptError):
     """Bad input from the user: reported on one line, exit status 2."""
 
 
@@ -55,6 +56,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def _whole_number(text):
+    """A validator for integers >= 0; `text` says what is allowed, for the message."""
     def parse(value):
         try:
             n = int(value)
@@ -73,28 +75,43 @@ def _positive_int(value):
     return n
 
 
-def _temperature(value):
-    t = _float(value)
-    if not t >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 picks the likeliest token), got {value}")
-    return t
-
-
-def _top_p(value):
-    p = _float(value)
-    if not 0 < p <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return p
+_seed = _whole_number("must be >= 0")
 
 
 def _float(value):
+    """A finite number (no nan, no inf)."""
     try:
         x = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if math.isnan(x):
-        raise argparse.ArgumentTypeError("expected a number, got nan")
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value}")
     return x
+
+
+def _in_range(low, high, low_open=False, high_open=False):
+    """A validator for finite numbers in [low, high] (either end open, or None for no bound)."""
+    def parse(value):
+        x = _float(value)
+        too_low = low is not None and (x <= low if low_open else x < low)
+        too_high = high is not None and (x >= high if high_open else x > high)
+        if too_low or too_high:
+            left = "-inf" if low is None else f"{low:g}"
+            right = "inf" if high is None else f"{high:g}"
+            interval = f"{'(' if low_open else '['}{left}, {right}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {value}")
+        return x
+    return parse
+
+
+def _temperature(value):
+    t = _float(value)
+    if t < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 picks the likeliest token), got {value}")
+    return t
+
+
+_top_p = _in_range(0, 1, low_open=True)
 
 
 def _add_model_options(p, default="124M"):
@@ -113,7 +130,7 @@ def _add_sampling_options(p, n, temperature=1.0, unit="sample"):
                    metavar="K", help="sample among the K likeliest tokens; 0: all (default 40)")
     p.add_argument("--top-p", type=_top_p, default=None, metavar="P",
                    help="nucleus sampling: the fewest tokens whose probability sums to P (0, 1]")
-    p.add_argument("--seed", type=int, default=None, metavar="S",
+    p.add_argument("--seed", type=_seed, default=None, metavar="S",
                    help=f"make sampling repeatable ({unit} k uses seed S+k-1)")
 
 
@@ -223,7 +240,7 @@ def _main(argv):
     except UsageError as e:
         print(f"picogpt: error: {e}", file=sys.stderr)
         return 2
-    except download.DownloadError as e:
+    except PicogptError as e:  # no network, a damaged or foreign model folder, ...
         print(f"picogpt: {e}", file=sys.stderr)
         return 1
 
@@ -231,27 +248,14 @@ def _main(argv):
 # --- models ---------------------------------------------------------------------------------------
 
 def _open_model(args):
-    """--model as a GPT-2 size (downloaded when missing), a folder, or a bundled model name."""
-    name = args.model
-    size = download.canonical_size(name)
-    if size:
-        target = str(download.ensure_model(size, args.weights_dir, args.base_url))
-    elif Path(name).expanduser().is_dir():
-        target = str(Path(name).expanduser())
-    elif name and "/" not in name and (Path(__file__).parent / "models" / name).is_dir():
-        target = name
-    else:
-        raise UsageError(
-            f"unknown model {name!r}: expected a GPT-2 size ({', '.join(download.SIZES)}), "
-            "a bundled model name or a model folder"
-        )
-    import picogpt
-    from picogpt.checkpoint import CheckpointError
+    """--model as `picogpt.resolve` reads it (a folder, a GPT-2 size downloaded when missing, or a
+    bundled model name), loaded; a name that names nothing is a usage error."""
+    from picogpt import loading
 
     try:
-        return picogpt.load(target)
-    except (CheckpointError, OSError, ValueError, KeyError) as e:  # a damaged or foreign folder
-        raise download.DownloadError(f"cannot load model {name!r} from {target}: {e}") from None
+        return loading.load(args.model, args.weights_dir, getattr(args, "base_url", None))
+    except UnknownModelError as e:
+        raise UsageError(str(e)) from e
 
 
 def _sampling(args):
@@ -260,20 +264,30 @@ def _sampling(args):
 
 # --- generate -------------------------------------------------------------------------------------
 
+PROMPT_LIMIT = 16 * files.MB  # far more than any context holds
+EVAL_LIMIT = 256 * files.MB  # minutes of tokenizing; larger texts are better sampled
+
+
+def _read_text_file(path, limit=EVAL_LIMIT, what="file"):
+    """A UTF-8 text file the user named, bounded; any problem is a usage error naming it."""
+    try:
+        return files.read_text(path, limit, what, error=UsageError)
+    except UsageError as e:
+        raise UsageError(str(e)) from None
+
+
 def _read_prompt(args):
     if args.prompt_file is not None:
         if args.prompt is not None:
             raise UsageError("give either PROMPT or --prompt-file, not both")
-        try:
-            return Path(args.prompt_file).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise UsageError(f"prompt file {args.prompt_file} does not exist") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read prompt file {args.prompt_file}: {e}") from None
+        return _read_text_file(args.prompt_file, PROMPT_LIMIT, "prompt file")
     if args.prompt is None:
         raise UsageError("give a PROMPT to continue (or - to read it from stdin)")
     if args.prompt == "-":
-        return sys.stdin.read()
+        data = sys.stdin.buffer.read(PROMPT_LIMIT + 1)
+        if len(data) > PROMPT_LIMIT:
+            raise UsageError(f"the prompt on stdin is more than {PROMPT_LIMIT // files.MB} MB")
+        return files.decode_utf8(data, "stdin", "the prompt", error=UsageError)
     return args.prompt
 
 
@@ -437,73 +451,42 @@ def _download(args):
 # --- eval -----------------------------------------------------------------------------------------
 
 def _eval(args):
-    import numpy as np
-
-    try:
-        text = Path(args.file).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"file {args.file} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {args.file}: {e}") from None
+    text = _read_text_file(args.file)
     model = _open_model(args)
+    progress = _EvalProgress() if sys.stderr.isatty() else None
     try:
-        ids = model.encode(text)
-    except ValueError as e:  # characters a char-level model has never seen
+        score = model.log_likelihood(text, stride=args.stride, progress=progress)
+    except ValueError as e:  # characters a char-level model has never seen; a text too short
         raise UsageError(f"{args.file}: {e}") from None
-    # GPT-2 begins texts after <|endoftext|>: with it as context, every token of the file is scored.
-    eot = _eot_id(model)
-    if eot is not None:
-        ids = [eot, *ids]
-        n_bytes = len(text.encode("utf-8"))
-    else:  # the first token has no context and is not scored
-        n_bytes = len(model.decode(ids[1:]).encode("utf-8"))
-    if len(ids) < 2:
-        raise UsageError(f"{args.file} is too short to evaluate (it needs at least 2 tokens)")
-    window = model.hparams["n_ctx"]
-    stride = min(args.stride or max(window // 2, 1), window - 1) or 1
-    total = len(ids) - 1  # tokens scored
-
-    progress = sys.stderr.isatty()
-    nll = 0.0
-    scored = 1  # ids[scored] is the next token to score
-    begin = 0
-    t0 = shown = time.monotonic()
-    while scored < len(ids):
-        end = min(begin + window, len(ids))
-        logits = np.asarray(model.logits(ids[begin:end]), dtype=np.float64)  # [end-begin, V]
-        rows = logits[scored - 1 - begin:end - 1 - begin]  # predictions of ids[scored:end]
-        peak = rows.max(axis=1)
-        log_z = peak + np.log(np.exp(rows - peak[:, None]).sum(axis=1))
-        nll += float((log_z - rows[np.arange(len(rows)), ids[scored:end]]).sum())
-        scored = end
-        begin = max(0, min(end + stride, len(ids)) - window)
-        if progress and (time.monotonic() - shown > 0.1 or scored == len(ids)):
-            shown = time.monotonic()
-            done = scored - 1
-            rate = done / max(time.monotonic() - t0, 1e-9)
-            sys.stderr.write(f"\reval: {done}/{total} tokens  {nll / done:.4f} nats/token  "
-                             f"{rate:.0f} tokens/s\x1b[K")
-            sys.stderr.flush()
     if progress:
-        sys.stderr.write("\n")
-
-    ce = nll / total
-    print(f"file:          {args.file} ({n_bytes} bytes, {total} tokens scored; "
-          f"window {window}, stride {stride})")
+        progress.close()
+    print(f"file:          {args.file} ({score.n_bytes} bytes, {score.tokens} tokens scored; "
+          f"window {score.window}, stride {score.stride})")
     print(f"model:         {args.model}")
-    print(f"cross-entropy: {ce:.4f} nats/token")
-    print(f"perplexity:    {math.exp(ce):.4f}")
-    print(f"bits per byte: {nll / math.log(2) / n_bytes:.4f}")
+    print(f"cross-entropy: {score.cross_entropy:.4f} nats/token")
+    print(f"perplexity:    {score.perplexity:.4f}")
+    print(f"bits per byte: {score.bits_per_byte:.4f}")
     return 0
 
 
-def _eot_id(model):
-    """The id of <|endoftext|> (GPT-2), or None (character-level models have none)."""
-    for owner in (getattr(model, "tokenizer", None), model):
-        eot = getattr(owner, "eot_id", None)
-        if eot is not None:
-            return eot
-    return None
+class _EvalProgress:
+    """The eval progress line, redrawn at most ten times a second."""
+
+    def __init__(self):
+        self.t0 = self.shown = time.monotonic()
+
+    def __call__(self, done, total, nll):
+        now = time.monotonic()
+        if now - self.shown < 0.1 and done < total:
+            return
+        self.shown = now
+        rate = done / max(now - self.t0, 1e-9)
+        sys.stderr.write(f"\reval: {done}/{total} tokens  {nll / done:.4f} nats/token  "
+                         f"{rate:.0f} tokens/s\x1b[K")
+        sys.stderr.flush()
+
+    def close(self):
+        sys.stderr.write("\n")
 
 
 # --- train ----------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from picogpt.errors import DownloadError, ModelNotFoundError
+
 # OpenAI's folder names, and the HuggingFace-style names people also use for them.
 SIZES = ("124M", "355M", "774M", "1558M")
 ALIASES = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
@@ -61,14 +63,6 @@ def weights_dir(override=None):
 def base_url(override=None):
     """--base-url, else $PICOGPT_BASE_URL, else OpenAI's public bucket."""
     return (override or os.environ.get("PICOGPT_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-
-
-class DownloadError(Exception):
-    """Fetching a model failed: HTTP error, truncated or corrupted transfer, no network."""
-
-
-class ModelNotFoundError(DownloadError, FileNotFoundError):
-    """A named GPT-2 size is not on disk and could not be fetched."""
 
 
 class _Retry(Exception):

@@ -21,8 +21,10 @@ def candidates(logits, temperature=1.0, top_k=None, top_p=None):
     keep = np.arange(n)
     if top_k and top_k < n:
         keep = np.argpartition(-logits, top_k - 1)[:top_k]
-    scaled = logits[keep] / temperature
-    p = np.exp(scaled - scaled.max())
+    kept = logits[keep]
+    # Shift before dividing: a tiny temperature then sends the others to -inf (probability 0)
+    # instead of every logit to inf (NaN probabilities).
+    p = np.exp((kept - kept.max()) / temperature)
     p /= p.sum()
     if top_p is not None and top_p < 1:
         order = np.argsort(-p, kind="stable")

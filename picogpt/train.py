@@ -30,6 +30,7 @@ import numpy as np
 
 from picogpt import checkpoint, model
 from picogpt.chars import CharTokenizer
+from picogpt.errors import TrainingError
 from picogpt.model import GELU_C, LN_EPS, causal_mask
 
 GELU_A = 0.044715
@@ -390,10 +391,6 @@ def get_batch(data, block_size, batch_size, rng):
 
 
 # --- training ------------------------------------------------------------------------------------
-
-
-class TrainingError(Exception):
-    """Training cannot start or continue: bad text, a bad configuration, an unusable --out."""
 
 
 class Trainer:

@@ -152,5 +152,6 @@ def test_folder_errors(tmp_path):
         picogpt.load(tmp_path)
     shutil.copytree(TINY, tmp_path / "m")
     (tmp_path / "m" / "encoder.json").unlink()
-    with pytest.raises(FileNotFoundError, match="encoder.json"):
+    with pytest.raises(picogpt.ModelError, match="encoder.json") as e:
         picogpt.load(tmp_path / "m")
+    assert isinstance(e.value.__cause__, FileNotFoundError)  # the cause is chained

@@ -279,8 +279,8 @@ def test_eval_of_a_long_file_slides_the_window(ready_env, tmp_path):
     n_ctx = model.hparams["n_ctx"]
     ids = [EOT, *model.encode(path.read_text(encoding="utf-8"))]
     assert len(ids) > 2 * n_ctx
-    # With stride 1 every token is predicted from the n_ctx - 1 tokens before it.
-    nll = [-_log_softmax(model.logits(ids[max(0, t - n_ctx + 1):t]))[-1, ids[t]]
+    # With stride 1 every token is predicted from the n_ctx tokens before it (a full context).
+    nll = [-_log_softmax(model.logits(ids[max(0, t - n_ctx):t]))[-1, ids[t]]
            for t in range(1, len(ids))]
     _, got = _eval(path, ready_env, "--stride", "1")
     assert math.isclose(got["cross-entropy"], sum(nll) / len(nll), rel_tol=1e-4)
