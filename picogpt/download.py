@@ -301,7 +301,12 @@ def _read_only(folder, size, e):
 # --- one file -------------------------------------------------------------------------------------
 
 class _Retry(Exception):
-    """A transient failure (5xx, dropped connection, short body, stall): try again."""
+    """A transient failure (5xx, dropped connection, short body, stall): try again. A stalled
+    attempt brings too little to count as progress, whatever it brought."""
+
+    def __init__(self, message, stalled=False):
+        super().__init__(message)
+        self.stalled = stalled
 
 
 class _Offline(Exception):
@@ -345,12 +350,13 @@ def _fetch(session, url, dest, limit, source, limits):
             digest = _fetch_once(session, url, part, limit, source, limits)
             break
         except _Retry as e:
-            error = str(e)
+            error, stalled = str(e), e.stalled
+        limits.check_deadline(dest.name, part)
         now = part.stat().st_size if part.exists() else 0
-        if now > best:
+        if now > best and not stalled:
             best, stuck = now, 0
         else:
-            stuck += 1
+            best, stuck = max(best, now), stuck + 1
         limits.failures += 1
         if stuck > limits.retries:
             raise DownloadError(f"giving up on {url} after {stuck} attempts in a row that "
@@ -492,7 +498,8 @@ def _stream(r, part, start, total, limit, decode, limits):
                 if window_bytes >= STALL_BYTES:
                     window_start, window_bytes = now, 0
                 elif now - window_start > limits.stall:
-                    raise _Retry(f"stalled ({window_bytes} bytes in {limits.stall:g} s)")
+                    raise _Retry(f"stalled ({window_bytes} bytes in {limits.stall:g} s)",
+                                 stalled=True)
                 if now > limits.end:
                     break  # _fetch reports the deadline
         finally:
