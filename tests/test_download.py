@@ -519,22 +519,27 @@ REPO = "openai-community/gpt2"
 
 @pytest.fixture(scope="module")
 def hub_files():
-    """The fixture model in the hub's layout, its weights written by transformers."""
-    import tempfile
-
-    from _reference import hf_model
+    """The fixture model in the hub's layout: HF's names and shapes, written by safetensors."""
+    import numpy as np
+    from _reference import hf_names
 
     from picogpt import checkpoint
 
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
     hparams = json.loads((FIXTURE / "hparams.json").read_text())
-    hf, _ = hf_model(checkpoint.read(FIXTURE), hparams)
-    with tempfile.TemporaryDirectory() as out:
-        hf.save_pretrained(out, safe_serialization=True)
-        result = {name: (Path(out) / name).read_bytes()
-                  for name in ("config.json", "model.safetensors")}
-    result["vocab.json"] = (FIXTURE / "encoder.json").read_bytes()
-    result["merges.txt"] = (FIXTURE / "vocab.bpe").read_bytes()
-    return result
+    params = checkpoint.read(FIXTURE)
+    tensors = {hf: np.ascontiguousarray(params[tf][0] if params[tf].ndim == 3 else params[tf])
+               for tf, hf in hf_names(hparams["n_layer"]).items()}
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+              "vocab_size": hparams["n_vocab"], "n_positions": hparams["n_ctx"],
+              "n_embd": hparams["n_embd"], "n_layer": hparams["n_layer"],
+              "n_head": hparams["n_head"], "activation_function": "gelu_new",
+              "layer_norm_epsilon": 1e-05, "bos_token_id": hparams["n_vocab"] - 1,
+              "eos_token_id": hparams["n_vocab"] - 1}
+    return {"config.json": json.dumps(config, indent=2).encode(),
+            "model.safetensors": safetensors_numpy.save(tensors, metadata={"format": "pt"}),
+            "vocab.json": (FIXTURE / "encoder.json").read_bytes(),
+            "merges.txt": (FIXTURE / "vocab.bpe").read_bytes()}
 
 
 @pytest.fixture
@@ -667,3 +672,94 @@ def test_a_folder_holds_one_model(server, hub, tmp_path):
     with pytest.raises(dl.DownloadError, match="holds one model"):
         dl.download("124M", tmp_path, hub.url, source="huggingface", **FAST)
     assert len(hub.requests) == n
+
+
+# --- through the command line: one line, exit 2 for bad arguments, 1 for failures -----------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def picogpt_cmd(*args, tmp_path, timeout=60, **env):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PICOGPT_WEIGHTS=str(tmp_path / "weights"),
+               NO_PROXY="127.0.0.1", **env)
+    for key in ("PICOGPT_SOURCE", "PICOGPT_BASE_URL"):
+        if key not in env or env[key] is None:
+            env.pop(key, None)
+    return subprocess.run([sys.executable, "-m", "picogpt", *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line(out, status, prefix="picogpt: "):
+    assert out.returncode == status, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().split("\n")[-1]
+    assert last.startswith(prefix), out.stderr
+    return last
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/x", "127.0.0.1:1/x", "http://[::1/x",
+                                 "http://127.0.0.1:99999"])
+@pytest.mark.parametrize("command", [["download", "124M"], ["Hello"], ["chat"],
+                                     ["eval", "text.txt"]])
+def test_cli_a_bad_base_url_is_exit_2(command, url, tmp_path, capsys, monkeypatch):
+    from picogpt import cli
+
+    monkeypatch.setenv("PICOGPT_WEIGHTS", str(tmp_path / "weights"))
+    (tmp_path / "text.txt").write_text("Hello there")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli.main([*command, "--base-url", url])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("picogpt: error: argument --base-url: not an http(s) URL")
+    assert err.count("\n") == 1 and url in err
+    assert not (tmp_path / "weights").exists()
+
+
+def test_cli_a_bad_base_url_is_exit_2_from_the_installed_command(tmp_path):
+    out = picogpt_cmd("download", "124M", "--base-url", "http://[::1/x", tmp_path=tmp_path)
+    assert_one_line(out, 2, "picogpt: error: argument --base-url: not an http(s) URL")
+
+
+def test_cli_a_bad_base_url_or_source_in_the_environment_is_exit_2(tmp_path):
+    out = picogpt_cmd("download", "124M", tmp_path=tmp_path, PICOGPT_BASE_URL="ftp://x/y")
+    assert "$PICOGPT_BASE_URL" in assert_one_line(out, 2, "picogpt: error: ")
+    out = picogpt_cmd("Hello", tmp_path=tmp_path, PICOGPT_SOURCE="s3")
+    assert "$PICOGPT_SOURCE" in assert_one_line(out, 2, "picogpt: error: ")
+    out = picogpt_cmd("download", "124M", "--source", "github", tmp_path=tmp_path)
+    assert "expected one of openai, huggingface" in assert_one_line(out, 2, "picogpt: error: ")
+
+
+@pytest.mark.parametrize("fault", [("length", 10**15), ("loop",), ("dup-length",)])
+def test_cli_a_misbehaving_mirror_is_exit_1(server, tmp_path, fault):
+    server.always[DATA] = fault
+    out = picogpt_cmd("download", "124M", "--base-url", server.url, tmp_path=tmp_path)
+    assert DATA in assert_one_line(out, 1)
+
+
+def test_cli_a_folder_that_cannot_be_written_is_exit_1(server, immutable):
+    out = picogpt_cmd("Hello", "--base-url", server.url, tmp_path=immutable.parents[1])
+    assert "cannot write in" in assert_one_line(out, 1)
+
+
+def test_cli_downloads_from_the_hub(hub, tmp_path):
+    out = picogpt_cmd("download", "gpt2", "--source", "huggingface", "--base-url", hub.url,
+                      tmp_path=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"from {hub.url}/{REPO}/" in out.stderr
+    assert_hub_complete(hub, tmp_path / "weights" / "124M")
+
+
+def test_cli_offline_suggests_the_hub(tmp_path):
+    out = picogpt_cmd("Hello", "--base-url", closed_port_url(), tmp_path=tmp_path)
+    assert "--source huggingface" in assert_one_line(out, 1, "Or fetch it from the HuggingFace")
+
+
+def test_resolve_passes_the_source_through(hub, tmp_path):
+    import picogpt
+
+    # The hub here serves only gpt2: gpt2-medium is asked for where the hub keeps it, and is a 404.
+    with pytest.raises(dl.DownloadError, match=f"{REPO}-medium/resolve/main/config.json does not"):
+        picogpt.resolve("gpt2-medium", tmp_path, hub.url, source="huggingface")
+    assert picogpt.resolve("gpt2", tmp_path, hub.url, source="huggingface") == tmp_path / "124M"
+    assert_hub_complete(hub, tmp_path / "124M")
