@@ -225,9 +225,11 @@ class HubServer(FaultyServer):
 
     LFS = ("model.safetensors",)
 
-    def __init__(self, repos):
-        """`repos`: {repo: {file name: bytes}}."""
+    def __init__(self, repos, renamed=None):
+        """`repos`: {repo: {file name: bytes}}; `renamed`: {old repo: repo}, redirected there
+        as the hub redirects a renamed repository."""
         super().__init__()
+        self.renamed = renamed or {}
         self.cdn = FaultyServer()
         self.cdn.faults, self.cdn.always, self.cdn._lock = self.faults, self.always, self._lock
         self.cdn.requests, self.cdn.headers_seen = self.requests, self.headers_seen
@@ -249,6 +251,9 @@ class HubServer(FaultyServer):
         return self._names.get(path, path.rsplit("/", 1)[-1])
 
     def route(self, path):
+        for old, new in self.renamed.items():
+            if path.startswith(f"/{old}/"):
+                return "redirect", f"/{new}/{path[len(old) + 2:]}", {}
         data = self.files.get(path)
         if data is None:
             return None

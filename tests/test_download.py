@@ -627,6 +627,29 @@ def test_no_announced_digest_is_said(hub, tmp_path, capsys):
     assert "announced no sha256" in capsys.readouterr().err
 
 
+def test_a_renamed_repository_is_followed_and_still_verified(hub_files, tmp_path):
+    with HubServer({"new-owner/gpt2": dict(hub_files)}, renamed={REPO: "new-owner/gpt2"}) as s:
+        s.add_fault("vocab.json", ("corrupt", 10))
+        with pytest.raises(dl.DownloadError, match="vocab.json .* git-sha1"):  # its id was found
+            dl.download("124M", tmp_path, s.url, source="huggingface", **FAST)
+        s.redirect_faults["model.safetensors"] = ("digest", "cd" * 32)
+        with pytest.raises(dl.DownloadError, match="expected cdcd"):  # the sha256 was found
+            dl.download("124M", tmp_path, s.url, source="huggingface", **FAST)
+        del s.redirect_faults["model.safetensors"]
+        folder = dl.download("124M", tmp_path, s.url, source="huggingface", **FAST)
+        assert dl.verified_source(folder) == "huggingface"
+        assert (folder / "model.safetensors").read_bytes() == hub_files["model.safetensors"]
+
+
+def test_hub_files_placed_by_hand_are_used_whatever_the_source(hub_files, tmp_path):
+    folder = tmp_path / "124M"
+    folder.mkdir()
+    for name, data in hub_files.items():
+        (folder / name).write_bytes(data)
+    assert dl.ensure_model("124M", tmp_path, closed_port_url()) == folder  # default: openai
+    assert dl.verified_source(folder) == "huggingface"
+
+
 def test_a_redirect_loop_at_the_hub_is_one_error(hub, tmp_path):
     hub.redirect_faults["model.safetensors"] = ("loop",)
     with pytest.raises(dl.DownloadError, match="more than 10 redirects"):
