@@ -7,6 +7,7 @@ Bad input gets a one-line message and exit status 2; failures that are not the u
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -33,8 +34,9 @@ gpt2-xl), a bundled model name (shakespeare-char), or the path of a model folder
 
 weights folder, where sizes are downloaded to and looked for: --weights-dir, else $PICOGPT_WEIGHTS,
 else ./weights when it exists in the current directory, else ~/.cache/picogpt. A model lives in
-<folder>/<size>/; files placed there by hand are used as they are. --base-url (or
-$PICOGPT_BASE_URL) replaces OpenAI's download address.
+<folder>/<size>/; files placed there by hand are used as they are. --source huggingface (or
+$PICOGPT_SOURCE) fetches sizes from the HuggingFace hub instead of OpenAI; --base-url (or
+$PICOGPT_BASE_URL) replaces the download address.
 """
 
 CHAT_PREAMBLE = (
@@ -115,11 +117,39 @@ def _temperature(value):
 _top_p = _in_range(0, 1, low_open=True)
 
 
+def _base_url(value):
+    """An http(s) URL with a host and a valid port (what --base-url and $PICOGPT_BASE_URL
+    replace the download address with)."""
+    try:
+        return download.check_base_url(value)
+    except download.DownloadError as e:
+        raise argparse.ArgumentTypeError(f"{e} (--base-url or $PICOGPT_BASE_URL)") from None
+
+
+def _source(value):
+    if value not in download.SOURCES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(download.SOURCES)} "
+                                         f"(--source or $PICOGPT_SOURCE), got {value!r}")
+    return value
+
+
+def _add_download_options(p):
+    """--base-url and --source, for every command that may download a GPT-2 size. Their
+    environment variables are the defaults, checked like the options."""
+    p.add_argument("--base-url", metavar="URL", type=_base_url,
+                   default=os.environ.get("PICOGPT_BASE_URL") or None,
+                   help="download from here instead of the source's own address")
+    p.add_argument("--source", metavar="{openai,huggingface}", type=_source,
+                   default=os.environ.get("PICOGPT_SOURCE") or None,
+                   help="where GPT-2 sizes are downloaded from: OpenAI (the default) or the "
+                        "HuggingFace hub ($PICOGPT_SOURCE)")
+
+
 def _add_model_options(p, default="124M"):
     p.add_argument("--model", "-m", default=default,
                    help=f"GPT-2 size, bundled model name or model folder (default {default})")
     p.add_argument("--weights-dir", metavar="DIR", help="where GPT-2 sizes are downloaded to")
-    p.add_argument("--base-url", metavar="URL", help="download from here instead of OpenAI")
+    _add_download_options(p)
 
 
 def _add_sampling_options(p, n, temperature=1.0, unit="sample"):
@@ -185,13 +215,14 @@ def build_parser():
     _add_model_options(c)
 
     d = sub.add_parser("download", prog="picogpt download", help="fetch a GPT-2 size ahead of time",
-                       description="Download OpenAI's files for a GPT-2 size (resumable), verify "
-                                   "the checkpoint and keep it in the weights folder.",
+                       description="Download a GPT-2 size (resumable) from OpenAI, or with "
+                                   "--source huggingface from the HuggingFace hub, verify it and "
+                                   "keep it in the weights folder.",
                        epilog="example: picogpt download 355M --weights-dir ~/models")
     d.add_argument("size", metavar="SIZE", help="124M, 355M, 774M, 1558M (or gpt2, gpt2-medium, "
                                                 "gpt2-large, gpt2-xl)")
     d.add_argument("--weights-dir", metavar="DIR", help="download into DIR/SIZE")
-    d.add_argument("--base-url", metavar="URL", help="download from here instead of OpenAI")
+    _add_download_options(d)
 
     e = sub.add_parser(
         "eval", prog="picogpt eval", help="measure how well a model predicts a text file",
@@ -254,7 +285,8 @@ def _open_model(args):
     from picogpt import loading
 
     try:
-        return loading.load(args.model, args.weights_dir, getattr(args, "base_url", None))
+        return loading.load(args.model, args.weights_dir, getattr(args, "base_url", None),
+                            source=getattr(args, "source", None))
     except UnknownModelError as e:
         raise UsageError(str(e)) from e
 
@@ -444,7 +476,7 @@ def _download(args):
     if size is None:
         raise UsageError(f"unknown GPT-2 size {args.size!r}: expected one of "
                          f"{', '.join(download.SIZES)} (or {', '.join(download.ALIASES)})")
-    folder = download.download(size, args.weights_dir, args.base_url)
+    folder = download.download(size, args.weights_dir, args.base_url, source=args.source)
     print(f"GPT-2 {size} is ready in {folder}", file=sys.stderr)
     return 0
 
