@@ -52,6 +52,10 @@ class UsageError(PicogptError):
 
 
 class Parser(argparse.ArgumentParser):
+    def _print_message(self, message, file=None):  # argparse ignores a failed write: we do not
+        if message:
+            (file or sys.stderr).write(message)
+
     def error(self, message):  # one line instead of argparse's usage + error
         command = self.prog.replace(" [generate]", "")
         print(f"picogpt: error: {message} (see {command} --help)", file=sys.stderr)
@@ -247,13 +251,22 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     _tolerant_stdout()
     try:
-        return _main(argv)
+        try:
+            return _main(argv)
+        finally:
+            if sys.stdout is not None:  # a full device under stdout fails here, not at exit
+                sys.stdout.flush()
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `picogpt ... | head`: the reader left; not an error of ours
         _silence_stdout()
         return 0
+    except OSError as e:  # `picogpt ... > /dev/full`: errors about files are PicogptErrors
+        _silence_stdout()  # else Python's own flush at exit fails again, with a traceback
+        where = e.filename or "cannot write the output"
+        print(f"picogpt: error: {where}: {e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 def _main(argv):

@@ -13,6 +13,7 @@ an 8 GB laptop. The embeddings, biases and LayerNorm parameters stay as they are
 import math
 import mmap
 import os
+import re
 
 import numpy as np
 
@@ -208,27 +209,64 @@ class KVCache:
         return new
 
 
+HPARAMS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
+
+
+def check_hparams(hparams):
+    """Raise ValueError unless `hparams` gives GPT-2's five sizes as positive integers, with
+    n_embd a multiple of n_head."""
+    for key in HPARAMS:
+        if key not in hparams:
+            raise ValueError(f"{key} is missing")
+        value = hparams[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if hparams["n_embd"] % hparams["n_head"]:
+        raise ValueError(f"n_embd {hparams['n_embd']} is not divisible by n_head "
+                         f"{hparams['n_head']}")
+
+
+def check_params(params, hparams):
+    """Raise ValueError unless `params` are exactly the float32 tensors `hparams` describe.
+
+    Nothing is built from hparams before it is compared with the tensors: n_layer is checked
+    against the layers the names show first, so the table of shapes is never longer than the
+    checkpoint, and every other size is a tensor's shape the file holds."""
+    check_hparams(hparams)
+    layers = {m.group(1) for m in map(_LAYER.match, params) if m}
+    if hparams["n_layer"] != len(layers):
+        raise ValueError(f"n_layer is {hparams['n_layer']} but the checkpoint's tensors are those "
+                         f"of {len(layers)} layer(s)")
+    expected = param_shapes(hparams)
+    for name, shape in expected.items():
+        if name not in params:
+            raise ValueError(f"the checkpoint has no tensor {name!r}")
+        if tuple(params[name].shape) != shape:
+            raise ValueError(f"tensor {name!r} has shape {tuple(params[name].shape)}; these "
+                             f"hparams need {shape}")
+        if params[name].dtype != np.float32:
+            raise ValueError(f"tensor {name!r} is {params[name].dtype}, expected float32")
+    extra = sorted(set(params) - expected.keys())
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        shown = ", ".join(map(repr, extra[:3])) + more
+        raise ValueError(f"the checkpoint has {len(extra)} tensor(s) that GPT-2 with these "
+                         f"hparams does not use: {shown}")
+
+
+_LAYER = re.compile(r"model/h(\d+)/")
+
+
 class GPT:
     """GPT-2 over a params dict; `forward` runs new tokens through it, extending a KV cache."""
 
     def __init__(self, params, hparams):
         self.hparams = dict(hparams)
-        for key in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"):
-            if not isinstance(self.hparams.get(key), int) or self.hparams[key] <= 0:
-                raise ValueError(f"hparams: {key} must be a positive integer")
+        check_params(params, self.hparams)
         self.n_ctx, self.n_head = self.hparams["n_ctx"], self.hparams["n_head"]
         n_embd, n_layer = self.hparams["n_embd"], self.hparams["n_layer"]
-        if n_embd % self.n_head:
-            raise ValueError(f"hparams: n_embd {n_embd} is not divisible by n_head {self.n_head}")
         self.head_dim = n_embd // self.n_head
         expected = param_shapes(self.hparams)
-        for name, shape in expected.items():
-            if name not in params:
-                raise ValueError(f"the checkpoint has no tensor {name!r}")
-            if tuple(params[name].shape) != shape:
-                raise ValueError(f"tensor {name!r}: shape {params[name].shape}, expected {shape}")
-            if params[name].dtype != np.float32:
-                raise ValueError(f"tensor {name!r} is {params[name].dtype}, expected float32")
 
         matrices = [name for name in expected if name.startswith("model/h") and name.endswith("/w")]
         ram = physical_memory()
