@@ -10,7 +10,7 @@ from pathlib import Path
 from picogpt import checkpoint, download, files
 from picogpt.api import Model
 from picogpt.errors import ModelError, PicogptError, UnknownModelError
-from picogpt.model import GPT
+from picogpt.model import GPT, check_hparams, check_params
 
 BUNDLED = Path(__file__).parent / "models"
 HPARAMS_LIMIT = 1 << 16  # bytes: a few integers
@@ -53,30 +53,52 @@ def load(name="124M", weights_dir=None, base_url=None, source=None):
 
 
 def load_folder(folder):
-    """A Model from a model folder."""
+    """A Model from a model folder. Everything is checked before anything is built from it: the
+    hparams against the checkpoint's own tensors, the tokenizer against the vocabulary size.
+    Anything wrong is a ModelError naming the folder or the file, the cause chained."""
     folder = Path(folder)
     try:
         hparams = read_hparams(folder)
+        params = checkpoint.read(folder)
+        try:
+            check_params(params, hparams)
+        except ValueError as e:
+            raise ModelError(f"{folder}: hparams.json does not fit the checkpoint: {e}") from e
         tokenizer = read_tokenizer(folder)
-        gpt = GPT(checkpoint.read(folder), hparams)
+        check_tokenizer(tokenizer, hparams["n_vocab"], folder)
+        gpt = GPT(params, hparams)
     except ModelError:
         raise
     except (PicogptError, OSError, ValueError) as e:
         raise ModelError(f"{folder}: {e}") from e
-    if tokenizer.n_vocab > hparams["n_vocab"]:
-        raise ModelError(f"{folder}: the tokenizer has {tokenizer.n_vocab} tokens, "
-                         f"the model only {hparams['n_vocab']}")
     return Model(gpt, tokenizer, folder)
 
 
 def read_hparams(folder):
+    """hparams.json of a model folder: a JSON object with GPT-2's five positive sizes."""
     path = Path(folder) / "hparams.json"
     if not path.exists():
         raise ModelError(f"{folder}: not a model folder (no hparams.json)")
     hparams = files.load_json(path, HPARAMS_LIMIT, "hparams.json", error=ModelError)
     if not isinstance(hparams, dict):
         raise ModelError(f"{path}: expected a JSON object")
+    try:
+        check_hparams(hparams)
+    except ValueError as e:
+        raise ModelError(f"{path}: {e}") from e
     return hparams
+
+
+def check_tokenizer(tokenizer, n_vocab, folder):
+    """A tokenizer must have a token for every id the model can produce, and no more: one that
+    is smaller fails mid-stream on the first id it lacks, one that is larger on its first use."""
+    if tokenizer.n_vocab == n_vocab:
+        return
+    source = getattr(tokenizer, "path", None) or folder
+    encoder = getattr(tokenizer, "encoder", None)  # a BPE's token -> id
+    hint = " (no <|endoftext|>)" if encoder is not None and "<|endoftext|>" not in encoder else ""
+    raise ModelError(f"{source}: {tokenizer.n_vocab} tokens{hint}, but the model's vocabulary "
+                     f"(n_vocab in hparams.json, the rows of model/wte) has {n_vocab}")
 
 
 def read_tokenizer(folder):
