@@ -686,8 +686,9 @@ def _is_verified(folder):
 
 def _verify(folder, source, downloaded, record=True):
     """Check the folder's files as their layout allows: JSON files parse, GPT-2's tokenizer has
-    its pinned digests, OpenAI's checkpoint its CRC32Cs (the hub's weights were checked against
-    the announced sha256 as they arrived); record success. Files that arrived in this download and
+    its pinned digests, OpenAI's checkpoint its CRC32Cs, the hub's safetensors header describes
+    the file (its bytes were checked against the announced sha256 as they arrived); record
+    success. Files that arrived in this download and
     fail are removed (never loaded); files placed by hand are left alone."""
     needed = LAYOUTS[source][1]
     if not _all_present(folder, needed):
@@ -705,9 +706,12 @@ def _verify(folder, source, downloaded, record=True):
             _check_pinned(folder, ("encoder.json", "vocab.bpe"), n_vocab)
             verify(folder)
         else:
+            from picogpt.safetensors import read_header
+
             n_vocab = _json_field(folder / "config.json", "vocab_size")
             files.load_json(folder / "vocab.json", MAX_BYTES["vocab.json"])
             _check_pinned(folder, ("vocab.json", "merges.txt"), n_vocab)
+            read_header(folder / "model.safetensors")  # every tensor inside the file
     except (PicogptError, OSError, ValueError) as e:
         removed = [f for f in downloaded if (folder / f).exists()]
         for f in removed:

@@ -221,7 +221,8 @@ class HubServer(FaultyServer):
     sha256 in X-Linked-Etag and ETag and its size in X-Linked-Size; the CDN serves
     `/blobs/{sha256}` with Range and an ETag of its own. Faults by file name apply where the
     body is served (the CDN for large files); `redirect_faults[name]` changes the hub's redirect:
-    ("digest", hex) announces another sha256, ("no-digest",) none, ("loop",) a redirect loop."""
+    ("digest", hex) announces another sha256, ("no-digest",) neither sha256 nor size (no
+    X-Linked-Etag, ETag, X-Linked-Size), ("loop",) a redirect loop."""
 
     LFS = ("model.safetensors",)
 
@@ -263,9 +264,10 @@ class HubServer(FaultyServer):
         sha = hashlib.sha256(data).hexdigest()
         fault = self.redirect_faults.get(name, ("none",))
         announced = fault[1] if fault[0] == "digest" else sha
-        headers = {"X-Repo-Commit": "0" * 40, "X-Linked-Size": str(len(data))}
+        headers = {"X-Repo-Commit": "0" * 40}
         if fault[0] != "no-digest":
-            headers.update({"X-Linked-Etag": f'"{announced}"', "ETag": f'"{announced}"'})
+            headers.update({"X-Linked-Etag": f'"{announced}"', "ETag": f'"{announced}"',
+                            "X-Linked-Size": str(len(data))})
         if fault[0] == "loop":
             return "redirect", f"{self.url}{path}", headers
         return "redirect", f"{self.cdn.url}/blobs/{sha}", headers

@@ -650,6 +650,24 @@ def test_hub_files_placed_by_hand_are_used_whatever_the_source(hub_files, tmp_pa
     assert dl.verified_source(folder) == "huggingface"
 
 
+def test_weights_of_another_size_than_announced_are_refused(hub, tmp_path):
+    weights = hub_get(hub, "model.safetensors")
+    hub.cdn.files[f"/blobs/{hashlib.sha256(weights).hexdigest()}"] = weights[:-100]
+    with pytest.raises(dl.DownloadError, match=f"announced {len(weights)} bytes .X-Linked-Size"):
+        dl.download("124M", tmp_path, hub.url, source="huggingface", **FAST)
+    assert not (tmp_path / "124M" / "model.safetensors").exists()
+
+
+def test_weights_cut_short_without_a_digest_fail_verification(hub, tmp_path):
+    hub.redirect_faults["model.safetensors"] = ("no-digest",)
+    weights = hub_get(hub, "model.safetensors")
+    hub.cdn.files[f"/blobs/{hashlib.sha256(weights).hexdigest()}"] = weights[:-100]
+    with pytest.raises(dl.DownloadError, match="failed verification: .*model.safetensors"):
+        dl.download("124M", tmp_path, hub.url, source="huggingface", **FAST)
+    assert not (tmp_path / "124M" / "model.safetensors").exists()
+    assert not dl.verified_source(tmp_path / "124M")
+
+
 def test_a_redirect_loop_at_the_hub_is_one_error(hub, tmp_path):
     hub.redirect_faults["model.safetensors"] = ("loop",)
     with pytest.raises(dl.DownloadError, match="more than 10 redirects"):
