@@ -16,6 +16,7 @@ from picogpt import download as dl
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gpt2-tiny"
 DATA = "model.ckpt.data-00000-of-00001"
+MB = 1 << 20
 FAST = dict(progress=False, retries=3, backoff=0.01, timeout=(2, 5))
 
 
@@ -272,6 +273,21 @@ def test_identity_is_asked_for_and_a_gzip_body_is_decoded(server, tmp_path):
     folder = dl.download("124M", tmp_path, server.url, **FAST)
     assert_complete(server, folder)
     assert all(h.get("Accept-Encoding") == "identity" for h in server.headers_seen)
+
+
+def test_a_gzip_bomb_is_refused_without_inflating_it(server, tmp_path):
+    import tracemalloc
+
+    server.files["/124M/hparams.json"] = bytes(64 * MB)  # about 64 kB compressed
+    server.always["hparams.json"] = ("gzip",)
+    tracemalloc.start()
+    try:
+        with pytest.raises(dl.DownloadError, match="sends more than the 65.5 kB such a file"):
+            dl.download("124M", tmp_path, server.url, **FAST)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * MB
 
 
 def test_a_gzip_body_after_a_range_request_starts_the_file_over(server, tmp_path):
