@@ -684,6 +684,25 @@ def test_weights_cut_short_without_a_digest_fail_verification(hub, tmp_path):
     assert not dl.verified_source(tmp_path / "124M")
 
 
+@pytest.mark.slow
+def test_weights_of_gpt2s_real_size_come_through_a_drop(hub_files, tmp_path):
+    import numpy as np
+    from safetensors.numpy import load, save
+
+    n = 548_105_171  # the hub's model.safetensors for gpt2, in bytes
+    tensors = load(hub_files["model.safetensors"])
+    tensors["padding"] = np.zeros((n - len(hub_files["model.safetensors"])) // 4, np.float32)
+    weights = save(tensors)
+    assert abs(len(weights) - n) < 1000
+    with HubServer({REPO: dict(hub_files, **{"model.safetensors": weights})}) as s:
+        s.add_fault("model.safetensors", ("drop", n // 3))
+        folder = dl.download("124M", tmp_path, s.url, source="huggingface", **FAST)
+        ranges = [r for p, r in s.requests if p.startswith("/blobs/")]
+    assert ranges[0] is None and ranges[1].startswith("bytes=")
+    assert (folder / "model.safetensors").stat().st_size == len(weights)
+    assert dl.verified_source(folder) == "huggingface"
+
+
 def test_a_redirect_loop_at_the_hub_is_one_error(hub, tmp_path):
     hub.redirect_faults["model.safetensors"] = ("loop",)
     with pytest.raises(dl.DownloadError, match="more than 10 redirects"):
