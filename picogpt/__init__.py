@@ -7,20 +7,21 @@
         print(piece, end="", flush=True)
 """
 
-from picogpt.api import LogLikelihood, Model
+from picogpt.api import Chunk, Completion, LogLikelihood, Model
 from picogpt.errors import ModelError, PicogptError
 from picogpt.loading import BUNDLED, load, resolve
 
 __version__ = "0.1.0"
-__all__ = ["load", "resolve", "generate", "Model", "LogLikelihood", "BUNDLED",
-           "ModelError", "PicogptError"]
+__all__ = ["load", "resolve", "generate", "Model", "Completion", "Chunk", "LogLikelihood",
+           "BUNDLED", "ModelError", "PicogptError"]
 
 _loaded = {}
 
 
 def generate(prompt, n=40, model="124M", **options):
     """The continuation of `prompt` by `model` (loaded once, then kept); options as
-    Model.generate: temperature, top_k, top_p, seed, stop_at_eos, samples."""
+    Model.generate: temperature, top_k, top_p, seed, stop_at_eos, samples, stop,
+    frequency_penalty, presence_penalty."""
     key = str(model)
     if key not in _loaded:
         _loaded[key] = load(model)

@@ -5,12 +5,14 @@ Bad input gets a one-line message and exit status 2; failures that are not the u
 """
 
 import argparse
+import contextlib
 import math
 import sys
 import time
 from pathlib import Path
 
 from picogpt import download, files
+from picogpt.chat import REPLY_STOP, Conversation
 from picogpt.errors import PicogptError, UnknownModelError
 
 COMMANDS = ("generate", "chat", "download", "eval", "train")
@@ -35,14 +37,6 @@ else ./weights when it exists in the current directory, else ~/.cache/picogpt. A
 <folder>/<size>/; files placed there by hand are used as they are. --base-url (or
 $PICOGPT_BASE_URL) replaces OpenAI's download address.
 """
-
-CHAT_PREAMBLE = (
-    "The following is a conversation between a curious person and a friendly, knowledgeable "
-    "assistant. The assistant answers in a sentence or two.\n\n"
-    "User: Hi! Who are you?\n"
-    "Assistant: Hello! I'm an assistant. Ask me anything and I'll do my best to help.\n"
-)
-
 
 class UsageError(PicogptError):
     """Bad input from the user: reported on one line, exit status 2."""
@@ -318,50 +312,6 @@ def _generate(args):
 
 # --- chat -----------------------------------------------------------------------------------------
 
-class Conversation:
-    """The chat prompt: preamble + the turns so far + the new message, kept within the context.
-
-    Each turn the whole conversation is handed to the model, which reuses its KV cache for the
-    longest prefix it has already seen, so only the new message and the reply cost compute. The
-    prefix stays put (the preamble, then turns that are only ever appended), except when the
-    context is full and the oldest turns are dropped."""
-
-    def __init__(self, model, reply_tokens, preamble=CHAT_PREAMBLE):
-        self.model = model
-        try:
-            model.encode(preamble)
-        except ValueError:  # a character-level model that never saw some of its characters
-            preamble = ""
-        self.preamble = preamble
-        self.turns = []  # (message, reply) pairs, reply as generated (with its leading space)
-        self.budget = model.hparams["n_ctx"] - reply_tokens  # prompt tokens we can afford
-
-    def prompt(self, message):
-        current = f"User: {message}\nAssistant:"
-        while True:
-            history = "".join(f"User: {m}\nAssistant:{r}\n" for m, r in self.turns)
-            text = self.preamble + history + current
-            if len(self.model.encode(text)) <= self.budget:
-                return text
-            if self.turns:
-                self.turns.pop(0)  # forget the oldest turn
-            elif self.preamble:
-                self.preamble = ""  # a tiny context: even the preamble does not fit
-            else:
-                return self._keep_end(current)
-
-    def _keep_end(self, text):
-        """The longest end of `text` that fits the budget (a very long message)."""
-        ids = self.model.encode(text)[-max(self.budget, 1):]
-        text = self.model.decode(ids)
-        while len(self.model.encode(text)) > self.budget and text:
-            text = text[1:]
-        return text
-
-    def add(self, message, reply):
-        self.turns.append((message, reply))
-
-
 def _chat(args):
     model = _open_model(args)
     n_ctx = model.hparams["n_ctx"]
@@ -415,22 +365,15 @@ def _chat(args):
         turn += 1
 
 
-def _reply(model, prompt, out, **options):
-    """Stream the model's turn to `out`, stopping where it ends its line; return it as generated."""
+def _reply(model, prompt, out, stop=(), **options):
+    """Stream the model's turn to `out`, up to where it ends its line (or a `stop` string);
+    return it as generated."""
     reply = ""
-    stream = model.stream(prompt, **options)
-    try:
+    with contextlib.closing(model.stream(prompt, stop=[REPLY_STOP, *stop], **options)) as stream:
         for piece in stream:
-            end = piece.find("\n")  # the reply ends with its line: the next turn is the user's
-            if end >= 0:
-                piece = piece[:end]
             out.write(piece.lstrip() if not reply.strip() else piece)
             out.flush()
             reply += piece
-            if end >= 0:
-                break
-    finally:
-        stream.close()
     out.write("\n" if reply.strip() else "...\n")
     out.flush()
     return reply
