@@ -21,13 +21,13 @@ def bundled_models():
     return sorted(p.name for p in BUNDLED.iterdir() if (p / "hparams.json").is_file())
 
 
-def resolve(name, weights_dir=None, base_url=None):
+def resolve(name, weights_dir=None, base_url=None, source=None):
     """The folder that model `name` names; the only mapping from a name to a folder.
 
     In order: a path that exists is the user's folder (even one called `shakespeare-char`); a
     GPT-2 size or alias (124M, gpt2-medium, ...) is looked for in the weights folder and
-    downloaded there when missing; a bare name is a bundled model. Anything else is an
-    UnknownModelError that lists what names can be."""
+    downloaded there when missing (from `source`, see download.ensure_model); a bare name is a
+    bundled model. Anything else is an UnknownModelError that lists what names can be."""
     text = str(name)
     path = Path(text).expanduser()
     if text and path.exists():
@@ -36,7 +36,7 @@ def resolve(name, weights_dir=None, base_url=None):
         return path
     size = download.canonical_size(text)
     if size:
-        return download.ensure_model(size, weights_dir, base_url)
+        return download.ensure_model(size, weights_dir, base_url, source)
     if text and "/" not in text and "\\" not in text and text in bundled_models():
         return BUNDLED / text
     raise UnknownModelError(
@@ -46,10 +46,10 @@ def resolve(name, weights_dir=None, base_url=None):
     )
 
 
-def load(name="124M", weights_dir=None, base_url=None):
+def load(name="124M", weights_dir=None, base_url=None, source=None):
     """A Model from a GPT-2 size ('124M', 'gpt2-medium', ...), a bundled model name, or a folder
     (see `resolve`). Anything wrong in the folder is a ModelError naming it, the cause chained."""
-    return load_folder(resolve(name, weights_dir, base_url))
+    return load_folder(resolve(name, weights_dir, base_url, source))
 
 
 def load_folder(folder):
