@@ -152,10 +152,11 @@ class BPE:
         raise AssertionError("unreachable")
 
     @classmethod
-    def load(cls, folder):
-        """Read OpenAI's `encoder.json` and `vocab.bpe` from a model folder."""
+    def load(cls, folder, names=("encoder.json", "vocab.bpe")):
+        """Read OpenAI's `encoder.json` and `vocab.bpe` from a model folder, or the same two files
+        under other `names` (HuggingFace's vocab.json and merges.txt)."""
         folder = Path(folder)
-        encoder_path, merges_path = folder / "encoder.json", folder / "vocab.bpe"
+        encoder_path, merges_path = (folder / name for name in names)
         for path in (encoder_path, merges_path):
             if not path.is_file():
                 raise FileNotFoundError(

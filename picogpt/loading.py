@@ -1,13 +1,14 @@
 """From a model's name to a `Model`: the one place a name resolves to a folder, and the reading of
 a model folder (hparams, tokenizer, weights).
 
-A model folder is OpenAI's layout: `hparams.json`, a TensorFlow checkpoint with GPT-2's tensor
-names, and a tokenizer (`encoder.json` + `vocab.bpe`, or `chars.json` for trained char models).
+A model folder is in OpenAI's layout: `hparams.json`, a TensorFlow checkpoint with GPT-2's tensor
+names, and a tokenizer (`encoder.json` + `vocab.bpe`, or `chars.json` for trained char models);
+or in HuggingFace's (config.json, model.safetensors, ...: picogpt/hf.py reads it).
 """
 
 from pathlib import Path
 
-from picogpt import checkpoint, download, files
+from picogpt import checkpoint, download, files, hf
 from picogpt.api import Model
 from picogpt.errors import ModelError, PicogptError, UnknownModelError
 from picogpt.model import GPT
@@ -56,9 +57,8 @@ def load_folder(folder):
     """A Model from a model folder."""
     folder = Path(folder)
     try:
-        hparams = read_hparams(folder)
-        tokenizer = read_tokenizer(folder)
-        gpt = GPT(checkpoint.read(folder), hparams)
+        hparams, tokenizer, params = read_folder(folder)
+        gpt = GPT(params, hparams)
     except ModelError:
         raise
     except (PicogptError, OSError, ValueError) as e:
@@ -67,6 +67,15 @@ def load_folder(folder):
         raise ModelError(f"{folder}: the tokenizer has {tokenizer.n_vocab} tokens, "
                          f"the model only {hparams['n_vocab']}")
     return Model(gpt, tokenizer, folder)
+
+
+def read_folder(folder):
+    """(hparams, tokenizer, params) of a model folder in either layout: params float32 (or as
+    the TF checkpoint stores them) in OpenAI's names and shapes, as the engine, training and
+    export take them."""
+    if hf.is_hf_folder(folder):
+        return hf.read_folder(folder)
+    return read_hparams(folder), read_tokenizer(folder), checkpoint.read(folder)
 
 
 def read_hparams(folder):
