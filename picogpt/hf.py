@@ -389,7 +389,7 @@ def export(model, out, format="hf", dtype="float32"):
     if format == "openai" and dtype != "float32":
         raise ValueError("OpenAI's layout is float32 (as OpenAI published GPT-2)")
     out = Path(out)
-    _check_new(out)
+    check_new_folder(out)
     hparams, tokenizer, params = loading.read_folder(model)
     check_params(params, hparams, model)
     tmp = files.temporary_name(out)
@@ -399,7 +399,7 @@ def export(model, out, format="hf", dtype="float32"):
             _write_hf(tmp, hparams, tokenizer, params, dtype)
         else:
             _write_openai(tmp, hparams, tokenizer, params)
-        _check_new(out)
+        check_new_folder(out)
         os.replace(tmp, out)  # a directory onto a missing or empty one
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -407,7 +407,7 @@ def export(model, out, format="hf", dtype="float32"):
     return out
 
 
-def _check_new(out):
+def check_new_folder(out):
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OutputExistsError(f"{out}: already exists and is not an empty folder; export "
                                 "never overwrites files: name a new folder")
