@@ -153,9 +153,10 @@ def read_folder(folder):
     """(hparams, tokenizer, params) of an HF folder: params float32 in OpenAI's names and shapes,
     as the engine, training and export take them."""
     folder = Path(folder)
+    weights = weight_files(folder)  # first: which weights, if any, is the first question
     hparams = read_config(folder)
     tokenizer = read_tokenizer(folder)
-    return hparams, tokenizer, read_params(folder, hparams)
+    return hparams, tokenizer, read_params(folder, hparams, weights)
 
 
 def weight_files(folder):
@@ -208,9 +209,10 @@ def _weight_map(index):
     return weight_map
 
 
-def read_tensors(folder):
-    """{HF name: array} of an HF folder's weights, and {HF name: the file holding it}."""
-    paths, weight_map = weight_files(folder)
+def read_tensors(folder, weights=None):
+    """{HF name: array} of an HF folder's weights, and {HF name: the file holding it}.
+    `weights` is what weight_files(folder) says, when already asked."""
+    paths, weight_map = weights or weight_files(folder)
     tensors, where = {}, {}
     for path in paths:
         for name, array in safetensors.read(path).items():
@@ -226,10 +228,10 @@ def read_tensors(folder):
     return tensors, where
 
 
-def read_params(folder, hparams):
+def read_params(folder, hparams, weights=None):
     """An HF folder's weights as the engine takes them: OpenAI's names and shapes, float32;
     each tensor checked against the shape config.json's sizes give it."""
-    tensors, where = read_tensors(folder)
+    tensors, where = read_tensors(folder, weights)
     by_hf = {hf: ours for ours, hf in hf_names(hparams["n_layer"], prefix="").items()}
     shapes = param_shapes(hparams)
     params, lm_head, unknown = {}, None, []
@@ -252,8 +254,11 @@ def read_params(folder, hparams):
                          f"does not have: {shown}{more}")
     for ours, hf in hf_names(hparams["n_layer"]).items():
         if ours not in params:
-            files_ = ", ".join(sorted({p.name for p in where.values()})) or "the weights"
-            raise ModelError(f"{folder}: no tensor {hf!r} in {files_}")
+            paths = sorted(set(where.values()))
+            if len(paths) == 1:
+                raise ModelError(f"{paths[0]}: no tensor {hf!r}")
+            shards = ", ".join(p.name for p in paths) or "none"
+            raise ModelError(f"{folder}: no tensor {hf!r} in its shards ({shards})")
     if lm_head is not None:
         head = _engine_array(lm_head, tensors[lm_head], shapes["model/wte"], where[lm_head])
         if not np.array_equal(head, params["model/wte"]):
@@ -446,7 +451,8 @@ def _write_hf(out, hparams, tokenizer, params, dtype):
 
 
 def _float16(name, array):
-    narrow = array.astype(np.float16)
+    with np.errstate(over="ignore"):
+        narrow = array.astype(np.float16)
     if not np.isfinite(narrow).all() and np.isfinite(array).all():
         raise ModelError(f"tensor {name!r} has values beyond float16's range (65504): export "
                          "it as float32")
@@ -484,10 +490,13 @@ def char_bpe(chars):
     exactly these characters, with the same ids (id i is chars[i]).
 
     A character of one UTF-8 byte is that byte's token. A longer one is built by merges, each
-    adding its next byte to the bytes before it; the partial tokens get ids after the model's
-    vocabulary, and never come out of valid text: UTF-8 is prefix-free and continuation bytes
-    are never lead bytes, so every merge extends one character, and each character, once
-    complete, extends no further."""
+    adding its next byte to the bytes before it. Both sides of a merge must be tokens, so its
+    lead byte, its continuation bytes and its partial prefixes get ids after the model's
+    vocabulary; none of them comes out of valid text. Every merge's left side starts with a
+    lead byte and its right side is one continuation byte, which is never a left side: so the
+    byte after a prefix stays a single byte until merged, a merge only ever extends the
+    character it is in, and a complete character (UTF-8 is prefix-free, and the next
+    character starts with a lead or ASCII byte) extends no further."""
     from picogpt.bpe import bytes_to_unicode
 
     alphabet = bytes_to_unicode()
@@ -496,7 +505,9 @@ def char_bpe(chars):
     for c in chars:
         parts = [alphabet[b] for b in c.encode("utf-8")]
         prefix = parts[0]
+        encoder.setdefault(prefix, len(encoder))  # a lead byte: merges start from a token
         for part in parts[1:]:
+            encoder.setdefault(part, len(encoder))  # a continuation byte, likewise
             if (prefix, part) not in seen:
                 seen.add((prefix, part))
                 merges.append((prefix, part))
