@@ -5,7 +5,9 @@ Bad input gets a one-line message and exit status 2; failures that are not the u
 """
 
 import argparse
+import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,8 +37,9 @@ cache snapshot works as it is).
 
 weights folder, where sizes are downloaded to and looked for: --weights-dir, else $PICOGPT_WEIGHTS,
 else ./weights when it exists in the current directory, else ~/.cache/picogpt. A model lives in
-<folder>/<size>/; files placed there by hand are used as they are. --base-url (or
-$PICOGPT_BASE_URL) replaces OpenAI's download address.
+<folder>/<size>/; files placed there by hand are used as they are. --source huggingface (or
+$PICOGPT_SOURCE) fetches sizes from the HuggingFace hub instead of OpenAI; --base-url (or
+$PICOGPT_BASE_URL) replaces the download address.
 """
 
 CHAT_PREAMBLE = (
@@ -52,6 +55,10 @@ class UsageError(PicogptError):
 
 
 class Parser(argparse.ArgumentParser):
+    def _print_message(self, message, file=None):  # argparse ignores a failed write: we do not
+        if message:
+            (file or sys.stderr).write(message)
+
     def error(self, message):  # one line instead of argparse's usage + error
         command = self.prog.replace(" [generate]", "")
         print(f"picogpt: error: {message} (see {command} --help)", file=sys.stderr)
@@ -117,11 +124,39 @@ def _temperature(value):
 _top_p = _in_range(0, 1, low_open=True)
 
 
+def _base_url(value):
+    """An http(s) URL with a host and a valid port (what --base-url and $PICOGPT_BASE_URL
+    replace the download address with)."""
+    try:
+        return download.check_base_url(value)
+    except download.DownloadError as e:
+        raise argparse.ArgumentTypeError(f"{e} (--base-url or $PICOGPT_BASE_URL)") from None
+
+
+def _source(value):
+    if value not in download.SOURCES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(download.SOURCES)} "
+                                         f"(--source or $PICOGPT_SOURCE), got {value!r}")
+    return value
+
+
+def _add_download_options(p):
+    """--base-url and --source, for every command that may download a GPT-2 size. Their
+    environment variables are the defaults, checked like the options."""
+    p.add_argument("--base-url", metavar="URL", type=_base_url,
+                   default=os.environ.get("PICOGPT_BASE_URL") or None,
+                   help="download from here instead of the source's own address")
+    p.add_argument("--source", metavar="{openai,huggingface}", type=_source,
+                   default=os.environ.get("PICOGPT_SOURCE") or None,
+                   help="where GPT-2 sizes are downloaded from: OpenAI (the default) or the "
+                        "HuggingFace hub ($PICOGPT_SOURCE)")
+
+
 def _add_model_options(p, default="124M"):
     p.add_argument("--model", "-m", default=default,
                    help=f"GPT-2 size, bundled model name or model folder (default {default})")
     p.add_argument("--weights-dir", metavar="DIR", help="where GPT-2 sizes are downloaded to")
-    p.add_argument("--base-url", metavar="URL", help="download from here instead of OpenAI")
+    _add_download_options(p)
 
 
 def _add_sampling_options(p, n, temperature=1.0, unit="sample"):
@@ -189,13 +224,14 @@ def build_parser():
     _add_model_options(c)
 
     d = sub.add_parser("download", prog="picogpt download", help="fetch a GPT-2 size ahead of time",
-                       description="Download OpenAI's files for a GPT-2 size (resumable), verify "
-                                   "the checkpoint and keep it in the weights folder.",
+                       description="Download a GPT-2 size (resumable) from OpenAI, or with "
+                                   "--source huggingface from the HuggingFace hub, verify it and "
+                                   "keep it in the weights folder.",
                        epilog="example: picogpt download 355M --weights-dir ~/models")
     d.add_argument("size", metavar="SIZE", help="124M, 355M, 774M, 1558M (or gpt2, gpt2-medium, "
                                                 "gpt2-large, gpt2-xl)")
     d.add_argument("--weights-dir", metavar="DIR", help="download into DIR/SIZE")
-    d.add_argument("--base-url", metavar="URL", help="download from here instead of OpenAI")
+    _add_download_options(d)
 
     e = sub.add_parser(
         "eval", prog="picogpt eval", help="measure how well a model predicts a text file",
@@ -227,10 +263,10 @@ def build_parser():
     x.add_argument("--dtype", choices=hf.DTYPES, default="float32",
                    help="the weights' type (default float32; float16 halves the size, hf only)")
     x.add_argument("--weights-dir", metavar="DIR", help="where GPT-2 sizes are downloaded to")
-    x.add_argument("--base-url", metavar="URL", help="download from here instead of OpenAI")
+    _add_download_options(x)
 
-    # Listed here for --help; the real `train` parser is built by picogpt.train, imported only
-    # when training is asked for (it is the only command that needs it).
+    # Listed here for --help; the real `train` parser is built by _train below, which imports
+    # picogpt.train only when training is asked for (the only command that needs it).
     sub.add_parser("train", prog="picogpt train", help="train a character-level GPT on a text file",
                    add_help=False, description="see picogpt train --help")
     return parser
@@ -240,13 +276,22 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     _tolerant_stdout()
     try:
-        return _main(argv)
+        try:
+            return _main(argv)
+        finally:
+            if sys.stdout is not None:  # a full device under stdout fails here, not at exit
+                sys.stdout.flush()
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `picogpt ... | head`: the reader left; not an error of ours
         _silence_stdout()
         return 0
+    except OSError as e:  # `picogpt ... > /dev/full`: errors about files are PicogptErrors
+        _silence_stdout()  # else Python's own flush at exit fails again, with a traceback
+        where = e.filename or "cannot write the output"
+        print(f"picogpt: error: {where}: {e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 def _main(argv):
@@ -279,7 +324,8 @@ def _open_model(args):
     from picogpt import loading
 
     try:
-        return loading.load(args.model, args.weights_dir, getattr(args, "base_url", None))
+        return loading.load(args.model, args.weights_dir, getattr(args, "base_url", None),
+                            source=getattr(args, "source", None))
     except UnknownModelError as e:
         raise UsageError(str(e)) from e
 
@@ -469,7 +515,7 @@ def _download(args):
     if size is None:
         raise UsageError(f"unknown GPT-2 size {args.size!r}: expected one of "
                          f"{', '.join(download.SIZES)} (or {', '.join(download.ALIASES)})")
-    folder = download.download(size, args.weights_dir, args.base_url)
+    folder = download.download(size, args.weights_dir, args.base_url, source=args.source)
     print(f"GPT-2 {size} is ready in {folder}", file=sys.stderr)
     return 0
 
@@ -525,7 +571,7 @@ def _export(args):
     out = Path(args.out).expanduser()
     try:
         hf.check_new_folder(out)
-        folder = loading.resolve(args.model, args.weights_dir, args.base_url)
+        folder = loading.resolve(args.model, args.weights_dir, args.base_url, args.source)
     except (UnknownModelError, OutputExistsError) as e:
         raise UsageError(str(e)) from e
     hf.export(folder, out, args.format, args.dtype)
@@ -536,18 +582,191 @@ def _export(args):
 
 # --- train ----------------------------------------------------------------------------------------
 
+TRAIN_DESCRIPTION = """\
+Train a character-level GPT (GPT-2's architecture, backpropagation in NumPy) on a text
+file. The vocabulary is the text's characters; the first 90% is for training, the
+last 10% for validation. The model with the best validation loss is saved to --out,
+a model folder that `picogpt --model DIR` and picogpt.load(DIR) use like GPT-2.
+Defaults are nanoGPT's CPU recipe for Tiny Shakespeare (about a minute here)."""
+
+TRAIN_EPILOG = """\
+examples:
+  picogpt train tinyshakespeare.txt --out weights/shakespeare
+  picogpt --model weights/shakespeare "ROMEO:" --n 200
+  picogpt train tinyshakespeare.txt --out weights/shakespeare --resume --max-iters 4000
+
+the folder: hparams.json, chars.json, train_config.json, the TF checkpoint (best model),
+train_log.jsonl (every evaluation) and resume/ (the latest parameters and optimizer
+state, for --resume). Saves are atomic: a kill at any moment leaves the last good model."""
+
+_probability = _in_range(0, 1, high_open=True)
+_nonnegative = _in_range(0, None)
+
+# Every training option: its group, the configuration key, its validator (which also checks a
+# resumed run's train_config.json), metavar and help. Defaults are picogpt.train.DEFAULTS.
+TRAIN_OPTIONS = (
+    ("model", "n_layer", _positive_int, "N", "transformer blocks"),
+    ("model", "n_head", _positive_int, "N", "attention heads"),
+    ("model", "n_embd", _positive_int, "N", "embedding width"),
+    ("model", "block_size", _positive_int, "N", "context length in tokens"),
+    ("training", "batch_size", _positive_int, "N", "windows per step"),
+    ("training", "max_iters", _whole_number("must be >= 0"), "N", "optimizer steps in all"),
+    ("training", "lr", _nonnegative, "LR", "peak learning rate"),
+    ("training", "min_lr", _nonnegative, "LR", "final learning rate"),
+    ("training", "warmup_iters", _whole_number("must be >= 0"), "N", "linear warmup steps"),
+    ("training", "lr_decay_iters", _whole_number("must be >= 0"), "N",
+     "cosine decay reaches --min-lr here"),
+    ("training", "dropout", _probability, "P", "dropout probability"),
+    ("training", "weight_decay", _nonnegative, "W", "AdamW weight decay, matrices only"),
+    ("training", "beta1", _probability, "B", "AdamW's beta1"),
+    ("training", "beta2", _probability, "B", "AdamW's beta2"),
+    ("training", "grad_clip", _nonnegative, "NORM", "clip the gradient's norm; 0: off"),
+    ("training", "eval_interval", _positive_int, "N", "evaluate and save every N steps"),
+    ("training", "eval_iters", _positive_int, "N", "batches per loss estimate"),
+    ("training", "log_interval", _positive_int, "N", "steps per progress line (not on a terminal)"),
+    ("training", "seed", _seed, "S", "initialisation, batches and dropout"),
+)  # fmt: skip
+
+
+def _add_train_arguments(parser, defaults):
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description, parser.epilog = TRAIN_DESCRIPTION, TRAIN_EPILOG
+    parser.add_argument("text", metavar="TEXT", help="a UTF-8 text file to learn from")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue training the model in DIR from its last saved state")
+    groups = {"model": parser.add_argument_group("model (fixed once training starts)"),
+              "training": parser.add_argument_group(
+                  "training (--resume keeps the saved values unless given)")}  # fmt: skip
+    for group, key, kind, metavar, text in TRAIN_OPTIONS:
+        default = "--max-iters" if defaults[key] is None else defaults[key]
+        groups[group].add_argument(f"--{key.replace('_', '-')}", dest=key, metavar=metavar,
+                                   type=kind, help=f"{text} ({default})")
+
+
+def _check_train_config(saved, path):
+    """A resumed run's saved configuration, checked with the options' own validators: a JSON
+    object whose options have values the options would accept (lr_decay_iters may be null)."""
+    from picogpt.errors import TrainingError
+
+    if not isinstance(saved, dict):
+        raise TrainingError(f"{path}: expected a JSON object, got {type(saved).__name__}")
+    for _, key, kind, _, _ in TRAIN_OPTIONS:
+        if key not in saved or (key == "lr_decay_iters" and saved[key] is None):
+            continue  # a run saved before the option existed: the default
+        value = saved[key]
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise argparse.ArgumentTypeError(f"expected a number, got {json.dumps(value)[:40]}")
+            kind(str(value))  # as the option would read it: 2.5 is not a whole number
+        except argparse.ArgumentTypeError as e:
+            raise TrainingError(f"{path}: {key}: {e}") from None
+
+
 def _train(argv):
     try:
         from picogpt import train
     except ImportError as e:
         print(f"picogpt: error: training is not available ({e})", file=sys.stderr)
         return 1
-    parser = Parser(prog="picogpt train",
-                    description="Train a character-level GPT on a text file; the result is a "
-                                "model folder that --model accepts.")
-    train.add_arguments(parser)
+    from picogpt.errors import TrainingError
+
+    parser = Parser(prog="picogpt train")
+    _add_train_arguments(parser, train.DEFAULTS)
     args = parser.parse_args(argv)
-    return train.run(args)
+    options = {key: getattr(args, key) for key in train.DEFAULTS}
+    try:
+        config, tokenizer, data = train.prepare(args.text, args.out, args.resume, options,
+                                                check_saved=_check_train_config)
+        config["command"] = train.command_line(args.text, args.out, config)
+        trainer = train.Trainer(config, tokenizer, args.out)
+        if args.resume:
+            trainer.load_state()
+        else:
+            trainer.initialize()
+    except TrainingError as e:
+        print(f"picogpt train: error: {e}", file=sys.stderr)
+        return 2
+    n_params = trainer.flat.size
+    print(f"{n_params:,} parameters ({n_params * 4 / 1e6:.1f} MB), {tokenizer.n_vocab} "
+          f"characters, {len(data[0]):,} training and {len(data[1]):,} validation characters"
+          + (f"; resuming at iter {trainer.iter}" if args.resume else ""))  # fmt: skip
+    status = _TrainStatus(sys.stdout, config["log_interval"])
+    try:
+        train.train(trainer, data, report=status.report, status=status.update,
+                    resumed=args.resume)
+    except KeyboardInterrupt:
+        status.report(f"interrupted at iter {trainer.iter}")
+        _say_where(trainer, args, interrupted=True)
+        return 130
+    except OSError as e:  # a full disk, a folder made read-only meanwhile
+        status.report(f"picogpt train: error: cannot save to {trainer.out}: {e}")
+        _say_where(trainer, args, interrupted=True)
+        return 1
+    _say_where(trainer, args)
+    return 0
+
+
+def _say_where(trainer, args, interrupted=False):
+    import shlex
+
+    out, text = shlex.quote(str(trainer.out)), shlex.quote(str(args.text))
+    if math.isfinite(trainer.best_val_loss):
+        print(f"best model (val loss {trainer.best_val_loss:.4f}) in {out}; try: "
+              f"picogpt --model {out} \"{_sample_prompt(trainer)}\" --n 200")
+    if trainer.saved_iter is None:
+        return
+    if interrupted:
+        print(f"picogpt train {text} --out {out} --resume   continues from iter "
+              f"{trainer.saved_iter} (the last evaluation)")
+    else:
+        print(f"picogpt train {text} --out {out} --resume --max-iters N   trains it further")
+
+
+def _sample_prompt(trainer):
+    return "ROMEO:" if "R" in trainer.tokenizer.chars and ":" in trainer.tokenizer.chars else ""
+
+
+class _TrainStatus:
+    """Progress: on a terminal one line redrawn at most ten times a second; otherwise a line
+    every log_interval steps. Evaluation reports are always whole lines."""
+
+    def __init__(self, stream, log_interval):
+        import shutil
+
+        self.stream, self.log_interval = stream, log_interval
+        self.tty = stream.isatty()
+        self.shown = 0.0
+        self.width = shutil.get_terminal_size().columns if self.tty else 0
+
+    def update(self, it, max_iters, loss, ms):
+        eta = (max_iters - it) * ms / 1e3
+        line = (f"iter {it}/{max_iters}  loss {loss:.4f}  {ms:.1f} ms/iter  "
+                f"ETA {_duration(eta)}")  # fmt: skip
+        if self.tty:
+            now = time.monotonic()
+            if now - self.shown >= 0.1 or it == max_iters:
+                self.shown = now
+                self.stream.write("\r" + line[: self.width - 1] + "\x1b[K")
+                self.stream.flush()
+        elif it % self.log_interval == 0:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def report(self, line):
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _duration(seconds):
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 # --- terminal -------------------------------------------------------------------------------------

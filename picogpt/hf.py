@@ -349,9 +349,11 @@ def _tokenizer_json(path):
                                   f"{merge!r}"[:200])
         pairs.append(tuple(pair))
     try:
-        return BPE(encoder, pairs)
+        bpe = BPE(encoder, pairs)
     except VocabularyError as e:
         raise VocabularyError(f"{path}: {e}") from e
+    bpe.path = path
+    return bpe
 
 
 def _adds_nothing(post):
@@ -395,8 +397,7 @@ def export(model, out, format="hf", dtype="float32"):
         raise ValueError("OpenAI's layout is float32 (as OpenAI published GPT-2)")
     out = Path(out)
     check_new_folder(out)
-    hparams, tokenizer, params = loading.read_folder(model)
-    check_params(params, hparams, model)
+    hparams, tokenizer, params = loading.read_folder(model)  # every tensor checked
     tmp = files.temporary_name(out)
     tmp.mkdir(parents=True)
     try:
@@ -416,16 +417,6 @@ def check_new_folder(out):
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OutputExistsError(f"{out}: already exists and is not an empty folder; export "
                                 "never overwrites files: name a new folder")
-
-
-def check_params(params, hparams, where):
-    """Every tensor the engine needs, of its shape, float32; anything else is a ModelError."""
-    for name, shape in param_shapes(hparams).items():
-        if name not in params:
-            raise ModelError(f"{where}: no tensor {name!r}")
-        if tuple(params[name].shape) != shape or params[name].dtype != np.float32:
-            raise ModelError(f"{where}: tensor {name!r} is {params[name].dtype} "
-                             f"{list(params[name].shape)}, expected float32 {list(shape)}")
 
 
 def _write_hf(out, hparams, tokenizer, params, dtype):

@@ -2,6 +2,8 @@
 
 import numpy as np
 
+FLUSH_BELOW = -690.0
+
 
 def check_options(temperature, top_k, top_p):
     """Raise ValueError for options that mean nothing, before any work is done."""
@@ -23,8 +25,11 @@ def candidates(logits, temperature=1.0, top_k=None, top_p=None):
         keep = np.argpartition(-logits, top_k - 1)[:top_k]
     kept = logits[keep]
     # Shift before dividing: a tiny temperature then sends the others to -inf (probability 0)
-    # instead of every logit to inf (NaN probabilities).
-    p = np.exp((kept - kept.max()) / temperature)
+    # instead of every logit to inf (NaN probabilities). Below e^-700 exp's results are subnormal
+    # (slow on Intel cores), and so would e^-690 / n be: those weights are flushed to exactly 0,
+    # probabilities under 1e-299 that no draw can tell from 0.
+    shifted = (kept - kept.max()) / temperature
+    p = np.exp(np.where(shifted < FLUSH_BELOW, -np.inf, shifted))
     p /= p.sum()
     if top_p is not None and top_p < 1:
         order = np.argsort(-p, kind="stable")

@@ -1,15 +1,10 @@
-"""Train a character-level GPT with backpropagation written out in NumPy.
+"""Train a GPT-2 in NumPy: the parameters and AdamW, the data, the training loop and the model
+folder it saves to. The layers, each forward beside its backward, are in picogpt/layers.py; the
+command (`picogpt train`, its options and messages) is in picogpt/cli.py.
 
 The model is GPT-2 exactly (token and position embeddings, pre-LayerNorm blocks, causal
 attention, tanh-GELU MLP, final LayerNorm, output projection tied to the token embedding), so
-what this trains runs unchanged in picogpt's engine. Each layer is a forward function and its
-backward, side by side; the backward takes what its forward saved and the gradient of the
-output, writes the parameters' gradients into the buffers it is given and returns the gradient
-of the input. The tests check every pair against finite differences and the whole model against
-PyTorch's autograd.
-
-Activations are [N, C] matrices, N = batch * block_size rows, so every product is one 2-D BLAS
-call; attention alone works on [B, n_head, T, head_dim]. All parameters live in one flat float32
+what this trains runs unchanged in picogpt's engine. All parameters live in one flat float32
 buffer (and their gradients in another), so AdamW and gradient clipping are a few whole-buffer
 operations, and the engine's names and shapes are views of it.
 
@@ -19,21 +14,16 @@ operations, and the engine's names and shapes are views of it.
 import ctypes
 import json
 import math
-import os
 import shlex
-import shutil
-import sys
 import time
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 
-from picogpt import checkpoint, model
+from picogpt import checkpoint, files, layers, model
 from picogpt.chars import CharTokenizer
 from picogpt.errors import TrainingError
-from picogpt.model import GELU_C, LN_EPS, causal_mask
-
-GELU_A = 0.044715
 
 # nanoGPT's CPU recipe for Tiny Shakespeare: trains in about a minute here.
 DEFAULTS = {
@@ -46,172 +36,7 @@ DEFAULTS = {
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
 
 
-# --- layers: each forward beside its backward ------------------------------------------------
-
-
-def embedding_forward(wte, wpe, idx):
-    """Token plus position embedding: idx [B, T] ints -> x [B*T, C]."""
-    B, T = idx.shape
-    return (wte[idx] + wpe[:T]).reshape(B * T, -1)
-
-
-def embedding_backward(dx, idx, dwte, dwpe):
-    """Adds into dwte (the output projection shares it and has written its part); sets dwpe."""
-    B, T = idx.shape
-    dx = dx.reshape(B, T, -1)
-    dwpe[:T] = dx.sum(axis=0)
-    dwpe[T:] = 0
-    np.add.at(dwte, idx.reshape(-1), dx.reshape(B * T, -1))
-
-
-def layer_norm_forward(x, g, b):
-    """(x - mean) / sqrt(var + eps) * g + b over the last axis of x [N, C]."""
-    xhat = x - x.mean(axis=-1, keepdims=True)
-    var = np.einsum("ij,ij->i", xhat, xhat)[:, None] / x.shape[-1]
-    rstd = 1.0 / np.sqrt(var + LN_EPS)  # [N, 1]
-    xhat *= rstd
-    return xhat * g + b, (xhat, rstd)
-
-
-def layer_norm_backward(dout, cache, g, dg, db):
-    xhat, rstd = cache
-    np.einsum("ij,ij->j", dout, xhat, out=dg)
-    np.sum(dout, axis=0, out=db)
-    dxhat = dout * g
-    # The mean and the variance depend on every x of the row: the gradient loses its row mean
-    # and its component along xhat.
-    C = dout.shape[-1]
-    mean_dxhat = dxhat.sum(axis=-1, keepdims=True) / C
-    mean_dxhat_xhat = np.einsum("ij,ij->i", dxhat, xhat)[:, None] / C
-    dxhat -= mean_dxhat
-    dxhat -= xhat * mean_dxhat_xhat
-    dxhat *= rstd
-    return dxhat
-
-
-def linear_forward(x, w, b):
-    """x [N, nx] @ w [nx, nf] + b."""
-    out = x @ w
-    out += b
-    return out
-
-
-def linear_backward(dout, x, w, dw, db):
-    np.matmul(x.T, dout, out=dw)
-    np.sum(dout, axis=0, out=db)
-    return dout @ w.T
-
-
-softmax_forward = model.softmax_  # the engine's: softmax over the last axis, in place
-
-
-def softmax_backward(dout, y):
-    """dx = y * (dout - sum(dout * y)): the Jacobian diag(y) - y y^T applied to dout, per row."""
-    dx = dout * y
-    dx -= y * dx.sum(axis=-1, keepdims=True)
-    return dx
-
-
-def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None):
-    """Causal multi-head self-attention: qkv [B*T, 3C] -> y [B*T, C].
-
-    The mask adds -inf to the scores of future positions, so their probabilities are exactly 0,
-    and so are the gradients flowing to them."""
-    C = qkv.shape[-1] // 3
-    hd = C // n_head
-    q, k, v = qkv.reshape(B, T, 3, n_head, hd).transpose(2, 0, 3, 1, 4)  # each [B, H, T, hd]
-    scale = 1.0 / math.sqrt(hd)
-    att = q @ k.swapaxes(-1, -2)  # [B, H, T, T]
-    att *= scale
-    att += causal_mask(T)  # the engine's: 0, and -inf on the future
-    softmax_forward(att)
-    att_dropped, mask = dropout_forward(att, dropout, rng)
-    y = att_dropped @ v  # [B, H, T, hd]
-    y = y.transpose(0, 2, 1, 3).reshape(B * T, C)
-    return y, (q, k, v, att, att_dropped, mask, scale)
-
-
-def attention_backward(dy, cache):
-    q, k, v, att, att_dropped, mask, scale = cache
-    B, H, T, hd = q.shape
-    dy = dy.reshape(B, T, H, hd).transpose(0, 2, 1, 3)  # [B, H, T, hd]
-    dqkv = np.empty((3, B, H, T, hd), dy.dtype)
-    np.matmul(att_dropped.swapaxes(-1, -2), dy, out=dqkv[2])  # dv
-    datt = dropout_backward(dy @ v.swapaxes(-1, -2), mask)
-    dscores = softmax_backward(datt, att)
-    dscores *= scale
-    np.matmul(dscores, k, out=dqkv[0])  # dq
-    np.matmul(dscores.swapaxes(-1, -2), q, out=dqkv[1])  # dk
-    return dqkv.transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * H * hd)
-
-
-def gelu_forward(x):
-    """GPT-2's tanh GELU: 0.5 x (1 + tanh(c (x + a x^3)))."""
-    t = x * x  # x*x*x, never x**3 (a slow generic power)
-    t *= GELU_A
-    t += 1.0
-    t *= x
-    t *= GELU_C
-    np.tanh(t, out=t)
-    out = t + 1.0
-    out *= x
-    out *= 0.5
-    return out, t
-
-
-def gelu_backward(dout, x, t):
-    """d/dx = 0.5 (1 + t + x (1 - t^2) c (1 + 3 a x^2)), t the forward's tanh."""
-    inner = x * x
-    inner *= 3 * GELU_A
-    inner += 1.0
-    inner *= GELU_C
-    inner *= x
-    dx = t * t
-    np.subtract(1.0, dx, out=dx)
-    dx *= inner
-    dx += t
-    dx += 1.0
-    dx *= 0.5
-    dx *= dout
-    return dx
-
-
-def dropout_forward(x, p, rng):
-    """Zero each element with probability p (rounded to a multiple of 2^-16) and scale the rest by
-    1/(1-p); identity at p=0. The mask is drawn as 16-bit integers, not floats: on the bundled
-    model's recipe that cut dropout's cost from about 45 to 35 ms of a 320 ms step."""
-    if not p:
-        return x, None
-    cut = round(p * (1 << 16))
-    keep = rng.integers(0, 1 << 16, x.shape, dtype=np.uint16) >= cut  # P(keep) = 1 - p
-    mask = np.multiply(keep, np.float32((1 << 16) / ((1 << 16) - cut)), dtype=np.float32)
-    return x * mask, mask
-
-
-def dropout_backward(dout, mask):
-    return dout if mask is None else dout * mask
-
-
-def cross_entropy_forward(logits, targets):
-    """Mean negative log-likelihood of targets [N] under softmax(logits [N, V])."""
-    rows = np.arange(len(targets))
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    probs = np.exp(shifted)
-    sums = probs.sum(axis=-1, keepdims=True)
-    loss = float(np.mean(np.log(sums[:, 0]) - shifted[rows, targets]))
-    probs /= sums
-    return loss, probs
-
-
-def cross_entropy_backward(probs, targets):
-    """d loss / d logits = (softmax - one_hot(targets)) / N."""
-    dlogits = probs.copy()
-    dlogits[np.arange(len(targets)), targets] -= 1.0
-    dlogits /= len(targets)
-    return dlogits
-
-
-# --- the model: blocks and the whole network ---------------------------------------------------
+# --- the model over the layers: a transformer block ----------------------------------------
 
 
 def block_params(params, i):
@@ -227,64 +52,92 @@ def block_params(params, i):
     }
 
 
+class BlockCache(NamedTuple):
+    h1: np.ndarray  # ln_1(x), the attention's input [N, C]
+    ln_1: layers.LayerNormCache
+    a: np.ndarray  # the attention's output, c_proj's input [N, C]
+    attn: layers.AttentionCache
+    drop_1: Optional[np.ndarray]  # dropout mask of the attention branch
+    h2: np.ndarray  # ln_2(x2), c_fc's input [N, C]
+    ln_2: layers.LayerNormCache
+    gelu: layers.GeluCache  # c_fc's output [N, 4C] and its tanh
+    g: np.ndarray  # gelu's output, the MLP's c_proj's input [N, 4C]
+    drop_2: Optional[np.ndarray]  # dropout mask of the MLP branch
+
+
 def block_forward(x, p, B, T, n_head, dropout=0.0, rng=None):
     """One transformer block: x + attn(ln_1(x)), then + mlp(ln_2(.)). x [B*T, C]."""
-    h1, ln_1 = layer_norm_forward(x, *p["ln_1"])
-    qkv = linear_forward(h1, *p["c_attn"])  # [N, 3C]
-    a, attn = attention_forward(qkv, B, T, n_head, dropout, rng)
-    a_out, drop_1 = dropout_forward(linear_forward(a, *p["c_proj"]), dropout, rng)
+    h1, ln_1 = layers.layer_norm_forward(x, *p["ln_1"])
+    qkv = layers.linear_forward(h1, *p["c_attn"])  # [N, C] -> [N, 3C]
+    a, attn = layers.attention_forward(qkv, B, T, n_head, dropout, rng)  # [N, 3C] -> [N, C]
+    a_out, drop_1 = layers.dropout_forward(layers.linear_forward(a, *p["c_proj"]), dropout, rng)
     x2 = x + a_out  # residual
-    h2, ln_2 = layer_norm_forward(x2, *p["ln_2"])
-    f = linear_forward(h2, *p["c_fc"])  # [N, 4C]
-    g, tanh = gelu_forward(f)
-    m_out, drop_2 = dropout_forward(linear_forward(g, *p["mlp_proj"]), dropout, rng)
+    h2, ln_2 = layers.layer_norm_forward(x2, *p["ln_2"])
+    f = layers.linear_forward(h2, *p["c_fc"])  # [N, C] -> [N, 4C]
+    g, gelu = layers.gelu_forward(f)
+    m = layers.linear_forward(g, *p["mlp_proj"])  # [N, 4C] -> [N, C]
+    m_out, drop_2 = layers.dropout_forward(m, dropout, rng)
     out = x2 + m_out  # residual
-    return out, (h1, ln_1, a, attn, drop_1, h2, ln_2, f, g, tanh, drop_2)
+    return out, BlockCache(h1, ln_1, a, attn, drop_1, h2, ln_2, gelu, g, drop_2)
 
 
 def block_backward(dout, cache, p, grads):
     """A residual's backward hands its output gradient to both of its branches unchanged."""
-    h1, ln_1, a, attn, drop_1, h2, ln_2, f, g, tanh, drop_2 = cache
-    dm = dropout_backward(dout, drop_2)
-    dg = linear_backward(dm, g, p["mlp_proj"][0], *grads["mlp_proj"])
-    df = gelu_backward(dg, f, tanh)
-    dh2 = linear_backward(df, h2, p["c_fc"][0], *grads["c_fc"])
-    dx2 = dout + layer_norm_backward(dh2, ln_2, p["ln_2"][0], *grads["ln_2"])
-    da_out = dropout_backward(dx2, drop_1)
-    da = linear_backward(da_out, a, p["c_proj"][0], *grads["c_proj"])
-    dqkv = attention_backward(da, attn)
-    dh1 = linear_backward(dqkv, h1, p["c_attn"][0], *grads["c_attn"])
-    return dx2 + layer_norm_backward(dh1, ln_1, p["ln_1"][0], *grads["ln_1"])
+    c = cache
+    dm = layers.dropout_backward(dout, c.drop_2)
+    dg = layers.linear_backward(dm, c.g, p["mlp_proj"][0], *grads["mlp_proj"])
+    df = layers.gelu_backward(dg, c.gelu)
+    dh2 = layers.linear_backward(df, c.h2, p["c_fc"][0], *grads["c_fc"])
+    dx2 = dout + layers.layer_norm_backward(dh2, c.ln_2, p["ln_2"][0], *grads["ln_2"])
+    da_out = layers.dropout_backward(dx2, c.drop_1)
+    da = layers.linear_backward(da_out, c.a, p["c_proj"][0], *grads["c_proj"])
+    dqkv = layers.attention_backward(da, c.attn)
+    dh1 = layers.linear_backward(dqkv, c.h1, p["c_attn"][0], *grads["c_attn"])
+    return dx2 + layers.layer_norm_backward(dh1, c.ln_1, p["ln_1"][0], *grads["ln_1"])
+
+
+# --- the whole network -------------------------------------------------------------------------
+
+
+class GPTCache(NamedTuple):
+    idx: np.ndarray  # [B, T] input ids
+    targets: np.ndarray  # [B, T] target ids
+    drop: Optional[np.ndarray]  # dropout mask of the embedding
+    blocks: list  # a BlockCache per block
+    h: np.ndarray  # ln_f's output [N, C]
+    ln_f: layers.LayerNormCache
+    probs: np.ndarray  # [N, V] softmax of the logits
 
 
 def gpt_forward(params, hparams, idx, targets, dropout=0.0, rng=None):
     """Mean cross-entropy of predicting targets [B, T] from idx [B, T]; and what backward needs."""
     B, T = idx.shape
     wte = params["model/wte"]
-    x, drop = dropout_forward(embedding_forward(wte, params["model/wpe"], idx), dropout, rng)
+    x = layers.embedding_forward(wte, params["model/wpe"], idx)  # [B, T] -> [N, C]
+    x, drop = layers.dropout_forward(x, dropout, rng)
     blocks = []
     for i in range(hparams["n_layer"]):
         x, cache = block_forward(x, block_params(params, i), B, T, hparams["n_head"], dropout, rng)
         blocks.append(cache)
-    h, ln_f = layer_norm_forward(x, params["model/ln_f/g"], params["model/ln_f/b"])
-    logits = h @ wte.T  # [N, V]: the output projection is the token embedding
-    loss, probs = cross_entropy_forward(logits, targets.reshape(-1))
-    return loss, (idx, targets, drop, blocks, h, ln_f, probs)
+    h, ln_f = layers.layer_norm_forward(x, params["model/ln_f/g"], params["model/ln_f/b"])
+    logits = h @ wte.T  # [N, C] -> [N, V]: the output projection is the token embedding
+    loss, probs = layers.cross_entropy_forward(logits, targets.reshape(-1))
+    return loss, GPTCache(idx, targets, drop, blocks, h, ln_f, probs)
 
 
 def gpt_backward(cache, params, hparams, grads):
     """Fill `grads` (arrays shaped like params) with d loss / d params."""
-    idx, targets, drop, blocks, h, ln_f, probs = cache
+    c = cache
     wte = params["model/wte"]
-    dlogits = cross_entropy_backward(probs, targets.reshape(-1))
-    np.matmul(dlogits.T, h, out=grads["model/wte"])  # the output projection's part of dwte
+    dlogits = layers.cross_entropy_backward(c.probs, c.targets.reshape(-1))
+    np.matmul(dlogits.T, c.h, out=grads["model/wte"])  # the output projection's part of dwte
     dh = dlogits @ wte
-    dx = layer_norm_backward(dh, ln_f, params["model/ln_f/g"], grads["model/ln_f/g"],
-                             grads["model/ln_f/b"])  # fmt: skip
+    dx = layers.layer_norm_backward(dh, c.ln_f, params["model/ln_f/g"], grads["model/ln_f/g"],
+                                    grads["model/ln_f/b"])  # fmt: skip
     for i in reversed(range(hparams["n_layer"])):
-        dx = block_backward(dx, blocks[i], block_params(params, i), block_params(grads, i))
-    dx = dropout_backward(dx, drop)
-    embedding_backward(dx, idx, grads["model/wte"], grads["model/wpe"])
+        dx = block_backward(dx, c.blocks[i], block_params(params, i), block_params(grads, i))
+    dx = layers.dropout_backward(dx, c.drop)
+    layers.embedding_backward(dx, c.idx, grads["model/wte"], grads["model/wpe"])
 
 
 # --- parameters and the optimizer ---------------------------------------------------------------
@@ -436,8 +289,8 @@ class Trainer:
 
     def save_model(self):
         self.out.mkdir(parents=True, exist_ok=True)
-        _write_json(self.out / "hparams.json", self.hparams)
-        _write_json(self.out / "train_config.json", self.config)
+        files.write_json(self.out / "hparams.json", self.hparams)
+        files.write_json(self.out / "train_config.json", self.config)
         self.tokenizer.save(self.out)
         prefix = self.out / f"model.ckpt-{self.iter}"
         checkpoint.write(prefix, self.params)
@@ -479,12 +332,6 @@ def _stored(tensors, name, shape):
         raise checkpoint.CheckpointError(
             f"the resume state's {name!r} is {tensors[name].shape}, expected {shape}")
     return tensors[name]
-
-
-def _write_json(path, obj):
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _remove_other_checkpoints(folder, stem, keep):
@@ -554,95 +401,19 @@ def train(trainer, data, report=print, status=None, resumed=False):
             status(trainer.iter, max_iters, loss, float(np.median(step_ms[-50:])))
 
 
-# --- the command line ------------------------------------------------------------------------
 
 
-def add_arguments(parser):
-    """`picogpt train`'s arguments (the CLI builds the parser; this module fills it)."""
-    import argparse
-
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.description = (
-        "Train a character-level GPT (GPT-2's architecture, backpropagation in NumPy) on a text\n"
-        "file. The vocabulary is the text's characters; the first 90% is for training, the\n"
-        "last 10% for validation. The model with the best validation loss is saved to --out,\n"
-        "a model folder that `picogpt --model DIR` and picogpt.load(DIR) use like GPT-2.\n"
-        "Defaults are nanoGPT's CPU recipe for Tiny Shakespeare (about a minute here)."
-    )
-    parser.epilog = (
-        "examples:\n"
-        "  picogpt train tinyshakespeare.txt --out weights/shakespeare\n"
-        "  picogpt --model weights/shakespeare \"ROMEO:\" --n 200\n"
-        "  picogpt train tinyshakespeare.txt --out weights/shakespeare --resume --max-iters 4000\n"
-        "\n"
-        "the folder: hparams.json, chars.json, train_config.json, the TF checkpoint (best model),\n"
-        "train_log.jsonl (every evaluation) and resume/ (the latest parameters and optimizer\n"
-        "state, for --resume). Saves are atomic: a kill at any moment leaves the last good model."
-    )
-
-    def positive(value):
-        n = int(value)
-        if n < 1:
-            raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-        return n
-
-    def whole(value):
-        n = int(value)
-        if n < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-        return n
-
-    def rate(value):
-        x = float(value)
-        if not 0 <= x < 1:
-            raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-        return x
-
-    def nonnegative(value):
-        x = float(value)
-        if not x >= 0 or math.isinf(x):
-            raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
-        return x
-
-    parser.add_argument("text", metavar="TEXT", help="a UTF-8 text file to learn from")
-    parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue training the model in DIR from its last saved state")
-    model = parser.add_argument_group("model (fixed once training starts)")
-    training = parser.add_argument_group("training (--resume keeps the saved values unless given)")
-    for group, flag, metavar, kind, text in [
-        (model, "--n-layer", "N", positive, "transformer blocks"),
-        (model, "--n-head", "N", positive, "attention heads"),
-        (model, "--n-embd", "N", positive, "embedding width"),
-        (model, "--block-size", "N", positive, "context length in characters"),
-        (training, "--batch-size", "N", positive, "windows per step"),
-        (training, "--max-iters", "N", whole, "optimizer steps in all"),
-        (training, "--lr", "LR", nonnegative, "peak learning rate"),
-        (training, "--min-lr", "LR", nonnegative, "final learning rate"),
-        (training, "--warmup-iters", "N", whole, "linear warmup steps"),
-        (training, "--lr-decay-iters", "N", whole, "cosine decay reaches --min-lr here"),
-        (training, "--dropout", "P", rate, "dropout probability"),
-        (training, "--weight-decay", "W", nonnegative, "AdamW weight decay, matrices only"),
-        (training, "--beta1", "B", rate, "AdamW's beta1"),
-        (training, "--beta2", "B", rate, "AdamW's beta2"),
-        (training, "--grad-clip", "NORM", nonnegative, "clip the gradient's norm; 0: off"),
-        (training, "--eval-interval", "N", positive, "evaluate and save every N steps"),
-        (training, "--eval-iters", "N", positive, "batches per loss estimate"),
-        (training, "--log-interval", "N", positive, "steps per progress line (not on a terminal)"),
-        (training, "--seed", "S", int, "initialisation, batches and dropout"),
-    ]:
-        default = DEFAULTS[flag[2:].replace("-", "_")]
-        default = "--max-iters" if default is None else default
-        group.add_argument(flag, metavar=metavar, type=kind, help=f"{text} ({default})")
+# --- configuration and data: everything checked before any training ---------------------------
 
 
-def make_config(args, saved=None):
-    """The training configuration: given flags, else the saved run's values, else DEFAULTS."""
+def make_config(options, saved=None):
+    """The training configuration: `options` (key -> value, None where not given), else the saved
+    run's values, else DEFAULTS."""
     config = dict(DEFAULTS)
     if saved:
         config.update({k: v for k, v in saved.items() if k in DEFAULTS})
     for key in DEFAULTS:
-        value = getattr(args, key, None)
+        value = options.get(key)
         if value is None:
             continue
         if saved and key in SHAPE_KEYS and value != saved.get(key):
@@ -657,6 +428,14 @@ def make_config(args, saved=None):
     return config
 
 
+def command_line(text, out, config):
+    """The `picogpt train` command that trains this configuration from scratch."""
+    flags = [f"--{key.replace('_', '-')} {config[key]}" for key in DEFAULTS
+             if config[key] is not None and key != "log_interval"]  # fmt: skip
+    where = f"{shlex.quote(str(text))} --out {shlex.quote(str(out))}"
+    return f"picogpt train {where} " + " ".join(flags)
+
+
 def read_text(path):
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -669,14 +448,16 @@ def read_text(path):
     return text
 
 
-def prepare(args):
-    """Check everything that can be wrong before any training: text, flags, --out."""
-    out = Path(args.out)
-    text = read_text(args.text)
+def prepare(text_path, out, resume, options, check_saved=None):
+    """Check everything that can be wrong before any training: the text, the options, --out.
+    `check_saved(config, path)` validates a resumed run's saved configuration. Returns the
+    configuration, the tokenizer and the (train, validation) ids."""
+    out = Path(out)
+    text = read_text(text_path)
     if out.exists() and not out.is_dir():
         raise TrainingError(f"--out {out} is a file, not a folder")
     has_model = (out / "hparams.json").exists() or (out / "resume").exists()
-    if args.resume:
+    if resume:
         if not (out / "resume" / "checkpoint").exists():
             raise TrainingError(f"{out}: nothing to resume (no resume/ state from a run)")
         try:
@@ -684,123 +465,23 @@ def prepare(args):
             tokenizer = CharTokenizer.load(out)
         except (OSError, ValueError) as e:
             raise TrainingError(f"{out}: cannot resume: {e}") from None
-        config = make_config(args, saved)
+        if check_saved is not None:
+            check_saved(saved, out / "train_config.json")
+        config = make_config(options, saved)
     else:
         if has_model:
             raise TrainingError(f"{out} already holds a model: --resume continues it, or "
                                 "choose another --out")
         tokenizer = CharTokenizer.from_text(text)
-        config = make_config(args)
+        config = make_config(options)
     try:
         ids = np.array(tokenizer.encode(text), np.uint16 if tokenizer.n_vocab < 65536 else np.int32)
     except ValueError as e:  # resuming on a text with characters the model does not know
-        raise TrainingError(f"{args.text}: {e}") from None
+        raise TrainingError(f"{text_path}: {e}") from None
     train_data, val_data = split_data(ids)
     need = config["block_size"] + 1
     if len(val_data) < need:
         raise TrainingError(
-            f"{args.text} is too short for --block-size {config['block_size']}: its last 10% "
+            f"{text_path} is too short for --block-size {config['block_size']}: its last 10% "
             f"({len(val_data)} characters) must hold a window of {need}")
     return config, tokenizer, (train_data, val_data)
-
-
-def run(args):
-    """`picogpt train`: exit status 0, 2 for bad input, 130 when interrupted."""
-    try:
-        config, tokenizer, data = prepare(args)
-    except TrainingError as e:
-        print(f"picogpt train: error: {e}", file=sys.stderr)
-        return 2
-    config["command"] = command_line(args.text, args.out, config)
-    trainer = Trainer(config, tokenizer, args.out)
-    if args.resume:
-        try:
-            trainer.load_state()
-        except TrainingError as e:
-            print(f"picogpt train: error: {e}", file=sys.stderr)
-            return 2
-    else:
-        trainer.initialize()
-    n_params = trainer.flat.size
-    print(f"{n_params:,} parameters ({n_params * 4 / 1e6:.1f} MB), {tokenizer.n_vocab} "
-          f"characters, {len(data[0]):,} training and {len(data[1]):,} validation characters"
-          + (f"; resuming at iter {trainer.iter}" if args.resume else ""))  # fmt: skip
-    status = _Status(sys.stdout, config["log_interval"])
-    try:
-        train(trainer, data, report=status.report, status=status.update, resumed=args.resume)
-    except KeyboardInterrupt:
-        status.report(f"interrupted at iter {trainer.iter}")
-        _say_where(trainer, args, interrupted=True)
-        return 130
-    except OSError as e:  # a full disk, a folder made read-only meanwhile
-        status.report(f"picogpt train: error: cannot save to {trainer.out}: {e}")
-        _say_where(trainer, args, interrupted=True)
-        return 1
-    _say_where(trainer, args)
-    return 0
-
-
-def command_line(text, out, config):
-    """The `picogpt train` command that trains this configuration from scratch."""
-    flags = [f"--{key.replace('_', '-')} {config[key]}" for key in DEFAULTS
-             if config[key] is not None and key != "log_interval"]  # fmt: skip
-    where = f"{shlex.quote(str(text))} --out {shlex.quote(str(out))}"
-    return f"picogpt train {where} " + " ".join(flags)
-
-
-def _say_where(trainer, args, interrupted=False):
-    out, text = shlex.quote(str(trainer.out)), shlex.quote(str(args.text))
-    if math.isfinite(trainer.best_val_loss):
-        print(f"best model (val loss {trainer.best_val_loss:.4f}) in {out}; try: "
-              f"picogpt --model {out} \"{_sample_prompt(trainer)}\" --n 200")
-    if trainer.saved_iter is None:
-        return
-    if interrupted:
-        print(f"picogpt train {text} --out {out} --resume   continues from iter "
-              f"{trainer.saved_iter} (the last evaluation)")
-    else:
-        print(f"picogpt train {text} --out {out} --resume --max-iters N   trains it further")
-
-
-def _sample_prompt(trainer):
-    return "ROMEO:" if "R" in trainer.tokenizer.chars and ":" in trainer.tokenizer.chars else ""
-
-
-class _Status:
-    """Progress: on a terminal one line redrawn at most ten times a second; otherwise a line
-    every log_interval steps. Evaluation reports are always whole lines."""
-
-    def __init__(self, stream, log_interval):
-        self.stream, self.log_interval = stream, log_interval
-        self.tty = stream.isatty()
-        self.shown = 0.0
-        self.width = shutil.get_terminal_size().columns if self.tty else 0
-
-    def update(self, it, max_iters, loss, ms):
-        eta = (max_iters - it) * ms / 1e3
-        line = (f"iter {it}/{max_iters}  loss {loss:.4f}  {ms:.1f} ms/iter  "
-                f"ETA {_duration(eta)}")  # fmt: skip
-        if self.tty:
-            now = time.monotonic()
-            if now - self.shown >= 0.1 or it == max_iters:
-                self.shown = now
-                self.stream.write("\r" + line[: self.width - 1] + "\x1b[K")
-                self.stream.flush()
-        elif it % self.log_interval == 0:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-
-    def report(self, line):
-        if self.tty:
-            self.stream.write("\r\x1b[K")
-        self.stream.write(line + "\n")
-        self.stream.flush()
-
-
-def _duration(seconds):
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -1,0 +1,226 @@
+"""GPT-2's layers for training: each forward beside its backward, as in llm.c.
+
+A forward returns its output and what its backward needs, as a named tuple (a `...Cache`); the
+backward takes the gradient of the output and that cache, writes the parameters' gradients into
+the buffers it is given and returns the gradient of the input. The tests check every pair
+against finite differences (float64) and the whole network against PyTorch's autograd.
+
+Activations are [N, C] matrices, N = batch * block_size rows, so every product is one 2-D BLAS
+call; attention alone works on [B, n_head, T, head_dim]. `params` and `grads` are dicts keyed by
+OpenAI's tensor names (model.param_shapes), weights as the checkpoint stores them ([1, nx, nf]).
+"""
+
+import math
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from picogpt import model
+from picogpt.model import GELU_C, LN_EPS, causal_mask
+
+GELU_A = 0.044715
+
+
+# --- embedding ---------------------------------------------------------------------------------
+
+
+def embedding_forward(wte, wpe, idx):
+    """Token plus position embedding: idx [B, T] ints -> x [B*T, C]."""
+    B, T = idx.shape
+    return (wte[idx] + wpe[:T]).reshape(B * T, -1)
+
+
+def embedding_backward(dx, idx, dwte, dwpe):
+    """Adds into dwte (the output projection shares it and has written its part); sets dwpe."""
+    B, T = idx.shape
+    dx = dx.reshape(B, T, -1)
+    dwpe[:T] = dx.sum(axis=0)
+    dwpe[T:] = 0
+    np.add.at(dwte, idx.reshape(-1), dx.reshape(B * T, -1))
+
+
+# --- layer norm --------------------------------------------------------------------------------
+
+
+class LayerNormCache(NamedTuple):
+    xhat: np.ndarray  # [N, C]: the input normalised, before the gain and bias
+    rstd: np.ndarray  # [N, 1]: 1 / sqrt(var + eps) per row
+
+
+def layer_norm_forward(x, g, b):
+    """(x - mean) / sqrt(var + eps) * g + b over the last axis of x [N, C]."""
+    xhat = x - x.mean(axis=-1, keepdims=True)
+    var = np.einsum("ij,ij->i", xhat, xhat)[:, None] / x.shape[-1]
+    rstd = 1.0 / np.sqrt(var + LN_EPS)  # [N, 1]
+    xhat *= rstd
+    return xhat * g + b, LayerNormCache(xhat, rstd)
+
+
+def layer_norm_backward(dout, cache, g, dg, db):
+    xhat, rstd = cache
+    np.einsum("ij,ij->j", dout, xhat, out=dg)
+    np.sum(dout, axis=0, out=db)
+    dxhat = dout * g
+    # The mean and the variance depend on every x of the row: the gradient loses its row mean
+    # and its component along xhat.
+    C = dout.shape[-1]
+    mean_dxhat = dxhat.sum(axis=-1, keepdims=True) / C
+    mean_dxhat_xhat = np.einsum("ij,ij->i", dxhat, xhat)[:, None] / C
+    dxhat -= mean_dxhat
+    dxhat -= xhat * mean_dxhat_xhat
+    dxhat *= rstd
+    return dxhat
+
+
+# --- linear ------------------------------------------------------------------------------------
+
+
+def linear_forward(x, w, b):
+    """x [N, nx] @ w [nx, nf] + b."""
+    out = x @ w
+    out += b
+    return out
+
+
+def linear_backward(dout, x, w, dw, db):
+    np.matmul(x.T, dout, out=dw)
+    np.sum(dout, axis=0, out=db)
+    return dout @ w.T
+
+
+# --- softmax and attention ---------------------------------------------------------------------
+
+softmax_forward = model.softmax_  # the engine's: softmax over the last axis, in place
+
+
+def softmax_backward(dout, y):
+    """dx = y * (dout - sum(dout * y)): the Jacobian diag(y) - y y^T applied to dout, per row."""
+    dx = dout * y
+    dx -= y * dx.sum(axis=-1, keepdims=True)
+    return dx
+
+
+class AttentionCache(NamedTuple):
+    q: np.ndarray  # [B, H, T, hd]
+    k: np.ndarray  # [B, H, T, hd]
+    v: np.ndarray  # [B, H, T, hd]
+    att: np.ndarray  # [B, H, T, T]: the attention probabilities
+    att_dropped: np.ndarray  # att after dropout (att itself without it)
+    mask: Optional[np.ndarray]  # the dropout mask, None without dropout
+    scale: float  # 1 / sqrt(hd)
+
+
+def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None):
+    """Causal multi-head self-attention: qkv [B*T, 3C] -> y [B*T, C].
+
+    The mask adds -inf to the scores of future positions, so their probabilities are exactly 0,
+    and so are the gradients flowing to them."""
+    C = qkv.shape[-1] // 3
+    hd = C // n_head
+    q, k, v = qkv.reshape(B, T, 3, n_head, hd).transpose(2, 0, 3, 1, 4)  # each [B, H, T, hd]
+    scale = 1.0 / math.sqrt(hd)
+    att = q @ k.swapaxes(-1, -2)  # [B, H, T, T]
+    att *= scale
+    att += causal_mask(T)  # the engine's: 0, and -inf on the future
+    softmax_forward(att)
+    att_dropped, mask = dropout_forward(att, dropout, rng)
+    y = att_dropped @ v  # [B, H, T, hd]
+    y = y.transpose(0, 2, 1, 3).reshape(B * T, C)
+    return y, AttentionCache(q, k, v, att, att_dropped, mask, scale)
+
+
+def attention_backward(dy, cache):
+    q, k, v, att, att_dropped, mask, scale = cache
+    B, H, T, hd = q.shape
+    dy = dy.reshape(B, T, H, hd).transpose(0, 2, 1, 3)  # [B, H, T, hd]
+    dqkv = np.empty((3, B, H, T, hd), dy.dtype)
+    np.matmul(att_dropped.swapaxes(-1, -2), dy, out=dqkv[2])  # dv
+    datt = dropout_backward(dy @ v.swapaxes(-1, -2), mask)
+    dscores = softmax_backward(datt, att)
+    dscores *= scale
+    np.matmul(dscores, k, out=dqkv[0])  # dq
+    np.matmul(dscores.swapaxes(-1, -2), q, out=dqkv[1])  # dk
+    return dqkv.transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * H * hd)
+
+
+# --- GELU --------------------------------------------------------------------------------------
+
+
+class GeluCache(NamedTuple):
+    x: np.ndarray  # the input
+    tanh: np.ndarray  # tanh(c (x + a x^3)), which the derivative reuses
+
+
+def gelu_forward(x):
+    """GPT-2's tanh GELU: 0.5 x (1 + tanh(c (x + a x^3)))."""
+    t = x * x  # x*x*x, never x**3 (a slow generic power)
+    t *= GELU_A
+    t += 1.0
+    t *= x
+    t *= GELU_C
+    np.tanh(t, out=t)
+    out = t + 1.0
+    out *= x
+    out *= 0.5
+    return out, GeluCache(x, t)
+
+
+def gelu_backward(dout, cache):
+    """d/dx = 0.5 (1 + t + x (1 - t^2) c (1 + 3 a x^2)), t the forward's tanh."""
+    x, t = cache
+    inner = x * x
+    inner *= 3 * GELU_A
+    inner += 1.0
+    inner *= GELU_C
+    inner *= x
+    dx = t * t
+    np.subtract(1.0, dx, out=dx)
+    dx *= inner
+    dx += t
+    dx += 1.0
+    dx *= 0.5
+    dx *= dout
+    return dx
+
+
+# --- dropout -----------------------------------------------------------------------------------
+
+
+def dropout_forward(x, p, rng):
+    """Zero each element with probability p (rounded to a multiple of 2^-16) and scale the rest by
+    1/(1-p); identity at p=0. Returns the output and the mask (None at p=0). The mask is drawn as
+    16-bit integers, not floats: on the bundled model's recipe that cut dropout's cost from about
+    45 to 35 ms of a 320 ms step."""
+    if not p:
+        return x, None
+    cut = round(p * (1 << 16))
+    keep = rng.integers(0, 1 << 16, x.shape, dtype=np.uint16) >= cut  # P(keep) = 1 - p
+    mask = np.multiply(keep, np.float32((1 << 16) / ((1 << 16) - cut)), dtype=np.float32)
+    return x * mask, mask
+
+
+def dropout_backward(dout, mask):
+    return dout if mask is None else dout * mask
+
+
+# --- cross-entropy -----------------------------------------------------------------------------
+
+
+def cross_entropy_forward(logits, targets):
+    """Mean negative log-likelihood of targets [N] under softmax(logits [N, V]); and the
+    probabilities, which the backward needs."""
+    rows = np.arange(len(targets))
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    probs = np.exp(shifted)
+    sums = probs.sum(axis=-1, keepdims=True)
+    loss = float(np.mean(np.log(sums[:, 0]) - shifted[rows, targets]))
+    probs /= sums
+    return loss, probs
+
+
+def cross_entropy_backward(probs, targets):
+    """d loss / d logits = (softmax - one_hot(targets)) / N."""
+    dlogits = probs.copy()
+    dlogits[np.arange(len(targets)), targets] -= 1.0
+    dlogits /= len(targets)
+    return dlogits
