@@ -1,4 +1,4 @@
-"""The picogpt command line: generate (the default), chat, download, eval, train.
+"""The picogpt command line: generate (the default), chat, download, eval, train, export.
 
 Bad input gets a one-line message and exit status 2; failures that are not the user's typing
 (no network, a corrupt download) exit 1; Ctrl-C exits 130. Never a traceback for either.
@@ -15,9 +15,9 @@ from pathlib import Path
 
 from picogpt import download, files
 from picogpt.chat import REPLY_STOP, Conversation
-from picogpt.errors import PicogptError, UnknownModelError
+from picogpt.errors import OutputExistsError, PicogptError, UnknownModelError
 
-COMMANDS = ("generate", "chat", "download", "eval", "train")
+COMMANDS = ("generate", "chat", "download", "eval", "train", "export")
 
 EXAMPLES = """\
 examples:
@@ -30,9 +30,12 @@ examples:
   picogpt eval essay.txt                    cross-entropy, perplexity, bits per byte
   picogpt train input.txt --out my-model    train a character-level GPT (picogpt train --help)
   picogpt "ROMEO:" -m shakespeare-char      the bundled model trained on Tiny Shakespeare
+  picogpt export my-model my-model-hf       a model folder for transformers (HuggingFace's layout)
 
 models (--model): a GPT-2 size (124M, 355M, 774M, 1558M, or gpt2, gpt2-medium, gpt2-large,
-gpt2-xl), a bundled model name (shakespeare-char), or the path of a model folder.
+gpt2-xl), a bundled model name (shakespeare-char), or the path of a model folder, in OpenAI's
+layout (hparams.json, a TF checkpoint) or HuggingFace's (config.json, model.safetensors; a hub
+cache snapshot works as it is).
 
 weights folder, where sizes are downloaded to and looked for: --weights-dir, else $PICOGPT_WEIGHTS,
 else ./weights when it exists in the current directory, else ~/.cache/picogpt. A model lives in
@@ -166,7 +169,8 @@ def _add_sampling_options(p, n, temperature=1.0, unit="sample"):
 def build_parser():
     parser = Parser(
         prog="picogpt",
-        usage="picogpt [generate] PROMPT [options]\n       picogpt {chat,download,eval,train} ...",
+        usage="picogpt [generate] PROMPT [options]\n"
+              "       picogpt {chat,download,eval,train,export} ...",
         description="GPT-2 in plain Python and NumPy: run OpenAI's checkpoints on a laptop CPU,\n"
                     "chat with them, evaluate them, or train a small model of your own.\n"
                     "Without a command, picogpt continues PROMPT (the `generate` command).",
@@ -176,7 +180,8 @@ def build_parser():
     from picogpt import __version__
 
     parser.add_argument("--version", action="version", version=f"picogpt {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,chat,download,eval,train}",
+    sub = parser.add_subparsers(dest="command",
+                                metavar="{generate,chat,download,eval,train,export}",
                                 parser_class=Parser)
 
     g = sub.add_parser(
@@ -234,6 +239,26 @@ def build_parser():
                    help="tokens scored per window (default half the context)")
     _add_model_options(e)
 
+    from picogpt import hf
+
+    x = sub.add_parser(
+        "export", prog="picogpt export", help="write a model in HuggingFace's or OpenAI's layout",
+        description="Write MODEL (anything --model takes) to OUT, a new folder: in HuggingFace's "
+                    "layout (config.json, model.safetensors, vocab.json + merges.txt: "
+                    "transformers' from_pretrained(OUT) loads it) or OpenAI's (hparams.json, a "
+                    "TensorFlow checkpoint, encoder.json + vocab.bpe). OUT must not exist or be "
+                    "empty: export never overwrites files.",
+        epilog="example: picogpt export 124M gpt2-hf --dtype float16",
+    )
+    x.add_argument("model", metavar="MODEL", help="GPT-2 size, bundled model name or model folder")
+    x.add_argument("out", metavar="OUT", help="the new folder to write")
+    x.add_argument("--format", choices=hf.FORMATS, default="hf",
+                   help="hf: HuggingFace's layout (default); openai: OpenAI's")
+    x.add_argument("--dtype", choices=hf.DTYPES, default="float32",
+                   help="the weights' type (default float32; float16 halves the size, hf only)")
+    x.add_argument("--weights-dir", metavar="DIR", help="where GPT-2 sizes are downloaded to")
+    _add_download_options(x)
+
     # Listed here for --help; the real `train` parser is built by _train below, which imports
     # picogpt.train only when training is asked for (the only command that needs it).
     sub.add_parser("train", prog="picogpt train", help="train a character-level GPT on a text file",
@@ -273,7 +298,8 @@ def _main(argv):
     if argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
         argv = ["generate", *argv]
     args = parser.parse_args(argv)
-    command = {"generate": _generate, "chat": _chat, "download": _download, "eval": _eval}
+    command = {"generate": _generate, "chat": _chat, "download": _download, "eval": _eval,
+               "export": _export}
     try:
         return command[args.command](args)
     except UsageError as e:
@@ -476,6 +502,25 @@ class _EvalProgress:
 
     def close(self):
         sys.stderr.write("\n")
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+def _export(args):
+    from picogpt import hf, loading
+
+    if args.format == "openai" and args.dtype != "float32":
+        raise UsageError("--format openai writes float32 weights (as OpenAI published GPT-2)")
+    out = Path(args.out).expanduser()
+    try:
+        hf.check_new_folder(out)
+        folder = loading.resolve(args.model, args.weights_dir, args.base_url, args.source)
+    except (UnknownModelError, OutputExistsError) as e:
+        raise UsageError(str(e)) from e
+    hf.export(folder, out, args.format, args.dtype)
+    layout = "HuggingFace's" if args.format == "hf" else "OpenAI's"
+    print(f"{args.model} written to {out} in {layout} layout ({args.dtype})", file=sys.stderr)
+    return 0
 
 
 # --- train ----------------------------------------------------------------------------------------
