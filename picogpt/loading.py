@@ -55,10 +55,22 @@ def load(name="124M", weights_dir=None, base_url=None):
 def load_folder(folder):
     """A Model from a model folder."""
     folder = Path(folder)
+    params, hparams, tokenizer = read_folder(folder)
+    try:
+        gpt = GPT(params, hparams)
+    except (PicogptError, OSError, ValueError) as e:
+        raise ModelError(f"{folder}: {e}") from e
+    return Model(gpt, tokenizer, folder)
+
+
+def read_folder(folder):
+    """What a model folder holds: its parameters (OpenAI's tensor names -> arrays, mapped from
+    the file), hparams and tokenizer. Training's --init starts from these."""
+    folder = Path(folder)
     try:
         hparams = read_hparams(folder)
         tokenizer = read_tokenizer(folder)
-        gpt = GPT(checkpoint.read(folder), hparams)
+        params = checkpoint.read(folder)
     except ModelError:
         raise
     except (PicogptError, OSError, ValueError) as e:
@@ -66,7 +78,7 @@ def load_folder(folder):
     if tokenizer.n_vocab > hparams["n_vocab"]:
         raise ModelError(f"{folder}: the tokenizer has {tokenizer.n_vocab} tokens, "
                          f"the model only {hparams['n_vocab']}")
-    return Model(gpt, tokenizer, folder)
+    return params, hparams, tokenizer
 
 
 def read_hparams(folder):
