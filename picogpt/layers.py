@@ -56,6 +56,11 @@ def layer_norm_forward(x, g, b):
     return xhat * g + b, LayerNormCache(xhat, rstd)
 
 
+def layer_norm_output(cache, g, b):
+    """The forward's output again, from its cache: cheaper to recompute than to keep."""
+    return cache.xhat * g + b
+
+
 def layer_norm_backward(dout, cache, g, dg, db):
     xhat, rstd = cache
     np.einsum("ij,ij->j", dout, xhat, out=dg)
@@ -165,6 +170,14 @@ def gelu_forward(x):
     return out, GeluCache(x, t)
 
 
+def gelu_output(cache):
+    """The forward's output again, 0.5 x (1 + t), from its cache: cheaper than keeping it."""
+    out = cache.tanh + 1.0
+    out *= cache.x
+    out *= 0.5
+    return out
+
+
 def gelu_backward(dout, cache):
     """d/dx = 0.5 (1 + t + x (1 - t^2) c (1 + 3 a x^2)), t the forward's tanh."""
     x, t = cache
@@ -203,24 +216,48 @@ def dropout_backward(dout, mask):
     return dout if mask is None else dout * mask
 
 
-# --- cross-entropy -----------------------------------------------------------------------------
+# --- the output layer and the loss --------------------------------------------------------------
+
+LOSS_ROWS = 256  # rows of logits [rows, n_vocab] alive at a time: 51 MB for GPT-2's vocabulary
+# Logits more than this far below their row's maximum are raised to it before exp: exp(-60) is
+# about 1e-26, so probabilities and their gradient (divided by up to 10^7 rows) stay normal
+# floats. Below about exp(-87) float32 goes subnormal, which Intel CPUs compute many times
+# slower, and a 50,257-way softmax has thousands of such entries per row. The raised entries
+# change a probability by less than 1e-26 absolute (the sum of a row by less than 1e-21).
+EXP_FLOOR = -60.0
 
 
-def cross_entropy_forward(logits, targets):
-    """Mean negative log-likelihood of targets [N] under softmax(logits [N, V]); and the
-    probabilities, which the backward needs."""
-    rows = np.arange(len(targets))
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    probs = np.exp(shifted)
-    sums = probs.sum(axis=-1, keepdims=True)
-    loss = float(np.mean(np.log(sums[:, 0]) - shifted[rows, targets]))
-    probs /= sums
-    return loss, probs
+def classifier_forward(h, wte, targets, dwte=None, rows=LOSS_ROWS):
+    """Mean cross-entropy of targets [N] under softmax(h [N, C] @ wte.T); with `dwte`, also the
+    backward, in the same pass: dwte is set to d loss / d wte (the output projection's part) and
+    d loss / d h [N, C] is returned, else None.
 
-
-def cross_entropy_backward(probs, targets):
-    """d loss / d logits = (softmax - one_hot(targets)) / N."""
-    dlogits = probs.copy()
-    dlogits[np.arange(len(targets)), targets] -= 1.0
-    dlogits /= len(targets)
-    return dlogits
+    The logits go `rows` rows at a time, each block becoming its probabilities and then its
+    gradient (softmax - one_hot(targets)) / N in place: [N, n_vocab] is never whole, and the
+    logits are never recomputed for the backward."""
+    N = len(targets)
+    total = 0.0
+    dh = None if dwte is None else np.empty_like(h)
+    partial = None  # dwte's contribution of one block, after the first
+    for start in range(0, N, rows):
+        stop = min(N, start + rows)
+        block = h[start:stop] @ wte.T  # [r, C] -> [r, V]
+        block -= block.max(axis=-1, keepdims=True)
+        picked = block[np.arange(stop - start), targets[start:stop]]  # the targets' shifted logits
+        np.maximum(block, EXP_FLOOR, out=block)
+        np.exp(block, out=block)
+        sums = block.sum(axis=-1, keepdims=True)  # [r, 1]
+        total += float(np.sum(np.log(sums[:, 0]) - picked, dtype=np.float64))
+        if dwte is None:
+            continue
+        block *= 1.0 / (sums * N)  # the probabilities / N
+        block[np.arange(stop - start), targets[start:stop]] -= 1.0 / N  # -> d loss / d logits
+        np.matmul(block, wte, out=dh[start:stop])  # [r, V] -> [r, C]
+        if start == 0:
+            np.matmul(block.T, h[start:stop], out=dwte)  # [V, r] @ [r, C] -> [V, C]
+        else:
+            if partial is None:
+                partial = np.empty_like(dwte)
+            np.matmul(block.T, h[start:stop], out=partial)
+            dwte += partial
+    return total / N, dh
