@@ -60,7 +60,7 @@ class BlockCache(NamedTuple):
     drop_1: Optional[np.ndarray]  # dropout mask of the attention branch
     h2: np.ndarray  # ln_2(x2), c_fc's input [N, C]
     ln_2: layers.LayerNormCache
-    gelu: layers.GeluCache  # c_fc's output [N, 4C] and its tanh
+    gelu: layers.GeluCache  # c_fc's output [N, 4C] and its GELU gate
     g: np.ndarray  # gelu's output, the MLP's c_proj's input [N, 4C]
     drop_2: Optional[np.ndarray]  # dropout mask of the MLP branch
 
