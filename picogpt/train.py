@@ -63,7 +63,7 @@ class BlockCache(NamedTuple):
     a: np.ndarray  # the attention's output, c_proj's input [N, C]
     drop_1: Optional[np.ndarray]  # dropout mask of the attention branch
     ln_2: layers.LayerNormCache
-    gelu: layers.GeluCache  # c_fc's output [N, 4C] and its tanh
+    gelu: layers.GeluCache  # c_fc's output [N, 4C] and its GELU gate
     drop_2: Optional[np.ndarray]  # dropout mask of the MLP branch
 
 
