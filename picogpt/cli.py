@@ -598,7 +598,7 @@ def _add_train_arguments(parser, defaults):
                              "(GPT-2's 50,257 tokens), or any model whose tokenizer to use")
     parser.add_argument("--weights-dir", metavar="DIR",
                         help="where GPT-2 sizes are downloaded to (and tokenized texts cached)")
-    parser.add_argument("--base-url", metavar="URL", help="download from here instead of OpenAI")
+    _add_download_options(parser)
     groups = {"model": parser.add_argument_group("model (fixed once training starts)"),
               "training": parser.add_argument_group(
                   "training (--resume keeps the saved values unless given)")}  # fmt: skip
@@ -648,7 +648,7 @@ def _train(argv):
         plan = train.prepare(args.text, args.out, options, resume=args.resume, init=args.init,
                              tokenizer=args.tokenizer, weights_dir=args.weights_dir,
                              base_url=args.base_url, check_saved=_check_train_config,
-                             progress=progress)  # fmt: skip
+                             progress=progress, download_source=args.source)  # fmt: skip
         progress.close()
         config = plan.config
         config["command"] = train.command_line(args.text, args.out, config)

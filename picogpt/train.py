@@ -627,11 +627,13 @@ class Plan(NamedTuple):
 
 
 def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="chars",
-            weights_dir=None, base_url=None, check_saved=None, progress=None):
+            weights_dir=None, base_url=None, check_saved=None, progress=None,
+            download_source=None):
     """Check everything that can be wrong before any training: the text, the options, --out,
     the memory it needs. `init` and `tokenizer` are model names as --model takes them
-    (loading.resolve); `check_saved(config, path)` validates a resumed run's saved configuration;
-    `progress(done, total)` hears how tokenizing goes. Nothing is written until all is checked."""
+    (loading.resolve; a GPT-2 size is downloaded from `download_source`); `check_saved(config,
+    path)` validates a resumed run's saved configuration; `progress(done, total)` hears how
+    tokenizing goes. Nothing is written until all is checked."""
     from picogpt import download, loading
 
     text = read_text(text_path)
@@ -663,7 +665,7 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
         folder = RunFolder.for_new_run(out)
     if not resume:
         if init is not None:
-            source = loading.resolve(init, weights_dir, base_url)
+            source = loading.resolve(init, weights_dir, base_url, download_source)
             hparams, tok, init_params = loading.read_folder(source)
             _check_model(init_params, hparams, source)
             config = make_config(options, init_hparams=hparams)
@@ -674,7 +676,7 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
 
                 tok = CharTokenizer.from_text(text)
             else:
-                source = loading.resolve(tokenizer, weights_dir, base_url)
+                source = loading.resolve(tokenizer, weights_dir, base_url, download_source)
                 try:
                     tok = loading.read_tokenizer(source)
                 except (OSError, ValueError) as e:  # a folder without (or with a bad) tokenizer
