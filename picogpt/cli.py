@@ -113,6 +113,36 @@ def _temperature(value):
 
 
 _top_p = _in_range(0, 1, low_open=True)
+_penalty = _in_range(-2, 2)  # OpenAI's range for frequency and presence penalties
+
+
+def _int_in_range(low, high):
+    """A validator for whole numbers in low..high."""
+    def parse(value):
+        n = _whole_number(f"must be in {low}..{high}")(value)
+        if not low <= n <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {n}")
+        return n
+    return parse
+
+
+_logprobs = _int_in_range(0, 20)
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def _stop(value):
+    """A stop string as typed: \\n, \\t and \\\\ read as a newline, a tab and a backslash."""
+    out, i = [], 0
+    while i < len(value):
+        if value[i] == "\\" and value[i + 1 : i + 2] in _ESCAPES:
+            out.append(_ESCAPES[value[i + 1]])
+            i += 2
+        else:
+            out.append(value[i])
+            i += 1
+    if not out:
+        raise argparse.ArgumentTypeError("a stop string must not be empty")
+    return "".join(out)
 
 
 def _base_url(value):
@@ -161,6 +191,14 @@ def _add_sampling_options(p, n, temperature=1.0, unit="sample"):
                    help="nucleus sampling: the fewest tokens whose probability sums to P (0, 1]")
     p.add_argument("--seed", type=_seed, default=None, metavar="S",
                    help=f"make sampling repeatable ({unit} k uses seed S+k-1)")
+    p.add_argument("--stop", type=_stop, action="append", default=[], metavar="STR",
+                   help="end the text before STR (repeatable, up to 16; \\n is a newline)")
+    p.add_argument("--frequency-penalty", type=_penalty, default=0.0, metavar="F",
+                   help="lower each token's logit by F per time it was generated: less "
+                        "repetition ([-2, 2], default 0)")
+    p.add_argument("--presence-penalty", type=_penalty, default=0.0, metavar="P",
+                   help="lower the logit of every token generated so far by P: new topics "
+                        "([-2, 2], default 0)")
 
 
 def build_parser():
@@ -192,6 +230,9 @@ def build_parser():
     g.add_argument("--samples", type=_positive_int, default=1, metavar="K",
                    help="how many continuations to write (default 1)")
     g.add_argument("--no-echo", action="store_true", help="do not print the prompt first")
+    g.add_argument("--logprobs", type=_logprobs, default=None, metavar="K",
+                   help="show each token's probability and its K likeliest alternatives "
+                        "(0..20): shaded on a terminal, a tab-separated table when piped")
     _add_sampling_options(g, n=40)
     _add_model_options(g)
     # `picogpt --help` is where people look for --n and friends: show generate's options there.
@@ -299,7 +340,21 @@ def _open_model(args):
 
 
 def _sampling(args):
-    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty)
+
+
+def _check_stops(stops, reserved=()):
+    """The --stop strings, checked as the API checks them (before any model is loaded)."""
+    from picogpt.api import MAX_STOPS, check_stop
+
+    try:
+        return list(check_stop([*reserved, *stops]))[len(reserved):]
+    except ValueError as e:
+        if len(set([*reserved, *stops])) > MAX_STOPS and reserved:
+            raise UsageError(f"--stop: at most {MAX_STOPS - len(reserved)} strings here (the "
+                             f"reply's line end is one of the {MAX_STOPS})") from None
+        raise UsageError(f"--stop: {e}") from None
 
 
 # --- generate -------------------------------------------------------------------------------------
@@ -333,32 +388,107 @@ def _read_prompt(args):
 
 def _generate(args):
     prompt = _read_prompt(args)
+    stop = _check_stops(args.stop)
     model = _open_model(args)
     out = sys.stdout
+    terminal = out.isatty()
     for k in range(args.samples):
+        seed = None if args.seed is None else args.seed + k
+        options = dict(n=args.n, seed=seed, stop=stop, **_sampling(args))
+        try:
+            if args.logprobs is not None:
+                _write_logprobs(model, prompt, out, k, args, terminal, options)
+            else:
+                _write_sample(model, prompt, out, k, args, options)
+        except ValueError as e:  # e.g. a prompt longer than the context, unknown characters
+            raise UsageError(str(e)) from None
+    return 0
+
+
+def _write_sample(model, prompt, out, k, args, options):
+    """One continuation, streamed after the prompt (unless --no-echo)."""
+    if args.samples > 1:
+        out.write(f"{'' if k == 0 else chr(10)}--- sample {k + 1} of {args.samples} ---\n")
+    if not args.no_echo:
+        out.write(prompt)
+    out.flush()
+    text = prompt
+    for piece in model.stream(prompt, **options):
+        out.write(piece)
+        out.flush()  # each piece as it comes: this is the point of streaming
+        text += piece
+    if text and not text.endswith("\n"):
+        out.write("\n")
+    out.flush()
+
+
+def _write_logprobs(model, prompt, out, k, args, terminal, options):
+    """One continuation with --logprobs. On a terminal: the text streamed, each piece shaded by
+    the probability of its least likely token, then a table of the tokens. Piped: the table
+    alone, tab-separated (sample, position, token, probability, then K alternatives and theirs)."""
+    color = terminal and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+    if terminal:
         if args.samples > 1:
             out.write(f"{'' if k == 0 else chr(10)}--- sample {k + 1} of {args.samples} ---\n")
         if not args.no_echo:
             out.write(prompt)
         out.flush()
-        seed = None if args.seed is None else args.seed + k
-        text = prompt
-        try:
-            for piece in model.stream(prompt, n=args.n, seed=seed, **_sampling(args)):
-                out.write(piece)
-                out.flush()  # each piece as it comes: this is the point of streaming
-                text += piece
-        except ValueError as e:  # e.g. a prompt longer than the context, unknown characters
-            raise UsageError(str(e)) from None
-        if text and not text.endswith("\n"):
-            out.write("\n")
-        out.flush()
-    return 0
+    elif k == 0:
+        out.write("sample\tposition\ttoken\tprobability\talternatives\n")
+    rows, pending, text = [], [], ""
+    for chunk in model.stream_completion(prompt, logprobs=args.logprobs, **options):
+        rows += zip(chunk.tokens, chunk.token_logprobs, chunk.top_logprobs)
+        pending += chunk.token_logprobs
+        if terminal and chunk.text:
+            out.write(_shade(chunk.text, math.exp(min(pending, default=0.0)), color))
+            out.flush()
+            pending, text = [], text + chunk.text
+    if terminal:
+        out.write("\n" if text and not text.endswith("\n") else "")
+        out.write(f"\n{'#':>4}  {'token':<16} {'prob':>7}  alternatives\n")
+    for i, (token, lp, top) in enumerate(rows, 1):
+        shown = _token_label(model.token_text(token))
+        alternatives = [(_token_label(t), v) for t, v in top.items()]
+        if terminal:
+            cell = _shade(f"{shown:<16}", math.exp(lp), color)
+            alts = "  ".join(_shade(f"{t} {_percent(v)}", math.exp(v), color)
+                             for t, v in alternatives)
+            out.write(f"{i:>4}  {cell} {_percent(lp):>7}  {alts}\n")
+        else:
+            cells = [str(k + 1), str(i), shown, _percent(lp)]
+            cells += [f"{t}\t{_percent(v)}" for t, v in alternatives]
+            out.write("\t".join(cells) + "\n")
+    out.flush()
+
+
+def _token_label(text):
+    """A token as the table shows it: quoted with escapes, so spaces and newlines are seen."""
+    return text if text.startswith("bytes:") else json.dumps(text, ensure_ascii=False)
+
+
+def _percent(logprob):
+    p = 100 * math.exp(logprob)
+    return f"{p:.2f}%" if p >= 0.005 else f"{p:.0e}%"
+
+
+# Background colours (xterm's 256) from unlikely to likely, black text on each.
+_SHADES = ((0.8, 114), (0.5, 150), (0.3, 186), (0.1, 216), (0.03, 210), (0.0, 203))
+
+
+def _shade(text, p, color):
+    """`text` on a background that says how likely it was (each line apart: no colour bleeds
+    past a line's end)."""
+    if not color:
+        return text
+    code = next(c for limit, c in _SHADES if p >= limit)
+    return "\n".join(f"\x1b[48;5;{code}m\x1b[38;5;16m{line}\x1b[0m" if line else ""
+                     for line in text.split("\n"))
 
 
 # --- chat -----------------------------------------------------------------------------------------
 
 def _chat(args):
+    stop = _check_stops(args.stop, reserved=(REPLY_STOP,))
     model = _open_model(args)
     n_ctx = model.hparams["n_ctx"]
     if args.n >= n_ctx:
@@ -406,7 +536,7 @@ def _chat(args):
         out.write(f"{name}> ")
         out.flush()
         seed = None if args.seed is None else args.seed + turn
-        reply = _reply(model, prompt, out, n=args.n, seed=seed, **_sampling(args))
+        reply = _reply(model, prompt, out, stop=stop, n=args.n, seed=seed, **_sampling(args))
         chat.add(message, reply)
         turn += 1
 
