@@ -191,8 +191,9 @@ def _add_sampling_options(p, n, temperature=1.0, unit="sample"):
                    help="nucleus sampling: the fewest tokens whose probability sums to P (0, 1]")
     p.add_argument("--seed", type=_seed, default=None, metavar="S",
                    help=f"make sampling repeatable ({unit} k uses seed S+k-1)")
+    most = "up to 16" if unit == "sample" else "up to 15; a reply also ends at its line end"
     p.add_argument("--stop", type=_stop, action="append", default=[], metavar="STR",
-                   help="end the text before STR (repeatable, up to 16; \\n is a newline)")
+                   help=f"end the text before STR (repeatable, {most}; \\n is a newline)")
     p.add_argument("--frequency-penalty", type=_penalty, default=0.0, metavar="F",
                    help="lower each token's logit by F per time it was generated: less "
                         "repetition ([-2, 2], default 0)")
