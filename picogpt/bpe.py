@@ -168,22 +168,23 @@ class BPE:
         raise AssertionError("unreachable")
 
     @classmethod
-    def load(cls, folder):
-        """Read OpenAI's `encoder.json` and `vocab.bpe` from a model folder (each a regular file
-        of bounded size; a missing one is a FileNotFoundError, anything else a VocabularyError
-        naming the file)."""
+    def load(cls, folder, names=("encoder.json", "vocab.bpe")):
+        """Read OpenAI's `encoder.json` and `vocab.bpe` from a model folder, or the same two files
+        under other `names` (HuggingFace's vocab.json and merges.txt). Each is a regular file of
+        bounded size; a missing one is a FileNotFoundError, anything else a VocabularyError
+        naming the file."""
         folder = Path(folder)
-        encoder_path, merges_path = folder / "encoder.json", folder / "vocab.bpe"
+        encoder_path, merges_path = (folder / name for name in names)
         for path in (encoder_path, merges_path):
             if not path.exists():
                 raise FileNotFoundError(
                     errno.ENOENT, f"GPT-2 vocabulary file {path.name} not found", str(path)
                 )
-        encoder = files.load_json(encoder_path, ENCODER_LIMIT, "encoder.json",
+        encoder = files.load_json(encoder_path, ENCODER_LIMIT, encoder_path.name,
                                   error=VocabularyError)
         if not isinstance(encoder, dict):
             raise VocabularyError(f"{encoder_path}: expected a JSON object of token -> id")
-        text = files.read_text(merges_path, MERGES_LIMIT, "vocab.bpe", error=VocabularyError)
+        text = files.read_text(merges_path, MERGES_LIMIT, merges_path.name, error=VocabularyError)
         merges = _parse_merges(text, merges_path)
         try:
             bpe = cls(encoder, merges)

@@ -1,13 +1,14 @@
 """From a model's name to a `Model`: the one place a name resolves to a folder, and the reading of
 a model folder (hparams, tokenizer, weights).
 
-A model folder is OpenAI's layout: `hparams.json`, a TensorFlow checkpoint with GPT-2's tensor
-names, and a tokenizer (`encoder.json` + `vocab.bpe`, or `chars.json` for trained char models).
+A model folder is in OpenAI's layout: `hparams.json`, a TensorFlow checkpoint with GPT-2's tensor
+names, and a tokenizer (`encoder.json` + `vocab.bpe`, or `chars.json` for trained char models);
+or in HuggingFace's (config.json, model.safetensors, ...: picogpt/hf.py reads it).
 """
 
 from pathlib import Path
 
-from picogpt import checkpoint, download, files
+from picogpt import checkpoint, download, files, hf
 from picogpt.api import Model
 from picogpt.errors import FileReadError, ModelError, PicogptError, UnknownModelError
 from picogpt.model import GPT, check_hparams, check_params
@@ -58,6 +59,23 @@ def load_folder(folder):
     Anything wrong is a ModelError naming the folder or the file, the cause chained."""
     folder = Path(folder)
     try:
+        hparams, tokenizer, params = read_folder(folder)
+        gpt = GPT(params, hparams)
+    except ModelError:
+        raise
+    except (PicogptError, OSError, ValueError) as e:
+        raise ModelError(f"{folder}: {e}") from e
+    return Model(gpt, tokenizer, folder)
+
+
+def read_folder(folder):
+    """(hparams, tokenizer, params) of a model folder in either layout, each checked against the
+    others: params float32 in OpenAI's names and shapes, as the engine, training and export take
+    them. Anything wrong is a PicogptError naming the file."""
+    folder = Path(folder)
+    if hf.is_hf_folder(folder):
+        hparams, tokenizer, params = hf.read_folder(folder)
+    else:
         hparams = read_hparams(folder)
         params = checkpoint.read(folder)
         try:
@@ -65,13 +83,8 @@ def load_folder(folder):
         except ValueError as e:
             raise ModelError(f"{folder}: hparams.json does not fit the checkpoint: {e}") from e
         tokenizer = read_tokenizer(folder)
-        check_tokenizer(tokenizer, hparams["n_vocab"], folder)
-        gpt = GPT(params, hparams)
-    except ModelError:
-        raise
-    except (PicogptError, OSError, ValueError) as e:
-        raise ModelError(f"{folder}: {e}") from e
-    return Model(gpt, tokenizer, folder)
+    check_tokenizer(tokenizer, hparams["n_vocab"], folder)
+    return hparams, tokenizer, params
 
 
 def read_hparams(folder):
