@@ -17,10 +17,11 @@ __version__ = "0.1.0"
 # the command line, before it can catch Ctrl-C) does not wait for NumPy.
 _LAZY = {
     "load": "picogpt.loading", "resolve": "picogpt.loading", "BUNDLED": "picogpt.loading",
-    "Model": "picogpt.api", "LogLikelihood": "picogpt.api",
+    "Model": "picogpt.api", "LogLikelihood": "picogpt.api", "Completion": "picogpt.api",
+    "Chunk": "picogpt.api",
 }  # fmt: skip
-__all__ = ["load", "resolve", "generate", "Model", "LogLikelihood", "BUNDLED",
-           "ModelError", "PicogptError"]
+__all__ = ["load", "resolve", "generate", "Model", "Completion", "Chunk", "LogLikelihood",
+           "BUNDLED", "ModelError", "PicogptError"]
 
 
 def __getattr__(name):
@@ -40,7 +41,8 @@ _loaded = {}
 
 def generate(prompt, n=40, model="124M", **options):
     """The continuation of `prompt` by `model` (loaded once, then kept); options as
-    Model.generate: temperature, top_k, top_p, seed, stop_at_eos, samples."""
+    Model.generate: temperature, top_k, top_p, seed, stop_at_eos, samples, stop,
+    frequency_penalty, presence_penalty."""
     from picogpt.loading import load
 
     key = str(model)

@@ -270,7 +270,7 @@ def _read_block(index, handle, where):
     raw = index[offset : offset + size + BLOCK_TRAILER_SIZE]
     compression = raw[size]
     stored = int.from_bytes(raw[size + 1 :], "little")
-    if unmask_crc(stored) != _crc32c_bytes(0xFFFFFFFF, raw[: size + 1]) ^ 0xFFFFFFFF:
+    if unmask_crc(stored) != crc32c(raw[: size + 1]):
         raise CheckpointError(f"{where}: block at offset {offset} fails its CRC32C check")
     if compression != 0:
         raise CheckpointError(
@@ -414,7 +414,7 @@ def resolve_prefix(path):
     """The checkpoint prefix for `path`: a prefix itself, or a folder holding one."""
     path = Path(path)
     if not path.is_dir():
-        if Path(str(path) + ".index").is_file():
+        if Path(str(path) + ".index").exists():
             return path
         raise CheckpointError(f"{path}: no checkpoint here (no {path.name}.index)")
     state = path / "checkpoint"
@@ -425,7 +425,7 @@ def resolve_prefix(path):
         if match:
             # The recorded path may be absolute and stale (written on another machine).
             prefix = path / Path(match.group(1).replace("\\", "/")).name
-            if Path(str(prefix) + ".index").is_file():
+            if Path(str(prefix) + ".index").exists():
                 return prefix
             raise CheckpointError(f"{state}: names {match.group(1)!r}; {prefix}.index is absent")
     indexes = sorted(path.glob("*.index"))
@@ -637,7 +637,7 @@ def _block(entries):
 
 def _with_trailer(block, compression=0):
     trailer_type = bytes([compression])
-    crc = _crc32c_bytes(0xFFFFFFFF, block + trailer_type) ^ 0xFFFFFFFF
+    crc = crc32c(block + trailer_type)
     return block + trailer_type + struct.pack("<I", mask_crc(crc))
 
 

@@ -5,6 +5,7 @@ Bad input gets a one-line message and exit status 2; failures that are not the u
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 from picogpt import download, files
+from picogpt.chat import REPLY_STOP, Conversation
 from picogpt.errors import OutputExistsError, PicogptError, UnknownModelError
 
 COMMANDS = ("generate", "chat", "download", "eval", "train", "export")
@@ -26,7 +28,7 @@ examples:
   picogpt chat                              talk with GPT-2 (Ctrl-D to leave)
   picogpt download 774M                     fetch a model ahead of time
   picogpt eval essay.txt                    cross-entropy, perplexity, bits per byte
-  picogpt train input.txt --out my-model    train a character-level GPT (picogpt train --help)
+  picogpt train input.txt --out my-model    train a GPT on a text (picogpt train --help)
   picogpt "ROMEO:" -m shakespeare-char      the bundled model trained on Tiny Shakespeare
   picogpt export my-model my-model-hf       a model folder for transformers (HuggingFace's layout)
 
@@ -41,14 +43,6 @@ else ./weights when it exists in the current directory, else ~/.cache/picogpt. A
 $PICOGPT_SOURCE) fetches sizes from the HuggingFace hub instead of OpenAI; --base-url (or
 $PICOGPT_BASE_URL) replaces the download address.
 """
-
-CHAT_PREAMBLE = (
-    "The following is a conversation between a curious person and a friendly, knowledgeable "
-    "assistant. The assistant answers in a sentence or two.\n\n"
-    "User: Hi! Who are you?\n"
-    "Assistant: Hello! I'm an assistant. Ask me anything and I'll do my best to help.\n"
-)
-
 
 class UsageError(PicogptError):
     """Bad input from the user: reported on one line, exit status 2."""
@@ -267,7 +261,7 @@ def build_parser():
 
     # Listed here for --help; the real `train` parser is built by _train below, which imports
     # picogpt.train only when training is asked for (the only command that needs it).
-    sub.add_parser("train", prog="picogpt train", help="train a character-level GPT on a text file",
+    sub.add_parser("train", prog="picogpt train", help="train or fine-tune a GPT on a text file",
                    add_help=False, description="see picogpt train --help")
     return parser
 
@@ -390,50 +384,6 @@ def _generate(args):
 
 # --- chat -----------------------------------------------------------------------------------------
 
-class Conversation:
-    """The chat prompt: preamble + the turns so far + the new message, kept within the context.
-
-    Each turn the whole conversation is handed to the model, which reuses its KV cache for the
-    longest prefix it has already seen, so only the new message and the reply cost compute. The
-    prefix stays put (the preamble, then turns that are only ever appended), except when the
-    context is full and the oldest turns are dropped."""
-
-    def __init__(self, model, reply_tokens, preamble=CHAT_PREAMBLE):
-        self.model = model
-        try:
-            model.encode(preamble)
-        except ValueError:  # a character-level model that never saw some of its characters
-            preamble = ""
-        self.preamble = preamble
-        self.turns = []  # (message, reply) pairs, reply as generated (with its leading space)
-        self.budget = model.hparams["n_ctx"] - reply_tokens  # prompt tokens we can afford
-
-    def prompt(self, message):
-        current = f"User: {message}\nAssistant:"
-        while True:
-            history = "".join(f"User: {m}\nAssistant:{r}\n" for m, r in self.turns)
-            text = self.preamble + history + current
-            if len(self.model.encode(text)) <= self.budget:
-                return text
-            if self.turns:
-                self.turns.pop(0)  # forget the oldest turn
-            elif self.preamble:
-                self.preamble = ""  # a tiny context: even the preamble does not fit
-            else:
-                return self._keep_end(current)
-
-    def _keep_end(self, text):
-        """The longest end of `text` that fits the budget (a very long message)."""
-        ids = self.model.encode(text)[-max(self.budget, 1):]
-        text = self.model.decode(ids)
-        while len(self.model.encode(text)) > self.budget and text:
-            text = text[1:]
-        return text
-
-    def add(self, message, reply):
-        self.turns.append((message, reply))
-
-
 def _chat(args):
     model = _open_model(args)
     n_ctx = model.hparams["n_ctx"]
@@ -487,22 +437,15 @@ def _chat(args):
         turn += 1
 
 
-def _reply(model, prompt, out, **options):
-    """Stream the model's turn to `out`, stopping where it ends its line; return it as generated."""
+def _reply(model, prompt, out, stop=(), **options):
+    """Stream the model's turn to `out`, up to where it ends its line (or a `stop` string);
+    return it as generated."""
     reply = ""
-    stream = model.stream(prompt, **options)
-    try:
+    with contextlib.closing(model.stream(prompt, stop=[REPLY_STOP, *stop], **options)) as stream:
         for piece in stream:
-            end = piece.find("\n")  # the reply ends with its line: the next turn is the user's
-            if end >= 0:
-                piece = piece[:end]
             out.write(piece.lstrip() if not reply.strip() else piece)
             out.flush()
             reply += piece
-            if end >= 0:
-                break
-    finally:
-        stream.close()
     out.write("\n" if reply.strip() else "...\n")
     out.flush()
     return reply
@@ -583,33 +526,45 @@ def _export(args):
 # --- train ----------------------------------------------------------------------------------------
 
 TRAIN_DESCRIPTION = """\
-Train a character-level GPT (GPT-2's architecture, backpropagation in NumPy) on a text
-file. The vocabulary is the text's characters; the first 90% is for training, the
-last 10% for validation. The model with the best validation loss is saved to --out,
-a model folder that `picogpt --model DIR` and picogpt.load(DIR) use like GPT-2.
-Defaults are nanoGPT's CPU recipe for Tiny Shakespeare (about a minute here)."""
+Train a GPT (GPT-2's architecture, backpropagation in NumPy) on a text file, from
+scratch or from a model's weights (--init: fine-tuning). The first 90% of the text's
+tokens train, the last 10% validate. The model with the best validation loss is saved
+to --out, a model folder that `picogpt --model DIR` and picogpt.load(DIR) use like GPT-2.
+From scratch the vocabulary is the text's characters (or GPT-2's, --tokenizer gpt2) and
+the defaults are nanoGPT's CPU recipe for Tiny Shakespeare (about a minute here); with
+--init, the model's vocabulary and architecture, and nanoGPT's fine-tuning recipe."""
 
 TRAIN_EPILOG = """\
 examples:
   picogpt train tinyshakespeare.txt --out weights/shakespeare
   picogpt --model weights/shakespeare "ROMEO:" --n 200
   picogpt train tinyshakespeare.txt --out weights/shakespeare --resume --max-iters 4000
+  picogpt train tinyshakespeare.txt --out weights/bpe --tokenizer gpt2
+  picogpt train tinyshakespeare.txt --out weights/gpt2-shakespeare --init 124M
 
-the folder: hparams.json, chars.json, train_config.json, the TF checkpoint (best model),
-train_log.jsonl (every evaluation) and resume/ (the latest parameters and optimizer
-state, for --resume). Saves are atomic: a kill at any moment leaves the last good model."""
+fine-tuning defaults (--init): --batch-size 1 --grad-accum 32 --max-iters 20 --lr 3e-5
+(constant: --min-lr follows --lr) --warmup-iters 0 --dropout 0 --beta2 0.95
+--eval-interval 5 --eval-iters 40, --block-size the model's context.
+
+the folder: hparams.json, the tokenizer (chars.json, or encoder.json and vocab.bpe),
+train_config.json, the TF checkpoint (best model), train_log.jsonl (every evaluation),
+resume/ (the latest parameters and optimizer state, for --resume) and train_files.json
+(what picogpt wrote: it replaces or deletes nothing else, and trains only into a new or
+empty folder or one it made). Saves are atomic: a kill at any moment leaves the last good
+model. GPT-2's tokenization is cached in <weights folder>/tokens."""
 
 _probability = _in_range(0, 1, high_open=True)
 _nonnegative = _in_range(0, None)
 
-# Every training option: its group, the configuration key, its validator (which also checks a
-# resumed run's train_config.json), metavar and help. Defaults are picogpt.train.DEFAULTS.
+# Every numeric training option: its group, the configuration key, its validator (which also
+# checks a resumed run's train_config.json), metavar and help. Defaults: picogpt.train.DEFAULTS.
 TRAIN_OPTIONS = (
     ("model", "n_layer", _positive_int, "N", "transformer blocks"),
     ("model", "n_head", _positive_int, "N", "attention heads"),
     ("model", "n_embd", _positive_int, "N", "embedding width"),
     ("model", "block_size", _positive_int, "N", "context length in tokens"),
-    ("training", "batch_size", _positive_int, "N", "windows per step"),
+    ("training", "batch_size", _positive_int, "N", "windows per micro-batch"),
+    ("training", "grad_accum", _positive_int, "N", "micro-batches per step (their mean gradient)"),
     ("training", "max_iters", _whole_number("must be >= 0"), "N", "optimizer steps in all"),
     ("training", "lr", _nonnegative, "LR", "peak learning rate"),
     ("training", "min_lr", _nonnegative, "LR", "final learning rate"),
@@ -635,6 +590,15 @@ def _add_train_arguments(parser, defaults):
     parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
     parser.add_argument("--resume", action="store_true",
                         help="continue training the model in DIR from its last saved state")
+    parser.add_argument("--init", metavar="MODEL",
+                        help="fine-tune: start from MODEL's weights, tokenizer and architecture "
+                             "(anything --model takes: a GPT-2 size, a bundled model, a folder)")
+    parser.add_argument("--tokenizer", metavar="NAME", default="chars",
+                        help="from scratch: chars (the text's characters, the default), or gpt2 "
+                             "(GPT-2's 50,257 tokens), or any model whose tokenizer to use")
+    parser.add_argument("--weights-dir", metavar="DIR",
+                        help="where GPT-2 sizes are downloaded to (and tokenized texts cached)")
+    parser.add_argument("--base-url", metavar="URL", help="download from here instead of OpenAI")
     groups = {"model": parser.add_argument_group("model (fixed once training starts)"),
               "training": parser.add_argument_group(
                   "training (--resume keeps the saved values unless given)")}  # fmt: skip
@@ -669,50 +633,74 @@ def _train(argv):
     except ImportError as e:
         print(f"picogpt: error: training is not available ({e})", file=sys.stderr)
         return 1
-    from picogpt.errors import TrainingError
+    from picogpt.errors import FileReadError, TrainingError
 
     parser = Parser(prog="picogpt train")
     _add_train_arguments(parser, train.DEFAULTS)
     args = parser.parse_args(argv)
+    if args.init is not None and args.resume:
+        parser.error("--init starts a run and --resume continues one: give one of them")
+    if args.init is not None and args.tokenizer != "chars":
+        parser.error("--init uses its model's tokenizer: --tokenizer goes with a run from scratch")
     options = {key: getattr(args, key) for key in train.DEFAULTS}
+    progress = _TokenizeProgress(args.text)
     try:
-        config, tokenizer, data = train.prepare(args.text, args.out, args.resume, options,
-                                                check_saved=_check_train_config)
+        plan = train.prepare(args.text, args.out, options, resume=args.resume, init=args.init,
+                             tokenizer=args.tokenizer, weights_dir=args.weights_dir,
+                             base_url=args.base_url, check_saved=_check_train_config,
+                             progress=progress)  # fmt: skip
+        progress.close()
+        config = plan.config
         config["command"] = train.command_line(args.text, args.out, config)
-        trainer = train.Trainer(config, tokenizer, args.out)
-        if args.resume:
+        trainer = train.Trainer(config, plan.hparams, plan.tokenizer, plan.folder,
+                                plan.vocabulary)  # fmt: skip
+        if plan.resume:
             trainer.load_state()
         else:
-            trainer.initialize()
-    except TrainingError as e:
+            trainer.initialize(plan.init)
+    except (TrainingError, UnknownModelError) as e:  # bad input: options, text, --out, --init
+        progress.close()
         print(f"picogpt train: error: {e}", file=sys.stderr)
         return 2
+    except PicogptError as e:  # a file that cannot be read, a download that failed
+        progress.close()
+        print(f"picogpt train: {'error: ' if isinstance(e, FileReadError) else ''}{e}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    if plan.notice:
+        print(plan.notice, file=sys.stderr)
+    unit = "characters" if "chars.json" in plan.vocabulary else "tokens"
     n_params = trainer.flat.size
-    print(f"{n_params:,} parameters ({n_params * 4 / 1e6:.1f} MB), {tokenizer.n_vocab} "
-          f"characters, {len(data[0]):,} training and {len(data[1]):,} validation characters"
-          + (f"; resuming at iter {trainer.iter}" if args.resume else ""))  # fmt: skip
+    start = (f"; resuming at iter {trainer.iter}" if plan.resume
+             else f"; fine-tuning {args.init}" if args.init else "")  # fmt: skip
+    print(f"{n_params:,} parameters ({n_params * 4 / 1e6:.1f} MB), a vocabulary of "
+          f"{plan.tokenizer.n_vocab:,} {unit}, {len(plan.data[0]):,} training and "
+          f"{len(plan.data[1]):,} validation {unit}; about {plan.memory / 1e9:.1f} GB of "
+          f"memory{start}")  # fmt: skip
     status = _TrainStatus(sys.stdout, config["log_interval"])
     try:
-        train.train(trainer, data, report=status.report, status=status.update,
-                    resumed=args.resume)
+        train.train(trainer, plan.data, report=status.report, status=status.update,
+                    resumed=plan.resume)  # fmt: skip
     except KeyboardInterrupt:
         status.report(f"interrupted at iter {trainer.iter}")
         _say_where(trainer, args, interrupted=True)
         return 130
     except OSError as e:  # a full disk, a folder made read-only meanwhile
-        status.report(f"picogpt train: error: cannot save to {trainer.out}: {e}")
-        _say_where(trainer, args, interrupted=True)
+        status.end()
+        print(f"picogpt train: error: cannot save to {trainer.out}: {e.strerror or e}"
+              + _still_there(trainer, args), file=sys.stderr)  # fmt: skip
         return 1
     _say_where(trainer, args)
     return 0
 
 
 def _say_where(trainer, args, interrupted=False):
+    """What the folder holds now, and the commands that use it."""
     import shlex
 
     out, text = shlex.quote(str(trainer.out)), shlex.quote(str(args.text))
-    if math.isfinite(trainer.best_val_loss):
-        print(f"best model (val loss {trainer.best_val_loss:.4f}) in {out}; try: "
+    if trainer.saved_model is not None:
+        print(f"best model (val loss {trainer.saved_model[1]:.4f}) in {out}; try: "
               f"picogpt --model {out} \"{_sample_prompt(trainer)}\" --n 200")
     if trainer.saved_iter is None:
         return
@@ -723,8 +711,51 @@ def _say_where(trainer, args, interrupted=False):
         print(f"picogpt train {text} --out {out} --resume --max-iters N   trains it further")
 
 
+def _still_there(trainer, args):
+    """After a failed save: what the folder still holds, for the error line."""
+    held = []
+    if trainer.saved_model is not None:
+        held.append(f"the model of val loss {trainer.saved_model[1]:.4f}")
+    if trainer.saved_iter is not None:
+        held.append(f"the state of iter {trainer.saved_iter}, which --resume continues")
+    return f" ({trainer.out} still holds {' and '.join(held)})" if held else ""
+
+
 def _sample_prompt(trainer):
-    return "ROMEO:" if "R" in trainer.tokenizer.chars and ":" in trainer.tokenizer.chars else ""
+    try:
+        trainer.tokenizer.encode("ROMEO:")
+        return "ROMEO:"
+    except ValueError:
+        return ""
+
+
+class _TokenizeProgress:
+    """Tokenizing a large text with GPT-2's BPE takes a while: a line on stderr, redrawn on a
+    terminal, for texts of more than 4 MB."""
+
+    def __init__(self, path):
+        self.path, self.shown, self.active = path, 0.0, False
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.monotonic()
+
+    def __call__(self, done, total):
+        if total < 4 << 20:
+            return
+        now = time.monotonic()
+        if not self.tty and done < total and now - self.shown < 10:
+            return
+        if self.tty and done < total and now - self.shown < 0.1:
+            return
+        self.shown, self.active = now, True
+        line = (f"tokenizing {self.path}: {done / total:.0%} of {total / 1e6:.1f}M characters, "
+                f"{_duration(now - self.t0)}")  # fmt: skip
+        sys.stderr.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.active and self.tty:
+            sys.stderr.write("\n")
+        self.active = False
 
 
 class _TrainStatus:
@@ -754,10 +785,15 @@ class _TrainStatus:
             self.stream.flush()
 
     def report(self, line):
-        if self.tty:
-            self.stream.write("\r\x1b[K")
+        self.end()
         self.stream.write(line + "\n")
         self.stream.flush()
+
+    def end(self):
+        """Clear the redrawn line (before a message on another stream, too)."""
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
 
 
 def _duration(seconds):

@@ -228,6 +228,12 @@ def _download_locked(folder, size, source, base, chosen, only_if_missing, limits
         return folder
     if have and (only_if_missing or _all_present(folder, fetched)):
         return folder
+    complete = [s for s in SOURCES if _all_present(folder, LAYOUTS[s][1])]
+    if complete and source not in complete:  # the other layout's model, e.g. placed by hand
+        _verify(folder, complete[0], downloaded=())
+        _say(f"GPT-2 {size} is in {folder} ({_layout_name(complete[0])}); not fetching "
+             f"{_layout_name(source)}")
+        return folder
     other = [f for s in SOURCES if s != source for f in WEIGHTS[s] if (folder / f).is_file()]
     if other:
         raise DownloadError(
@@ -301,7 +307,12 @@ def _read_only(folder, size, e):
 # --- one file -------------------------------------------------------------------------------------
 
 class _Retry(Exception):
-    """A transient failure (5xx, dropped connection, short body, stall): try again."""
+    """A transient failure (5xx, dropped connection, short body, stall): try again. A stalled
+    attempt brings too little to count as progress, whatever it brought."""
+
+    def __init__(self, message, stalled=False):
+        super().__init__(message)
+        self.stalled = stalled
 
 
 class _Offline(Exception):
@@ -345,12 +356,13 @@ def _fetch(session, url, dest, limit, source, limits):
             digest = _fetch_once(session, url, part, limit, source, limits)
             break
         except _Retry as e:
-            error = str(e)
+            error, stalled = str(e), e.stalled
+        limits.check_deadline(dest.name, part)
         now = part.stat().st_size if part.exists() else 0
-        if now > best:
+        if now > best and not stalled:
             best, stuck = now, 0
         else:
-            stuck += 1
+            best, stuck = max(best, now), stuck + 1
         limits.failures += 1
         if stuck > limits.retries:
             raise DownloadError(f"giving up on {url} after {stuck} attempts in a row that "
@@ -384,8 +396,9 @@ def _fetch_once(session, url, part, limit, source, limits):
         with session.get(url, headers=headers, stream=True,
                          timeout=(limits.connect_timeout, limits.stall)) as r:
             limits.answered = True
-            digest = _announced_digest(r) if source == "huggingface" else None
-            start, total, decode = _check_answer(r, url, part, have, limit)
+            hub = _hub_answers(r, url) if source == "huggingface" else []
+            digest = _announced_digest(hub, r)
+            start, total, decode = _check_answer(r, url, part, have, limit, _linked_size(hub))
             _stream(r, part, start, total, limit, decode, limits)
             return digest
     except requests.TooManyRedirects:
@@ -404,7 +417,7 @@ def _fetch_once(session, url, part, limit, source, limits):
         raise DownloadError(f"{url}: {_reason(e)}") from None
 
 
-def _check_answer(r, url, part, have, limit):
+def _check_answer(r, url, part, have, limit, linked=None):
     """The status and headers of an answer: (offset the body starts at, the file's total size
     or None, a decoder for an encoded body or None). Raises _Retry or DownloadError."""
     status = r.status_code
@@ -440,7 +453,6 @@ def _check_answer(r, url, part, have, limit):
                          f"({r.headers.get('Content-Range')!r} for bytes={have}-)")
     else:
         start, total = 0, length  # a whole file: the server ignored Range, or we sent none
-    linked = _linked_size(r)
     if total is None:
         total = linked
     elif linked is not None and linked != total:
@@ -492,7 +504,8 @@ def _stream(r, part, start, total, limit, decode, limits):
                 if window_bytes >= STALL_BYTES:
                     window_start, window_bytes = now, 0
                 elif now - window_start > limits.stall:
-                    raise _Retry(f"stalled ({window_bytes} bytes in {limits.stall:g} s)")
+                    raise _Retry(f"stalled ({window_bytes} bytes in {limits.stall:g} s)",
+                                 stalled=True)
                 if now > limits.end:
                     break  # _fetch reports the deadline
         finally:
@@ -529,28 +542,44 @@ def _content_range(value):
         return -1, -1, None
 
 
-def _linked_size(r):
+def _hub_answers(r, url):
+    """The answers, redirects included, that came from the host `url` names (the hub's own,
+    not its CDN's)."""
+    host = urlsplit(url).netloc
+    return [a for a in (*r.history, r) if urlsplit(a.url).netloc == host]
+
+
+def _linked_size(hub):
     """The size the hub announces on its redirect of a large file (X-Linked-Size), or None."""
-    first = r.history[0] if r.history else r
-    value = first.headers.get("X-Linked-Size", "").strip()
-    return int(value) if value.isdigit() else None
+    for answer in hub:
+        value = answer.headers.get("X-Linked-Size", "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
 
 
-def _announced_digest(r):
-    """The digest the hub announces for a file: X-Linked-Etag (on its redirect of a large file to
-    the CDN) or ETag, as ('sha256', hex) for a 64-hex value (a large file's sha256), or
-    ('git-sha1', hex) for a 40-hex ETag of a small file the hub serves itself (its git blob id).
-    Only the hub's own answer counts: a CDN's ETag is its own business."""
-    first = r.history[0] if r.history else r
-    for header in ("X-Linked-Etag", "ETag"):
-        tag = first.headers.get(header, "").strip()
-        tag = tag[2:] if tag.startswith("W/") else tag
-        tag = tag.strip('"').lower()
-        if re.fullmatch(r"[0-9a-f]{64}", tag):
-            return "sha256", tag
-        if re.fullmatch(r"[0-9a-f]{40}", tag) and header == "ETag" and not r.history:
+def _announced_digest(hub, r):
+    """The digest the hub announces for a file, from its own answers `hub` (a CDN's ETag is the
+    CDN's business): ('sha256', hex) for a 64-hex X-Linked-Etag or ETag (a large file's
+    sha256, on the redirect to the CDN), or ('git-sha1', hex) for the 40-hex ETag of a small
+    file the hub serves itself (its git blob id). None when it announces neither."""
+    for answer in hub:
+        for header in ("X-Linked-Etag", "ETag"):
+            tag = _etag(answer.headers.get(header))
+            if re.fullmatch(r"[0-9a-f]{64}", tag):
+                return "sha256", tag
+    if hub and hub[-1] is r:  # the hub itself sent the body
+        tag = _etag(r.headers.get("ETag"))
+        if re.fullmatch(r"[0-9a-f]{40}", tag):
             return "git-sha1", tag
     return None
+
+
+def _etag(value):
+    """'W/"abc"' or '"abc"' -> 'abc'."""
+    tag = (value or "").strip()
+    tag = tag[2:] if tag.startswith("W/") else tag
+    return tag.strip('"').lower()
 
 
 def _check_digest(path, name, url, algorithm, expected):
@@ -657,8 +686,9 @@ def _is_verified(folder):
 
 def _verify(folder, source, downloaded, record=True):
     """Check the folder's files as their layout allows: JSON files parse, GPT-2's tokenizer has
-    its pinned digests, OpenAI's checkpoint its CRC32Cs (the hub's weights were checked against
-    the announced sha256 as they arrived); record success. Files that arrived in this download and
+    its pinned digests, OpenAI's checkpoint its CRC32Cs, the hub's safetensors header describes
+    the file (its bytes were checked against the announced sha256 as they arrived); record
+    success. Files that arrived in this download and
     fail are removed (never loaded); files placed by hand are left alone."""
     needed = LAYOUTS[source][1]
     if not _all_present(folder, needed):
@@ -676,9 +706,12 @@ def _verify(folder, source, downloaded, record=True):
             _check_pinned(folder, ("encoder.json", "vocab.bpe"), n_vocab)
             verify(folder)
         else:
+            from picogpt.safetensors import read_header
+
             n_vocab = _json_field(folder / "config.json", "vocab_size")
             files.load_json(folder / "vocab.json", MAX_BYTES["vocab.json"])
             _check_pinned(folder, ("vocab.json", "merges.txt"), n_vocab)
+            read_header(folder / "model.safetensors")  # every tensor inside the file
     except (PicogptError, OSError, ValueError) as e:
         removed = [f for f in downloaded if (folder / f).exists()]
         for f in removed:

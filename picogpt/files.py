@@ -40,10 +40,12 @@ def check_regular(path, limit, what="file", error=FileReadError):
 
 def read_bytes(path, limit, what="file", error=FileReadError):
     """The bytes of a regular file of at most `limit` bytes (checked before and while reading)."""
-    check_regular(path, limit, what, error)
+    size = check_regular(path, limit, what, error)
     try:
         with open(path, "rb") as f:
-            data = f.read(limit + 1)  # the file may have grown since the check
+            data = f.read(size + 1)  # not f.read(limit + 1): that allocates the whole limit
+            if len(data) > size:  # the file has grown since the check
+                data += f.read(limit + 1 - len(data))
     except OSError as e:
         raise error(f"{path}: cannot read {what}: {e.strerror or e}") from e
     if len(data) > limit:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from picogpt import checkpoint, download, files, hf
 from picogpt.api import Model
-from picogpt.errors import ModelError, PicogptError, UnknownModelError
+from picogpt.errors import FileReadError, ModelError, PicogptError, UnknownModelError
 from picogpt.model import GPT, check_hparams, check_params
 
 BUNDLED = Path(__file__).parent / "models"
@@ -92,7 +92,10 @@ def read_hparams(folder):
     path = Path(folder) / "hparams.json"
     if not path.exists():
         raise ModelError(f"{folder}: not a model folder (no hparams.json)")
-    hparams = files.load_json(path, HPARAMS_LIMIT, "hparams.json", error=ModelError)
+    try:
+        hparams = files.load_json(path, HPARAMS_LIMIT, "hparams.json")
+    except FileReadError as e:
+        raise ModelError(str(e)) from e
     if not isinstance(hparams, dict):
         raise ModelError(f"{path}: expected a JSON object")
     try:

@@ -21,8 +21,9 @@ from .checkpoint import release
 
 LN_EPS = 1e-5
 # Row blocks bound the temporaries of the two products that grow with the input: attention scores
-# ([B, n_head, block, T] instead of [B, n_head, T, T]) and the vocabulary projection.
-ATTN_BLOCK_BYTES = 16 << 20
+# ([B, n_head, block, T] instead of [B, n_head, T, T]) and the vocabulary projection. A block of
+# scores is small enough to stay in a core's L2 cache (1-2 MB) across softmax's passes over it.
+ATTN_BLOCK_BYTES = 1 << 20
 ATTN_MAX_ROWS = 128
 LOGITS_BLOCK_ROWS = 256
 SMALL_BATCH = 8  # up to this many rows, products run row by row (see matmul)
@@ -50,8 +51,8 @@ def layer_norm(x, g, b, eps=LN_EPS):
     var = np.einsum("...i,...i->...", xc, xc)[..., None]
     var *= 1.0 / x.shape[-1]
     var += eps
-    np.sqrt(var, out=var)
-    xc /= var
+    rstd = np.reciprocal(np.sqrt(var, out=var), out=var)  # per row: a product, not a division
+    xc *= rstd
     xc *= g
     xc += b
     return xc
@@ -146,8 +147,10 @@ def attention(q, k, v, offset):
     out = np.empty_like(q)
     per_row = B * H * k.shape[2] * 4
     block = max(1, min(Tq, ATTN_BLOCK_BYTES // per_row, ATTN_MAX_ROWS))
-    mask = causal_mask(block) if Tq > 1 else None
-    past = np.tril(np.ones((block, block), np.float32))  # 1 on and below the diagonal, else 0
+    mask = past = None  # one query (decoding) sees every key
+    if Tq > 1:
+        mask = causal_mask(block)
+        past = np.tril(np.ones((block, block), np.float32))  # 1 on and below the diagonal, else 0
     for start in range(0, Tq, block):
         stop = min(Tq, start + block)
         n_keys = offset + stop

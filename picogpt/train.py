@@ -12,6 +12,8 @@ operations, and the engine's names and shapes are views of it.
 """
 
 import ctypes
+import hashlib
+import io
 import json
 import math
 import shlex
@@ -22,8 +24,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from picogpt import checkpoint, files, layers, model
-from picogpt.chars import CharTokenizer
-from picogpt.errors import TrainingError
+from picogpt.errors import ModelError, PicogptError, TrainingError
 
 # nanoGPT's CPU recipe for Tiny Shakespeare: trains in about a minute here.
 DEFAULTS = {
@@ -31,7 +32,7 @@ DEFAULTS = {
     "max_iters": 2000, "lr": 1e-3, "min_lr": 1e-4, "warmup_iters": 100,
     "lr_decay_iters": None,  # None: max_iters
     "dropout": 0.0, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.99, "grad_clip": 1.0,
-    "eval_interval": 250, "eval_iters": 20, "log_interval": 10, "seed": 1337,
+    "eval_interval": 250, "eval_iters": 20, "log_interval": 10, "seed": 1337, "grad_accum": 1,
 }  # fmt: skip
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
 
@@ -53,15 +54,16 @@ def block_params(params, i):
 
 
 class BlockCache(NamedTuple):
-    h1: np.ndarray  # ln_1(x), the attention's input [N, C]
+    """What a block's forward keeps for its backward: per row, 14 floats per channel plus the
+    attention probabilities. LayerNorms' and GELU's outputs are recomputed from their caches
+    (a multiply-add each) rather than kept."""
+
     ln_1: layers.LayerNormCache
+    attn: layers.AttentionCache  # q, k, v are views of c_attn's output [N, 3C]
     a: np.ndarray  # the attention's output, c_proj's input [N, C]
-    attn: layers.AttentionCache
     drop_1: Optional[np.ndarray]  # dropout mask of the attention branch
-    h2: np.ndarray  # ln_2(x2), c_fc's input [N, C]
     ln_2: layers.LayerNormCache
-    gelu: layers.GeluCache  # c_fc's output [N, 4C] and its tanh
-    g: np.ndarray  # gelu's output, the MLP's c_proj's input [N, 4C]
+    gelu: layers.GeluCache  # c_fc's output [N, 4C] and its GELU gate
     drop_2: Optional[np.ndarray]  # dropout mask of the MLP branch
 
 
@@ -69,31 +71,48 @@ def block_forward(x, p, B, T, n_head, dropout=0.0, rng=None):
     """One transformer block: x + attn(ln_1(x)), then + mlp(ln_2(.)). x [B*T, C]."""
     h1, ln_1 = layers.layer_norm_forward(x, *p["ln_1"])
     qkv = layers.linear_forward(h1, *p["c_attn"])  # [N, C] -> [N, 3C]
+    del h1
     a, attn = layers.attention_forward(qkv, B, T, n_head, dropout, rng)  # [N, 3C] -> [N, C]
     a_out, drop_1 = layers.dropout_forward(layers.linear_forward(a, *p["c_proj"]), dropout, rng)
     x2 = x + a_out  # residual
+    del a_out
     h2, ln_2 = layers.layer_norm_forward(x2, *p["ln_2"])
     f = layers.linear_forward(h2, *p["c_fc"])  # [N, C] -> [N, 4C]
+    del h2
     g, gelu = layers.gelu_forward(f)
     m = layers.linear_forward(g, *p["mlp_proj"])  # [N, 4C] -> [N, C]
+    del g
     m_out, drop_2 = layers.dropout_forward(m, dropout, rng)
-    out = x2 + m_out  # residual
-    return out, BlockCache(h1, ln_1, a, attn, drop_1, h2, ln_2, gelu, g, drop_2)
+    x2 += m_out  # residual
+    return x2, BlockCache(ln_1, attn, a, drop_1, ln_2, gelu, drop_2)
 
 
 def block_backward(dout, cache, p, grads):
     """A residual's backward hands its output gradient to both of its branches unchanged."""
     c = cache
     dm = layers.dropout_backward(dout, c.drop_2)
-    dg = layers.linear_backward(dm, c.g, p["mlp_proj"][0], *grads["mlp_proj"])
+    g = layers.gelu_output(c.gelu)
+    dg = layers.linear_backward(dm, g, p["mlp_proj"][0], *grads["mlp_proj"])
+    del g, dm
     df = layers.gelu_backward(dg, c.gelu)
-    dh2 = layers.linear_backward(df, c.h2, p["c_fc"][0], *grads["c_fc"])
-    dx2 = dout + layers.layer_norm_backward(dh2, c.ln_2, p["ln_2"][0], *grads["ln_2"])
+    del dg
+    h2 = layers.layer_norm_output(c.ln_2, *p["ln_2"])
+    dh2 = layers.linear_backward(df, h2, p["c_fc"][0], *grads["c_fc"])
+    del df, h2
+    dx2 = layers.layer_norm_backward(dh2, c.ln_2, p["ln_2"][0], *grads["ln_2"])
+    dx2 += dout
+    del dh2
     da_out = layers.dropout_backward(dx2, c.drop_1)
     da = layers.linear_backward(da_out, c.a, p["c_proj"][0], *grads["c_proj"])
+    del da_out
     dqkv = layers.attention_backward(da, c.attn)
-    dh1 = layers.linear_backward(dqkv, c.h1, p["c_attn"][0], *grads["c_attn"])
-    return dx2 + layers.layer_norm_backward(dh1, c.ln_1, p["ln_1"][0], *grads["ln_1"])
+    del da
+    h1 = layers.layer_norm_output(c.ln_1, *p["ln_1"])
+    dh1 = layers.linear_backward(dqkv, h1, p["c_attn"][0], *grads["c_attn"])
+    del dqkv, h1
+    dx = layers.layer_norm_backward(dh1, c.ln_1, p["ln_1"][0], *grads["ln_1"])
+    dx += dx2
+    return dx
 
 
 # --- the whole network -------------------------------------------------------------------------
@@ -101,16 +120,18 @@ def block_backward(dout, cache, p, grads):
 
 class GPTCache(NamedTuple):
     idx: np.ndarray  # [B, T] input ids
-    targets: np.ndarray  # [B, T] target ids
     drop: Optional[np.ndarray]  # dropout mask of the embedding
     blocks: list  # a BlockCache per block
-    h: np.ndarray  # ln_f's output [N, C]
     ln_f: layers.LayerNormCache
-    probs: np.ndarray  # [N, V] softmax of the logits
+    dh: Optional[np.ndarray]  # d loss / d ln_f's output [N, C] (with grads), else None
 
 
-def gpt_forward(params, hparams, idx, targets, dropout=0.0, rng=None):
-    """Mean cross-entropy of predicting targets [B, T] from idx [B, T]; and what backward needs."""
+def gpt_forward(params, hparams, idx, targets, dropout=0.0, rng=None, grads=None):
+    """Mean cross-entropy of predicting targets [B, T] from idx [B, T]; and what backward needs.
+
+    With `grads`, the output layer's backward runs here too (classifier_forward): it writes the
+    output projection's part of grads["model/wte"], and gpt_backward does the rest. Without,
+    this is an evaluation and gpt_backward cannot follow."""
     B, T = idx.shape
     wte = params["model/wte"]
     x = layers.embedding_forward(wte, params["model/wpe"], idx)  # [B, T] -> [N, C]
@@ -120,22 +141,24 @@ def gpt_forward(params, hparams, idx, targets, dropout=0.0, rng=None):
         x, cache = block_forward(x, block_params(params, i), B, T, hparams["n_head"], dropout, rng)
         blocks.append(cache)
     h, ln_f = layers.layer_norm_forward(x, params["model/ln_f/g"], params["model/ln_f/b"])
-    logits = h @ wte.T  # [N, C] -> [N, V]: the output projection is the token embedding
-    loss, probs = layers.cross_entropy_forward(logits, targets.reshape(-1))
-    return loss, GPTCache(idx, targets, drop, blocks, h, ln_f, probs)
+    del x
+    # The output projection is the token embedding: [N, C] -> [N, V] logits, in row blocks.
+    dwte = None if grads is None else grads["model/wte"]
+    loss, dh = layers.classifier_forward(h, wte, targets.reshape(-1), dwte)
+    return loss, GPTCache(idx, drop, blocks, ln_f, dh)
 
 
 def gpt_backward(cache, params, hparams, grads):
-    """Fill `grads` (arrays shaped like params) with d loss / d params."""
+    """Fill `grads` (arrays shaped like params) with d loss / d params; `cache` from a
+    gpt_forward given the same `grads`."""
     c = cache
-    wte = params["model/wte"]
-    dlogits = layers.cross_entropy_backward(c.probs, c.targets.reshape(-1))
-    np.matmul(dlogits.T, c.h, out=grads["model/wte"])  # the output projection's part of dwte
-    dh = dlogits @ wte
-    dx = layers.layer_norm_backward(dh, c.ln_f, params["model/ln_f/g"], grads["model/ln_f/g"],
+    if c.dh is None:
+        raise ValueError("gpt_backward needs a gpt_forward run with grads")
+    dx = layers.layer_norm_backward(c.dh, c.ln_f, params["model/ln_f/g"], grads["model/ln_f/g"],
                                     grads["model/ln_f/b"])  # fmt: skip
     for i in reversed(range(hparams["n_layer"])):
         dx = block_backward(dx, c.blocks[i], block_params(params, i), block_params(grads, i))
+        c.blocks[i] = None  # its activations are no longer needed
     dx = layers.dropout_backward(dx, c.drop)
     layers.embedding_backward(dx, c.idx, grads["model/wte"], grads["model/wpe"])
 
@@ -243,36 +266,543 @@ def get_batch(data, block_size, batch_size, rng):
     return windows[:, :-1], windows[:, 1:]
 
 
-# --- training ------------------------------------------------------------------------------------
+# --- the training folder: picogpt replaces or deletes only files it wrote ----------------------
+
+MANIFEST = "train_files.json"  # the files picogpt wrote into a training folder, by relative path
+STATE_DIR = "resume"
+# The names picogpt writes into a training folder (besides the checkpoints it records).
+OWN_NAMES = ("hparams.json", "train_config.json", "train_log.jsonl", "chars.json", "encoder.json",
+             "vocab.bpe", "checkpoint", MANIFEST)  # fmt: skip
+CHECKPOINT_SUFFIXES = (".index", ".data-00000-of-00001")
+
+
+class RunFolder:
+    """A training folder and the record (train_files.json) of the files picogpt wrote into it.
+
+    picogpt trains only into a new or empty folder, or one that this record (or an older
+    picogpt's layout, see `open`) marks as a training folder; there it replaces and deletes only
+    files it recorded. A checkpoint's names are recorded before its files are written, so the
+    files of a write cut short by a kill are recorded too and removed by a later run."""
+
+    def __init__(self, path, written):
+        self.path, self.written = Path(path), set(written)
+
+    @classmethod
+    def for_new_run(cls, path):
+        """The folder a new run at `path` would train into (nothing is written yet: see begin).
+        It must not exist, or be empty, or be a folder of ours with no model and no state (a
+        first save that never finished)."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise TrainingError(f"--out {path} is a file, not a folder")
+        if not (path.is_dir() and any(path.iterdir())):
+            return cls(path, [MANIFEST])
+        folder = cls.open(path)
+        if folder.has_model() or folder.has_state():
+            raise TrainingError(f"{path} already holds a model: --resume continues it, or "
+                                "choose another --out")
+        return folder
+
+    def begin(self):
+        """Make the folder ours: create it, write the record, clear what killed runs left."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrainingError(f"--out {self.path}: cannot create the folder: {e}") from e
+        self.save_record()
+        self.remove_leftovers()
+
+    @classmethod
+    def open(cls, path):
+        """The training folder at `path`. A folder picogpt did not write is refused, never
+        touched: its files are not ours to replace."""
+        path = Path(path)
+        record = path / MANIFEST
+        if record.is_file():
+            data = files.load_json(record, 1 << 20, MANIFEST, error=TrainingError)
+            written = data.get("files") if isinstance(data, dict) else None
+            if not isinstance(written, list) or not all(isinstance(n, str) for n in written):
+                raise TrainingError(f"{record}: not a record of picogpt's files")
+            if any(Path(n).is_absolute() or ".." in Path(n).parts for n in written):
+                raise TrainingError(f"{record}: names a file outside the folder")
+            return cls(path, written)
+        legacy = cls._legacy_files(path)
+        if legacy is None:
+            raise TrainingError(
+                f"--out {path} is not empty and is not a picogpt training folder: picogpt "
+                "writes only into a new or empty folder, or one it trained into")
+        return cls(path, legacy + [MANIFEST])
+
+    @staticmethod
+    def _legacy_files(path):
+        """A folder written by picogpt before the record existed (resume/ state, hparams.json and
+        a train_config.json whose command is picogpt's): its files by the names picogpt used,
+        the current checkpoints only. None when the folder is not one."""
+        config_path = path / "train_config.json"
+        if not ((path / STATE_DIR / "checkpoint").is_file() and config_path.is_file()
+                and (path / "hparams.json").is_file()):  # fmt: skip
+            return None
+        try:
+            config = files.load_json(config_path, 1 << 20, "train_config.json")
+        except files.FileReadError:
+            return None
+        if not (isinstance(config, dict) and str(config.get("command", "")).startswith(
+                "picogpt train ")):  # fmt: skip
+            return None
+        names = [n for n in OWN_NAMES if (path / n).is_file()]
+        names.append(f"{STATE_DIR}/checkpoint")
+        for where, stem in (("", "model.ckpt-"), (STATE_DIR + "/", "state.ckpt-")):
+            current = _current_checkpoint(path / where)
+            if current and current.startswith(stem):
+                names += [where + current + suffix for suffix in CHECKPOINT_SUFFIXES]
+        return names
+
+    def has_model(self):
+        return "checkpoint" in self.written and (self.path / "checkpoint").is_file()
+
+    def has_state(self):
+        return f"{STATE_DIR}/checkpoint" in self.written and (
+            self.path / STATE_DIR / "checkpoint").is_file()  # fmt: skip
+
+    def save_record(self):
+        files.write_json(self.path / MANIFEST, {"written_by": "picogpt train",
+                                                "files": sorted(self.written)})  # fmt: skip
+
+    def record(self, *names):
+        """Note `names` as ours before writing them."""
+        if not set(names) <= self.written:
+            self.written.update(names)
+            self.save_record()
+
+    def write_json(self, name, obj):
+        self.record(name)
+        files.write_json(self.path / name, obj)
+
+    def write_bytes(self, name, data):
+        self.record(name)
+        files.atomic_write(self.path / name, data)
+
+    def write_checkpoint(self, where, stem, iteration, tensors):
+        """Write `tensors` as checkpoint `<where>/<stem><iteration>` and make it the current one
+        (the `checkpoint` file, replaced last, names it); then delete the recorded checkpoints
+        it replaces. A kill at any moment leaves the previous checkpoint whole."""
+        base = f"{where}/{stem}" if where else stem
+        own = [f"{base}{iteration}{suffix}" for suffix in CHECKPOINT_SUFFIXES]
+        self.record(*own, f"{where}/checkpoint" if where else "checkpoint")
+        (self.path / where).mkdir(exist_ok=True)
+        checkpoint.write(self.path / f"{base}{iteration}", tensors)
+        self._delete([n for n in self.written if n.startswith(base) and n not in own])
+
+    def _delete(self, names):
+        for name in names:
+            (self.path / name).unlink(missing_ok=True)
+        if names:
+            self.written.difference_update(names)
+            self.save_record()
+
+    def remove_leftovers(self):
+        """Delete the temporary files (`<name>.tmp<pid>`) a killed picogpt left behind, for the
+        names it writes here; and recorded checkpoint files that no `checkpoint` file names
+        (a write cut short)."""
+        for where, stem in (("", "model.ckpt-"), (STATE_DIR, "state.ckpt-")):
+            prefix = f"{where}/" if where else ""
+            names = [n[len(prefix):] for n in self.written
+                     if n.startswith(prefix) and "/" not in n[len(prefix):]]  # fmt: skip
+            if (self.path / where).is_dir():
+                files.remove_stale_temporaries(self.path / where, names)
+            current = _current_checkpoint(self.path / where)
+            self._delete([prefix + n for n in names if n.startswith(stem)
+                          and not (current and n.startswith(current + "."))])  # fmt: skip
+
+
+def _current_checkpoint(folder):
+    """The checkpoint name a TensorFlow `checkpoint` file in `folder` names, or None."""
+    try:
+        text = files.read_text(Path(folder) / "checkpoint", 1 << 16, "checkpoint")
+    except files.FileReadError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model_checkpoint_path":
+            name = value.strip().strip('"')
+            return name if name and "/" not in name and "\\" not in name else None
+    return None
+
+
+# --- tokenizers and the text's ids ----------------------------------------------------------------
+
+TEXT_LIMIT = 1 << 30  # bytes of training text read at most (the ids then take 2 bytes a token)
+VOCAB_LIMIT = 16 << 20  # bytes of a tokenizer file copied into the folder
+TOKENIZE_CHUNK = 1 << 20  # characters of text tokenized at a time (and per progress update)
+_SAFE_CUT = None  # compiled on first use: where a text can be cut without changing GPT-2's pieces
+
+
+def read_text(path):
+    """The training text: a regular UTF-8 file of at most TEXT_LIMIT bytes, not empty. A file
+    that cannot be read is a FileReadError (exit 1); an empty one a TrainingError."""
+    text = files.read_text(path, TEXT_LIMIT, "training text")
+    if not text:
+        raise TrainingError(f"{path}: the training text is empty")
+    return text
+
+
+def vocabulary_files(tokenizer, source=None):
+    """The files that hold `tokenizer` in a model folder (name -> bytes): copied from the folder
+    it came from when it has them (byte for byte, as OpenAI wrote them), else written out."""
+    from picogpt.chars import CharTokenizer
+
+    if isinstance(tokenizer, CharTokenizer):
+        names = ("chars.json",)
+    else:
+        names = ("encoder.json", "vocab.bpe")
+    if source is not None and all((Path(source) / n).is_file() for n in names):
+        return {n: files.read_bytes(Path(source) / n, VOCAB_LIMIT, n) for n in names}
+    if isinstance(tokenizer, CharTokenizer):
+        return {"chars.json": (json.dumps(tokenizer.chars, ensure_ascii=False) + "\n").encode()}
+    merges = "".join(f"{a} {b}\n" for a, b in tokenizer.merges)
+    return {"encoder.json": json.dumps(tokenizer.encoder, ensure_ascii=False).encode(),
+            "vocab.bpe": f"#version: 0.2\n{merges}".encode()}  # fmt: skip
+
+
+def encode(text, tokenizer, cache_dir=None, vocabulary=None, progress=None):
+    """The ids of `text` as a 1-D uint16 (or int32) array. GPT-2's BPE runs in Python, about a
+    second per MB, so its ids are cached in `cache_dir`, keyed by the text's and the
+    vocabulary's sha256: --resume and runs on the same text skip it. `progress(done, total)`
+    is told the characters done."""
+    from picogpt.chars import CharTokenizer
+
+    dtype = np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.int32
+    if isinstance(tokenizer, CharTokenizer):
+        return _encode_chars(text, tokenizer, dtype)
+    path = None
+    if cache_dir is not None and vocabulary is not None:
+        text_hash = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        vocab_hash = hashlib.sha256(b"".join(vocabulary[n] for n in sorted(vocabulary)))
+        path = Path(cache_dir) / f"{text_hash[:32]}-{vocab_hash.hexdigest()[:16]}.npy"
+        ids = _cached_ids(path, len(text), tokenizer.n_vocab, dtype)
+        if ids is not None:
+            return ids
+    ids = np.empty(len(text) + 1, dtype)  # at most one token per character
+    n = 0
+    for start, stop in _bpe_chunks(text):
+        piece = np.array(tokenizer.encode(text[start:stop]), dtype)
+        ids[n : n + len(piece)] = piece
+        n += len(piece)
+        if progress is not None:
+            progress(stop, len(text))
+    ids = ids[:n].copy()
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            buffer = io.BytesIO()
+            np.save(buffer, ids, allow_pickle=False)
+            files.atomic_write(path, buffer.getvalue())
+        except OSError:
+            pass  # a cache that cannot be written only costs the next run the same wait
+    return ids
+
+
+def _encode_chars(text, tokenizer, dtype):
+    """Character ids without a Python loop: each character's code point looked up in the
+    sorted vocabulary."""
+    codes = np.array([ord(c) for c in tokenizer.chars])
+    order = np.argsort(codes)
+    sorted_codes = codes[order]
+    ids = np.empty(len(text), dtype)
+    for start in range(0, len(text), TOKENIZE_CHUNK):
+        chunk = text[start : start + TOKENIZE_CHUNK]
+        points = np.frombuffer(chunk.encode("utf-32-le", "surrogatepass"), np.uint32)
+        where = np.minimum(np.searchsorted(sorted_codes, points), len(codes) - 1)
+        unknown = sorted_codes[where] != points
+        if unknown.any():
+            tokenizer.encode("".join(sorted(set(map(chr, points[unknown])))))  # raises, naming them
+        ids[start : start + len(chunk)] = order[where]
+    return ids
+
+
+def _bpe_chunks(text):
+    """(start, stop) pieces of about TOKENIZE_CHUNK characters, cut just before whitespace that
+    follows a non-whitespace character: no GPT-2 pre-token spans that point, so the pieces
+    tokenize to exactly the ids of the whole text."""
+    global _SAFE_CUT
+    if _SAFE_CUT is None:
+        import regex
+
+        _SAFE_CUT = regex.compile(r"\S(?=\s)")
+    start = 0
+    while start < len(text):
+        match = _SAFE_CUT.search(text, start + TOKENIZE_CHUNK)
+        stop = match.end() if match else len(text)
+        yield start, stop
+        start = stop
+
+
+def _cached_ids(path, n_chars, n_vocab, dtype):
+    """The ids cached at `path`, or None when there are none or they do not fit the text."""
+    try:
+        files.check_regular(path, 128 + n_chars * np.dtype(dtype).itemsize + 8)
+        ids = np.load(path, allow_pickle=False)
+    except (files.FileReadError, OSError, ValueError):
+        return None
+    if ids.dtype != dtype or ids.ndim != 1 or not ids.size or int(ids.max()) >= n_vocab:
+        return None
+    return ids
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+# nanoGPT's fine-tuning recipe (config/finetune_shakespeare.py over its train.py's defaults):
+# the defaults of a run with --init for what the user does not give; a constant learning rate
+# (min_lr follows lr), the block size of the model.
+FINETUNE_DEFAULTS = {
+    "batch_size": 1, "grad_accum": 32, "max_iters": 20, "lr": 3e-5, "min_lr": None,
+    "warmup_iters": 0, "dropout": 0.0, "beta2": 0.95, "eval_interval": 5, "eval_iters": 40,
+}  # fmt: skip
+ARCHITECTURE = ("n_layer", "n_head", "n_embd")
+
+
+def make_config(options, saved=None, init_hparams=None):
+    """The training configuration: `options` (key -> value, None where not given), else the
+    saved run's values, else the defaults (nanoGPT's fine-tuning recipe with --init's model,
+    whose architecture it takes, DEFAULTS otherwise)."""
+    config = dict(DEFAULTS)
+    if init_hparams is not None:
+        config.update(FINETUNE_DEFAULTS)
+        config.update({k: init_hparams[k] for k in ARCHITECTURE})
+        config["block_size"] = init_hparams["n_ctx"]
+        for key in ARCHITECTURE:
+            if options.get(key) is not None and options[key] != init_hparams[key]:
+                raise TrainingError(f"--{key.replace('_', '-')} {options[key]}: the model of "
+                                    f"--init has {init_hparams[key]}; its architecture is kept")
+        if (options.get("block_size") or 0) > init_hparams["n_ctx"]:
+            raise TrainingError(f"--block-size {options['block_size']} is more than the "
+                                f"context of the model of --init ({init_hparams['n_ctx']})")
+    if saved:
+        config.update({k: v for k, v in saved.items() if k in DEFAULTS})
+    for key in DEFAULTS:
+        value = options.get(key)
+        if value is None:
+            continue
+        if saved and key in SHAPE_KEYS and value != saved.get(key):
+            raise TrainingError(f"--{key.replace('_', '-')} {value}: the model being resumed "
+                                f"has {saved.get(key)}; its shape cannot change")
+        config[key] = value
+    if config["min_lr"] is None:  # --init: a constant learning rate unless told otherwise
+        config["min_lr"] = config["lr"]
+    if config["n_embd"] % config["n_head"]:
+        raise TrainingError(f"--n-embd {config['n_embd']} is not divisible by "
+                            f"--n-head {config['n_head']}")
+    if config["min_lr"] > config["lr"]:
+        raise TrainingError(f"--min-lr {config['min_lr']} is above --lr {config['lr']}")
+    return config
+
+
+def command_line(text, out, config):
+    """The `picogpt train` command that trains this configuration from the start."""
+    flags = [f"--{key.replace('_', '-')} {config[key]}" for key in DEFAULTS
+             if config[key] is not None and key != "log_interval"]  # fmt: skip
+    for key in ("init", "tokenizer"):
+        if config.get(key) not in (None, "chars"):
+            flags.insert(0, f"--{key} {shlex.quote(str(config[key]))}")
+    where = f"{shlex.quote(str(text))} --out {shlex.quote(str(out))}"
+    return f"picogpt train {where} " + " ".join(flags)
+
+
+# --- preparing a run: everything checked before anything is written ---------------------------
+
+
+class Plan(NamedTuple):
+    """A run ready to start: what `prepare` found and checked."""
+
+    config: dict
+    hparams: dict
+    tokenizer: object
+    vocabulary: dict  # the tokenizer's files for the folder: name -> bytes
+    data: tuple  # (training ids, validation ids)
+    folder: RunFolder
+    resume: bool  # continue from the folder's saved state
+    init: Optional[dict]  # the parameters of --init's model, or None for a random start
+    notice: Optional[str]  # something to tell the user before training (starting over, ...)
+    memory: int  # bytes the run is estimated to need at its peak
+
+
+def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="chars",
+            weights_dir=None, base_url=None, check_saved=None, progress=None):
+    """Check everything that can be wrong before any training: the text, the options, --out,
+    the memory it needs. `init` and `tokenizer` are model names as --model takes them
+    (loading.resolve); `check_saved(config, path)` validates a resumed run's saved configuration;
+    `progress(done, total)` hears how tokenizing goes. Nothing is written until all is checked."""
+    from picogpt import download, loading
+
+    text = read_text(text_path)
+    out = Path(out)
+    notice, saved, init_params, source = None, None, None, None
+    if resume:
+        if not out.is_dir():
+            raise TrainingError(f"{out}: nothing to resume (no such folder)")
+        folder = RunFolder.open(out)
+        if folder.has_state():
+            config_path = out / "train_config.json"
+            saved = files.load_json(config_path, 1 << 20, "train_config.json",
+                                    error=TrainingError)  # fmt: skip
+            if check_saved is not None:
+                check_saved(saved, config_path)
+            try:
+                hparams = loading.read_hparams(out)
+                tok = loading.read_tokenizer(out)
+            except (PicogptError, OSError, ValueError) as e:
+                raise TrainingError(f"{out}: cannot resume: {e}") from e
+            source = out
+            config = make_config(options, saved)
+            config.update({k: saved.get(k) for k in ("init", "tokenizer")})
+        else:
+            notice = (f"{out} holds no complete training state to resume (its first save never "
+                      "finished): starting over")
+            resume = False
+    else:
+        folder = RunFolder.for_new_run(out)
+    if not resume:
+        if init is not None:
+            source = loading.resolve(init, weights_dir, base_url)
+            hparams, tok, init_params = loading.read_folder(source)
+            _check_model(init_params, hparams, source)
+            config = make_config(options, init_hparams=hparams)
+            hparams = dict(hparams)
+        else:
+            if tokenizer == "chars":
+                from picogpt.chars import CharTokenizer
+
+                tok = CharTokenizer.from_text(text)
+            else:
+                source = loading.resolve(tokenizer, weights_dir, base_url)
+                try:
+                    tok = loading.read_tokenizer(source)
+                except (OSError, ValueError) as e:  # a folder without (or with a bad) tokenizer
+                    raise ModelError(f"--tokenizer {tokenizer}: {e}") from e
+            config = make_config(options)
+            hparams = {"n_vocab": tok.n_vocab, "n_ctx": config["block_size"],
+                       **{k: config[k] for k in ARCHITECTURE}}  # fmt: skip
+        config.update(init=None if init is None else str(init),
+                      tokenizer=None if init is not None else str(tokenizer))
+    vocabulary = vocabulary_files(tok, source)
+    cache_dir = download.weights_dir(weights_dir) / "tokens"
+    try:
+        ids = encode(text, tok, cache_dir, vocabulary, progress)
+    except ValueError as e:  # characters a character-level vocabulary does not have
+        raise TrainingError(f"{text_path}: {e}") from None
+    train_data, val_data = split_data(ids)
+    need = config["block_size"] + 1
+    unit = "characters" if "chars.json" in vocabulary else "tokens"
+    for name, split in (("first 90%", train_data), ("last 10%", val_data)):
+        if len(split) < need:
+            raise TrainingError(
+                f"{text_path} is too short for --block-size {config['block_size']}: its {name} "
+                f"({len(split):,} {unit}) must hold a window of {need}")
+    memory = estimate_memory(hparams, config)
+    ram = model.physical_memory()
+    if ram is not None and memory > ram:
+        raise TrainingError(
+            f"this run needs about {memory / 1e9:.1f} GB of memory, more than this machine's "
+            f"{ram / 1e9:.1f} GB: try a smaller --batch-size or --block-size")
+    folder.begin()
+    return Plan(config, hparams, tok, vocabulary, (train_data, val_data), folder, resume,
+                init_params, notice, memory)  # fmt: skip
+
+
+def _check_model(params, hparams, folder):
+    """--init's model, checked before anything is allocated from its numbers."""
+    for key in ("n_vocab", "n_ctx", *ARCHITECTURE):
+        value = hparams.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ModelError(f"{folder}: hparams.json: {key} must be a positive integer, "
+                             f"got {value!r}")
+    if hparams["n_embd"] % hparams["n_head"]:
+        raise ModelError(f"{folder}: hparams.json: n_embd {hparams['n_embd']} is not divisible "
+                         f"by n_head {hparams['n_head']}")
+    expected = 12 * hparams["n_layer"] + 4
+    if len(params) != expected:
+        raise ModelError(f"{folder}: the checkpoint has {len(params)} tensors; hparams.json "
+                         f"describes {expected}")
+    for name, shape in param_shapes(hparams).items():
+        array = params.get(name)
+        if array is None or tuple(array.shape) != shape or array.dtype != np.float32:
+            found = "missing" if array is None else f"{array.dtype} {tuple(array.shape)}"
+            raise ModelError(f"{folder}: the checkpoint's {name!r} is {found}, expected "
+                             f"float32 {shape}")
+
+
+def estimate_memory(hparams, config):
+    """Bytes a training step needs at its peak, about: the parameters, their gradient and AdamW's
+    two moments (and a gradient sum with --grad-accum), plus what one micro-batch's forward
+    keeps for its backward (see BlockCache) and the largest temporaries of the backward."""
+    C, L, H = hparams["n_embd"], hparams["n_layer"], hparams["n_head"]
+    B, T = config["batch_size"], config["block_size"]
+    n_params = (hparams["n_vocab"] + hparams["n_ctx"]) * C + L * (12 * C * C + 13 * C) + 2 * C
+    buffers = 4 + (config["grad_accum"] > 1)
+    N = B * T
+    dropout = config["dropout"] > 0
+    per_block = 4 * (N * C * (14 + 2 * dropout) + B * H * T * T * (1 + 2 * dropout))
+    backward = 4 * (3 * N * 4 * C + 3 * B * H * T * T)  # the MLP's and attention's temporaries
+    head = 4 * (2 * min(N, layers.LOSS_ROWS) * hparams["n_vocab"] + 3 * N * C)
+    return 4 * n_params * buffers + L * per_block + backward + head + (200 << 20)  # + Python, NumPy
+
+
+# --- training ----------------------------------------------------------------------------------
 
 
 class Trainer:
     """A model being trained, its optimizer, and the folder it is saved to."""
 
-    def __init__(self, config, tokenizer, out_dir):
-        self.config, self.tokenizer, self.out = config, tokenizer, Path(out_dir)
-        self.hparams = {"n_vocab": tokenizer.n_vocab, "n_ctx": config["block_size"],
-                        "n_embd": config["n_embd"], "n_head": config["n_head"],
-                        "n_layer": config["n_layer"]}  # fmt: skip
+    def __init__(self, config, hparams, tokenizer, folder, vocabulary):
+        self.config, self.hparams, self.tokenizer = config, dict(hparams), tokenizer
+        self.folder, self.vocabulary = folder, vocabulary
+        self.out = folder.path
         shapes = param_shapes(self.hparams)
         self.flat, self.params = flat_views(shapes)
         self.flat_grad, self.grads = flat_views(shapes)
+        # With --grad-accum, the micro-batches' gradients are summed here.
+        self.grad_sum = np.zeros_like(self.flat) if config["grad_accum"] > 1 else None
         self.optimizer = AdamW(self.flat, n_decayed(shapes), config["beta1"], config["beta2"],
                                config["weight_decay"])  # fmt: skip
         self.iter = 0
         self.best_val_loss = math.inf
         self.saved_iter = None  # the iteration of the resume state on disk
+        self.saved_model = None  # (iteration, val loss) of the model on disk
 
-    def initialize(self):
-        init_params(self.params, self.hparams, np.random.default_rng(self.config["seed"]))
+    def initialize(self, params=None):
+        """GPT-2's random initialisation, or a copy of `params` (--init's model)."""
+        if params is None:
+            init_params(self.params, self.hparams, np.random.default_rng(self.config["seed"]))
+            return
+        for name, array in self.params.items():
+            if name not in params or tuple(params[name].shape) != array.shape:
+                raise TrainingError(f"--init: tensor {name!r} is missing or not {array.shape}")
+            array[...] = params[name]
 
     def step(self, x, y, lr, rng):
-        """One optimizer step on a batch; the batch's loss before the step."""
-        loss, cache = gpt_forward(self.params, self.hparams, x, y, self.config["dropout"], rng)
-        gpt_backward(cache, self.params, self.hparams, self.grads)
-        clip_grad_norm(self.flat_grad, self.config["grad_clip"])
-        self.optimizer.update(self.flat_grad, lr)
-        return loss
+        """One optimizer step on a batch of grad_accum micro-batches: their mean gradient, as
+        one step over the whole batch. The batch's mean loss before the step."""
+        c = self.config
+        n = c["grad_accum"]
+        losses = []
+        for i, (xi, yi) in enumerate(zip(np.split(x, n), np.split(y, n))):
+            loss, cache = gpt_forward(self.params, self.hparams, xi, yi, c["dropout"], rng,
+                                      grads=self.grads)  # fmt: skip
+            gpt_backward(cache, self.params, self.hparams, self.grads)
+            del cache
+            losses.append(loss)
+            if self.grad_sum is not None:
+                if i == 0:
+                    self.grad_sum[...] = self.flat_grad
+                else:
+                    self.grad_sum += self.flat_grad
+        grad = self.flat_grad
+        if self.grad_sum is not None:
+            grad = self.grad_sum
+            grad *= 1.0 / n
+        clip_grad_norm(grad, c["grad_clip"])
+        self.optimizer.update(grad, lr)
+        return float(np.mean(losses))
 
     def estimate_loss(self, data, rng):
         """Mean loss over eval_iters random batches, without dropout."""
@@ -282,35 +812,32 @@ class Trainer:
                   for _ in range(c["eval_iters"])]  # fmt: skip
         return float(np.mean(losses))
 
-    # --- the model folder: hparams.json, chars.json, train_config.json, the checkpoint, and
+    # --- the model folder: hparams.json, the tokenizer, train_config.json, the checkpoint, and
     # resume/ (parameters + optimizer state). Checkpoints get a new name each time and the
     # `checkpoint` file, replaced last, is what names the current one: a kill at any moment
     # leaves the previous model (and the previous resume state) whole.
 
-    def save_model(self):
-        self.out.mkdir(parents=True, exist_ok=True)
-        files.write_json(self.out / "hparams.json", self.hparams)
-        files.write_json(self.out / "train_config.json", self.config)
-        self.tokenizer.save(self.out)
-        prefix = self.out / f"model.ckpt-{self.iter}"
-        checkpoint.write(prefix, self.params)
-        _remove_other_checkpoints(self.out, "model.ckpt-", prefix.name)
+    def save_model(self, val_loss):
+        self.folder.write_json("hparams.json", self.hparams)
+        self.folder.write_json("train_config.json", self.config)
+        for name, data in self.vocabulary.items():
+            if not (self.out / name).is_file() or name not in self.folder.written:
+                self.folder.write_bytes(name, data)
+        self.folder.write_checkpoint("", "model.ckpt-", self.iter, self.params)
+        self.saved_model = (self.iter, val_loss)
 
     def save_state(self):
-        state_dir = self.out / "resume"
         tensors = dict(self.params)
         tensors.update({
             "adam/m": self.optimizer.m, "adam/v": self.optimizer.v,
             "train/iter": np.array(self.iter, np.int64),
             "train/best_val_loss": np.array(self.best_val_loss, np.float64),
         })  # fmt: skip
-        prefix = state_dir / f"state.ckpt-{self.iter}"
-        checkpoint.write(prefix, tensors)
-        _remove_other_checkpoints(state_dir, "state.ckpt-", prefix.name)
+        self.folder.write_checkpoint(STATE_DIR, "state.ckpt-", self.iter, tensors)
         self.saved_iter = self.iter
 
     def load_state(self):
-        state_dir = self.out / "resume"
+        state_dir = self.out / STATE_DIR
         try:
             checkpoint.verify(state_dir)  # every CRC: never continue from damaged numbers
             tensors = checkpoint.read(state_dir)
@@ -320,9 +847,16 @@ class Trainer:
             self.optimizer.v[...] = _stored(tensors, "adam/v", self.flat.shape)
             self.iter = int(_stored(tensors, "train/iter", ()))
             self.best_val_loss = float(_stored(tensors, "train/best_val_loss", ()))
-        except checkpoint.CheckpointError as e:
+        except PicogptError as e:
             raise TrainingError(f"cannot resume: {e}") from None
         self.optimizer.step = self.saved_iter = self.iter
+        if math.isfinite(self.best_val_loss):
+            self.saved_model = (None, self.best_val_loss)
+
+    def log(self, record):
+        self.folder.record("train_log.jsonl")
+        with open(self.out / "train_log.jsonl", "a", encoding="utf-8") as log:
+            log.write(json.dumps(record) + "\n")
 
 
 def _stored(tensors, name, shape):
@@ -332,12 +866,6 @@ def _stored(tensors, name, shape):
         raise checkpoint.CheckpointError(
             f"the resume state's {name!r} is {tensors[name].shape}, expected {shape}")
     return tensors[name]
-
-
-def _remove_other_checkpoints(folder, stem, keep):
-    for path in folder.glob(stem + "*"):
-        if not path.name.startswith(keep + "."):
-            path.unlink(missing_ok=True)
 
 
 def keep_freed_memory():
@@ -377,13 +905,11 @@ def train(trainer, data, report=print, status=None, resumed=False):
             improved = val_loss < trainer.best_val_loss
             if improved:
                 trainer.best_val_loss = val_loss
-                trainer.save_model()
+                trainer.save_model(val_loss)
             trainer.save_state()
-            record = {"iter": it, "train_loss": round(train_loss, 4),
-                      "val_loss": round(val_loss, 4),
-                      "ms_per_iter": None if ms is None else round(ms, 2)}  # fmt: skip
-            with open(trainer.out / "train_log.jsonl", "a", encoding="utf-8") as log:
-                log.write(json.dumps(record) + "\n")
+            trainer.log({"iter": it, "train_loss": round(train_loss, 4),
+                         "val_loss": round(val_loss, 4),
+                         "ms_per_iter": None if ms is None else round(ms, 2)})  # fmt: skip
             report(f"iter {it:>{len(str(max_iters))}}: train loss {train_loss:.4f}, "
                    f"val loss {val_loss:.4f}" + (" (best, saved)" if improved else "")
                    + ("" if ms is None else f", {ms:.1f} ms/iter"))  # fmt: skip
@@ -391,7 +917,7 @@ def train(trainer, data, report=print, status=None, resumed=False):
         if it >= max_iters:
             return
         rng = np.random.default_rng([c["seed"], 0, it])  # batch and dropout of this iteration
-        x, y = get_batch(train_data, c["block_size"], c["batch_size"], rng)
+        x, y = get_batch(train_data, c["block_size"], c["batch_size"] * c["grad_accum"], rng)
         lr = learning_rate(it, c["lr"], c["min_lr"], c["warmup_iters"], decay_iters)
         t0 = time.perf_counter()
         loss = trainer.step(x, y, lr, rng)
@@ -399,89 +925,3 @@ def train(trainer, data, report=print, status=None, resumed=False):
         trainer.iter = it + 1
         if status is not None:
             status(trainer.iter, max_iters, loss, float(np.median(step_ms[-50:])))
-
-
-
-
-# --- configuration and data: everything checked before any training ---------------------------
-
-
-def make_config(options, saved=None):
-    """The training configuration: `options` (key -> value, None where not given), else the saved
-    run's values, else DEFAULTS."""
-    config = dict(DEFAULTS)
-    if saved:
-        config.update({k: v for k, v in saved.items() if k in DEFAULTS})
-    for key in DEFAULTS:
-        value = options.get(key)
-        if value is None:
-            continue
-        if saved and key in SHAPE_KEYS and value != saved.get(key):
-            raise TrainingError(f"--{key.replace('_', '-')} {value}: the model being resumed "
-                                f"has {saved.get(key)}; its shape cannot change")
-        config[key] = value
-    if config["n_embd"] % config["n_head"]:
-        raise TrainingError(f"--n-embd {config['n_embd']} is not divisible by "
-                            f"--n-head {config['n_head']}")
-    if config["min_lr"] > config["lr"]:
-        raise TrainingError(f"--min-lr {config['min_lr']} is above --lr {config['lr']}")
-    return config
-
-
-def command_line(text, out, config):
-    """The `picogpt train` command that trains this configuration from scratch."""
-    flags = [f"--{key.replace('_', '-')} {config[key]}" for key in DEFAULTS
-             if config[key] is not None and key != "log_interval"]  # fmt: skip
-    where = f"{shlex.quote(str(text))} --out {shlex.quote(str(out))}"
-    return f"picogpt train {where} " + " ".join(flags)
-
-
-def read_text(path):
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TrainingError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TrainingError(f"{path}: cannot be read as UTF-8 text: {e}") from None
-    if not text:
-        raise TrainingError(f"{path} is empty")
-    return text
-
-
-def prepare(text_path, out, resume, options, check_saved=None):
-    """Check everything that can be wrong before any training: the text, the options, --out.
-    `check_saved(config, path)` validates a resumed run's saved configuration. Returns the
-    configuration, the tokenizer and the (train, validation) ids."""
-    out = Path(out)
-    text = read_text(text_path)
-    if out.exists() and not out.is_dir():
-        raise TrainingError(f"--out {out} is a file, not a folder")
-    has_model = (out / "hparams.json").exists() or (out / "resume").exists()
-    if resume:
-        if not (out / "resume" / "checkpoint").exists():
-            raise TrainingError(f"{out}: nothing to resume (no resume/ state from a run)")
-        try:
-            saved = json.loads((out / "train_config.json").read_text(encoding="utf-8"))
-            tokenizer = CharTokenizer.load(out)
-        except (OSError, ValueError) as e:
-            raise TrainingError(f"{out}: cannot resume: {e}") from None
-        if check_saved is not None:
-            check_saved(saved, out / "train_config.json")
-        config = make_config(options, saved)
-    else:
-        if has_model:
-            raise TrainingError(f"{out} already holds a model: --resume continues it, or "
-                                "choose another --out")
-        tokenizer = CharTokenizer.from_text(text)
-        config = make_config(options)
-    try:
-        ids = np.array(tokenizer.encode(text), np.uint16 if tokenizer.n_vocab < 65536 else np.int32)
-    except ValueError as e:  # resuming on a text with characters the model does not know
-        raise TrainingError(f"{text_path}: {e}") from None
-    train_data, val_data = split_data(ids)
-    need = config["block_size"] + 1
-    if len(val_data) < need:
-        raise TrainingError(
-            f"{text_path} is too short for --block-size {config['block_size']}: its last 10% "
-            f"({len(val_data)} characters) must hold a window of {need}")
-    return config, tokenizer, (train_data, val_data)

@@ -16,6 +16,7 @@ from _cli_server import ModelServer, closed_port_url
 import picogpt
 from picogpt import cli
 from picogpt import download as dl
+from picogpt.chat import Conversation
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "gpt2-tiny"
@@ -225,7 +226,7 @@ def test_chat_prompt_keeps_a_stable_prefix_and_fits_the_context(tmp_path):
     if not (FIXTURE / DATA).is_file() or not hasattr(picogpt, "load"):
         pytest.skip("needs the fixture model and the engine")
     model = picogpt.load(str(FIXTURE))
-    chat = cli.Conversation(model, reply_tokens=8, preamble="Chat.\n")
+    chat = Conversation(model, reply_tokens=8, preamble="Chat.\n")
     first = chat.prompt("hi")
     chat.add("hi", " hello")
     second = chat.prompt("ok")
@@ -305,7 +306,7 @@ def test_chat_turns_reuse_the_kv_cache():
         return forward(ids, *args, **kwargs)
 
     model.gpt.forward = counting_forward
-    chat = cli.Conversation(model, reply_tokens=8, preamble="A chat.\n")
+    chat = Conversation(model, reply_tokens=8, preamble="A chat.\n")
     options = dict(n=8, temperature=1.0, top_k=40, top_p=None)
     first = chat.prompt("hi there")
     reply = cli._reply(model, first, io.StringIO(), seed=1, **options)

@@ -86,13 +86,55 @@ def test_embedding_backward():
     check_layer(lambda *p: layers.embedding_forward(*p, idx), backward, [], [wte, wpe])
 
 
-def test_cross_entropy_backward():
-    targets = np.array([2, 0, 4, 4])
-    logits = randn(4, 5)
-    loss, probs = layers.cross_entropy_forward(logits.copy(), targets)
-    expected = -np.mean(np.log(np.exp(logits) / np.exp(logits).sum(1, keepdims=True))[
-        np.arange(4), targets])  # fmt: skip
-    assert loss == pytest.approx(expected, rel=1e-12)
-    numeric = numerical_grad(lambda: layers.cross_entropy_forward(logits.copy(), targets)[0],
-                             logits)  # fmt: skip
-    assert_close(layers.cross_entropy_backward(probs, targets), numeric)
+@pytest.mark.parametrize("rows", [3, 8, 256])  # blocks of rows: several, one exactly, one larger
+def test_classifier_loss_and_backward_in_row_blocks(rows):
+    """The output projection and cross-entropy, forward and backward in one pass over blocks of
+    rows: the loss as written out in float64, d h and d wte against finite differences."""
+    N, C, V = 8, 4, 11
+    h, wte = randn(N, C), randn(V, C)
+    targets = np.array([2, 0, 10, 4, 4, 7, 1, 3])
+
+    def loss():
+        return layers.classifier_forward(h, wte, targets, rows=rows)[0]
+
+    logits = h @ wte.T
+    log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    assert loss() == pytest.approx(-np.mean(log_probs[np.arange(N), targets]), rel=1e-12)
+    dwte = np.full_like(wte, np.nan)  # set, not added to
+    value, dh = layers.classifier_forward(h, wte, targets, dwte, rows=rows)
+    assert value == loss()
+    assert_close(dh, numerical_grad(loss, h))
+    assert_close(dwte, numerical_grad(loss, wte))
+
+
+def test_classifier_keeps_its_softmax_free_of_subnormals():
+    """Logits 100 below their row's maximum would give exp() results below float32's normal
+    range (slow on Intel CPUs); they are raised to exp(-60) first, and the loss and gradient
+    still match float64's."""
+    rng = np.random.default_rng(9)
+    N, C, V = 16, 8, 5000
+    h = rng.normal(0, 1, (N, C)).astype(np.float32)
+    h[:, 0] = 1.0
+    wte = rng.normal(0, 8, (V, C)).astype(np.float32)  # logits spread over hundreds
+    wte[:2, 1:] = 0
+    wte[:2, 0] = 150, 150 - 95  # token 0 is every row's likeliest, token 1 is 95 below it:
+    targets = rng.integers(2, V, N)  # exp(-95) is a float32 subnormal
+    shifted = h @ wte.T
+    shifted -= shifted.max(1, keepdims=True)
+    assert (shifted < -88).mean() > 0.3 and (shifted[:, 1] < -88).all()
+    dwte = np.empty_like(wte)
+    loss, dh = layers.classifier_forward(h, wte, targets, dwte)
+    logits = h.astype(np.float64) @ wte.astype(np.float64).T  # the exact softmax, in float64
+    logits -= logits.max(1, keepdims=True)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    loss64 = -np.mean(np.log(probs[np.arange(N), targets]))
+    dlogits = probs.copy()
+    dlogits[np.arange(N), targets] -= 1
+    dlogits /= N
+    dh64, dwte64 = dlogits @ wte.astype(np.float64), dlogits.T @ h.astype(np.float64)
+    assert loss == pytest.approx(loss64, rel=1e-5)
+    assert np.abs(dh - dh64).max() <= 1e-4 * np.abs(dh64).max()
+    assert np.abs(dwte - dwte64).max() <= 1e-4 * np.abs(dwte64).max()
+    tiny = np.finfo(np.float32).tiny
+    for array in (dh, dwte):
+        assert not ((array != 0) & (np.abs(array) < tiny)).any()

@@ -145,3 +145,42 @@ def test_sampling_probabilities_have_no_subnormals():
     expected = np.exp(shifted - np.log(np.exp(shifted).sum()))
     np.testing.assert_allclose(p, expected[keep], rtol=1e-12, atol=1e-250)
     assert np.all(p[expected[keep] > 1e-200] > 0)
+
+
+# --- training's layers -----------------------------------------------------------------------
+
+
+def test_training_attention_has_no_subnormals_and_matches_float64():
+    from picogpt import layers
+
+    rng = np.random.default_rng(5)
+    B, T, n_head, hd = 2, 24, 2, 4
+    C = n_head * hd
+    # Integer q and k: q k^T / sqrt(hd) spans hundreds, exactly in float32 (hd = 4: scale 1/2).
+    qkv = rng.integers(-10, 11, (B * T, 3 * C)).astype(np.float32)
+    qkv[:, 2 * C :] = rng.standard_normal((B * T, C), dtype=np.float32)  # the values
+    y, cache = layers.attention_forward(qkv, B, T, n_head)
+    q, k, v = qkv.astype(np.float64).reshape(B, T, 3, n_head, hd).transpose(2, 0, 3, 1, 4)
+    assert subnormals(naive_softmax((q @ k.swapaxes(-1, -2)).astype(np.float32) / 2)) > 0
+    assert subnormals(cache.att) == 0 and subnormals(y) == 0
+    assert np.all(cache.att[..., np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] == 0)
+    expected = reference_attention(q / 2, k, v, 0).transpose(0, 2, 1, 3).reshape(B * T, C)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+    dqkv = layers.attention_backward(rng.standard_normal((B * T, C), dtype=np.float32), cache)
+    assert dqkv.dtype == np.float32 and subnormals(dqkv) == 0
+
+
+def test_training_gelu_has_no_subnormals_and_matches_float64():
+    from picogpt import layers
+
+    x = np.linspace(-40, 40, 20001, dtype=np.float32).reshape(1, -1)
+    out, cache = layers.gelu_forward(x)
+    assert subnormals(out) == 0 and subnormals(cache.gate) == 0
+    np.testing.assert_allclose(out, reference_gelu(x), rtol=1e-5, atol=2e-6)
+    dx = layers.gelu_backward(np.ones_like(x), cache)
+    assert subnormals(dx) == 0
+    x64 = x.astype(np.float64)
+    u = math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64**3)
+    expected = 0.5 * (1 + np.tanh(u)) + 0.5 * x64 * (1 - np.tanh(u) ** 2) * math.sqrt(
+        2 / math.pi) * (1 + 3 * 0.044715 * x64**2)  # fmt: skip
+    np.testing.assert_allclose(dx, expected, rtol=1e-4, atol=1e-5)

@@ -17,7 +17,6 @@ from _reference import hf_model, hf_names
 import picogpt
 from picogpt import checkpoint
 from picogpt import train as tr
-from picogpt.chars import CharTokenizer
 
 
 def tiny_hparams(**overrides):
@@ -59,7 +58,7 @@ def test_block_backward_with_its_residuals(dropout):
 
 def model_gradients(params, hparams, idx, targets):
     grads = {name: np.zeros_like(p) for name, p in params.items()}
-    loss, cache = tr.gpt_forward(params, hparams, idx, targets)
+    loss, cache = tr.gpt_forward(params, hparams, idx, targets, grads=grads)
     tr.gpt_backward(cache, params, hparams, grads)
     return loss, grads
 
@@ -214,12 +213,11 @@ def test_train_saves_a_model_the_engine_runs(text_file, tmp_path):
     # The engine's forward pass and training's give the same logits for the saved weights.
     params = checkpoint.read(out_dir)
     ids = model.encode("ROMEO: But soft, what light")
-    _, cache = tr.gpt_forward(params, model.hparams, np.array([ids]), np.array([ids]))
-    probs = cache.probs
-    engine = model.logits(ids).astype(np.float64)
-    engine_probs = np.exp(engine - engine.max(1, keepdims=True))
-    engine_probs /= engine_probs.sum(1, keepdims=True)
-    np.testing.assert_allclose(probs, engine_probs, atol=1e-5)
+    loss, _ = tr.gpt_forward(params, model.hparams, np.array([ids[:-1]]), np.array([ids[1:]]))
+    engine = model.logits(ids[:-1]).astype(np.float64)
+    log_probs = engine - engine.max(1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
+    assert loss == pytest.approx(-log_probs[np.arange(len(ids) - 1), ids[1:]].mean(), rel=1e-5)
     text = model.generate("ROMEO:", n=80, seed=1)
     assert len(text) == 80 and set(text) <= set(TEXT)
 
@@ -257,14 +255,12 @@ def test_resume_continues_exactly_where_it_stopped(text_file, tmp_path):
 def test_a_crash_while_saving_leaves_the_last_good_model(text_file, tmp_path, monkeypatch):
     """Fault injection: the second save dies just before its last rename (the `checkpoint` file
     that names the new weights); the folder must still load the first save, bit for bit."""
-    tok = CharTokenizer.from_text(TEXT)
-    config = tr.make_config(small_options(max_iters=20))
-    trainer = tr.Trainer(config, tok, tmp_path / "model")
+    plan = tr.prepare(text_file, tmp_path / "model", small_options(max_iters=20))
+    trainer = tr.Trainer(plan.config, plan.hparams, plan.tokenizer, plan.folder, plan.vocabulary)
     trainer.initialize()
-    trainer.save_model()
+    trainer.save_model(3.0)
     saved = {k: v.copy() for k, v in trainer.params.items()}
-    data = tr.split_data(np.array(tok.encode(TEXT), np.uint16))
-    trainer.step(*tr.get_batch(data[0], 32, 8, np.random.default_rng(0)), 1e-2, None)
+    trainer.step(*tr.get_batch(plan.data[0], 32, 8, np.random.default_rng(0)), 1e-2, None)
     trainer.iter = 20
 
     real_replace = os.replace
@@ -276,7 +272,7 @@ def test_a_crash_while_saving_leaves_the_last_good_model(text_file, tmp_path, mo
 
     monkeypatch.setattr(os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
-        trainer.save_model()
+        trainer.save_model(2.0)
     monkeypatch.undo()
     model = picogpt.load(tmp_path / "model")
     params = checkpoint.read(tmp_path / "model")
@@ -326,18 +322,30 @@ def test_resume_refuses_a_new_shape_and_unknown_characters(text_file, tmp_path):
     assert chars.returncode == 2 and "'☃'" in chars.stderr and "'Z'" in chars.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["missing.txt"], "no such file"),
-    (["{text}", "--n-embd", "30", "--n-head", "4"], "not divisible"),
-    (["{text}", "--block-size", "1000"], "too short"),
-    (["{text}", "--dropout", "1.5"], "[0, 1)"),
-    (["{text}", "--resume"], "nothing to resume"),
-    (["{text}", "--out", "{text}"], "is a file"),
+@pytest.mark.parametrize("args, message, status", [
+    (["missing.txt"], "training text does not exist", 1),
+    (["{empty}"], "the training text is empty", 2),
+    (["{latin1}"], "is not UTF-8 text (byte offset 9)", 1),
+    (["/dev/zero"], "is not a regular file", 1),
+    (["{text}", "--n-embd", "30", "--n-head", "4"], "not divisible", 2),
+    (["{text}", "--block-size", "1000"], "too short", 2),
+    (["{text}", "--dropout", "1.5"], "[0, 1)", 2),
+    (["{text}", "--seed", "-1"], "--seed: must be >= 0, got -1", 2),
+    (["{text}", "--grad-accum", "0"], "--grad-accum: must be at least 1, got 0", 2),
+    (["{text}", "--lr", "nan"], "--lr: expected a finite number", 2),
+    (["{text}", "--resume"], "nothing to resume", 2),
+    (["{text}", "--out", "{text}"], "is a file", 2),
+    (["{text}", "--init", "no-such-model"], "no model 'no-such-model': not a folder", 2),
+    (["{text}", "--tokenizer", "gpt3"], "no model 'gpt3': not a folder", 2),
+    (["{text}", "--init", "shakespeare-char", "--resume"], "give one of them", 2),
 ])  # fmt: skip
-def test_bad_input_is_one_line_and_exit_2(text_file, tmp_path, args, message):
-    args = [a.format(text=text_file) for a in args]
+def test_bad_input_is_one_line_and_exit_2_or_1(text_file, tmp_path, args, message, status):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "latin1.txt").write_bytes("Hello caf\xe9 world".encode("latin-1") * 50)
+    args = [a.format(text=text_file, empty=tmp_path / "empty.txt", latin1=tmp_path / "latin1.txt")
+            for a in args]  # fmt: skip
     result = train_cli(*args, *([] if "--out" in args else ["--out", tmp_path / "m"]), check=False)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert result.returncode == status and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "m" / "hparams.json").exists()
 
