@@ -49,7 +49,7 @@ class LayerNormCache(NamedTuple):
 
 def layer_norm_forward(x, g, b):
     """(x - mean) / sqrt(var + eps) * g + b over the last axis of x [N, C]."""
-    xhat = x - x.mean(axis=-1, keepdims=True)
+    xhat = x - model.row_sums(x) / x.shape[-1]
     var = np.einsum("ij,ij->i", xhat, xhat)[:, None] / x.shape[-1]
     rstd = 1.0 / np.sqrt(var + LN_EPS)  # [N, 1]
     xhat *= rstd
@@ -69,7 +69,7 @@ def layer_norm_backward(dout, cache, g, dg, db):
     # The mean and the variance depend on every x of the row: the gradient loses its row mean
     # and its component along xhat.
     C = dout.shape[-1]
-    mean_dxhat = dxhat.sum(axis=-1, keepdims=True) / C
+    mean_dxhat = model.row_sums(dxhat) / C
     mean_dxhat_xhat = np.einsum("ij,ij->i", dxhat, xhat)[:, None] / C
     dxhat -= mean_dxhat
     dxhat -= xhat * mean_dxhat_xhat
@@ -136,7 +136,7 @@ def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None):
     att += causal_mask(T)  # the engine's: 0, and -inf on the future (the max is over the past)
     model.shifted_exp_(att)
     att *= past_mask(T)
-    sums = att.sum(axis=-1, keepdims=True)  # [B, H, T, 1]
+    sums = model.row_sums(att)  # [B, H, T, 1]
     att *= np.reciprocal(sums, out=sums)
     att_dropped, mask = dropout_forward(att, dropout, rng)
     y = att_dropped @ v  # [B, H, T, hd]
