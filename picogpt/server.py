@@ -42,6 +42,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
+
 from picogpt import files
 from picogpt.errors import PicogptError
 
@@ -51,7 +53,8 @@ PAGE_FILE_LIMIT = 4 * files.MB
 MAX_TOKENS = 4096  # per request and sample: a bound on how long one request may hold the model
 MAX_N = 16  # samples per prompt (one batch)
 MAX_PROMPTS = 16  # prompts per completions request
-MAX_STOP = 16  # stop strings, as Model.complete takes
+MAX_STOP = 16  # stop strings, as Model.complete takes (a chat's turn end is one of them)
+MAX_STOP_CHARS = 1000  # per stop string, as Model.complete takes
 MAX_LOGPROBS = 20
 MAX_MESSAGES = 1024
 IDLE_TIMEOUT = 60.0  # seconds a connection may sit idle or half-sent
@@ -181,8 +184,8 @@ def _stop(body):
         raise _invalid("stop", "stop must be a string or a list of strings", code="invalid_type")
     if len(stops) > MAX_STOP:
         raise _invalid("stop", f"stop takes at most {MAX_STOP} strings, got {len(stops)}")
-    if any(not s for s in stops):
-        raise _invalid("stop", "stop strings must not be empty")
+    if any(not 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise _invalid("stop", f"a stop string must have 1 to {MAX_STOP_CHARS} characters")
     return stops or None
 
 
@@ -324,7 +327,9 @@ class Service:
             results = []
             for text, ids in request["prompts"]:
                 out = self._complete(ids, options, request["logprobs"], n)
-                prompt_lp = self._prompt_logprobs(ids, request) if request["echo"] else None
+                prompt_lp = None
+                if request["echo"] and request["logprobs"] is not None:
+                    prompt_lp = self._prompt_logprobs(ids, request)
                 results.append((text, out, prompt_lp))
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for p, (text, out, prompt_lp) in enumerate(results):
@@ -333,8 +338,9 @@ class Service:
                 completion_tokens += len(c.tokens)
                 logprobs = None
                 if request["logprobs"] is not None:
-                    logprobs, _ = self._text_logprobs(c.tokens, c.token_logprobs,
-                                                      c.top_logprobs, len(text), prompt_lp)
+                    logprobs = self._text_logprobs(c.tokens, c.token_logprobs,
+                                                   c.top_logprobs,
+                                                   TextOffsets(self.model, len(text)), prompt_lp)
                 choices.append({"text": (text if request["echo"] else "") + c.text,
                                 "index": p * n + k, "logprobs": logprobs,
                                 "finish_reason": c.finish_reason})
@@ -347,7 +353,7 @@ class Service:
         """The chunks (dicts) of a checked streaming completions request; closing the generator
         stops the generation and frees the model for the next request."""
         cid, created, n = _new_id("cmpl"), int(time.time()), request["n"]
-        options, want_lp = request["options"], request["logprobs"] is not None
+        options = request["options"]
 
         def chunk(index, text, logprobs=None, finish_reason=None):
             return {"id": cid, "object": "text_completion", "created": created,
@@ -355,31 +361,37 @@ class Service:
                                                      "logprobs": logprobs,
                                                      "finish_reason": finish_reason}]}
 
+        # Model.stream_completion checks its options when called, before any work: a problem
+        # is a 400 here, not an error event after the 200.
+        streams = [self._stream(ids, options, request["logprobs"], n)
+                   for _, ids in request["prompts"]]
+        return self._completion_events(request, streams, chunk, stats)
+
+    def _completion_events(self, request, streams, chunk, stats):
+        n, want_lp = request["n"], request["logprobs"] is not None
         prompt_tokens = 0
         with self.lock:
-            for p, (text, ids) in enumerate(request["prompts"]):
-                offsets = [len(text)] * n  # text_offset of each row's next token
+            for p, ((text, ids), stream) in enumerate(zip(request["prompts"], streams)):
+                offsets = [TextOffsets(self.model, len(text)) for _ in range(n)]
                 if request["echo"]:
                     lp = self._prompt_logprobs(ids, request) if want_lp else None
                     for k in range(n):
                         yield chunk(p * n + k, text, lp)
-                stream = self._stream(ids, options, request["logprobs"], n)
                 try:
                     for c in stream:
                         stats.tokens += len(c.tokens)
                         logprobs = None
                         if want_lp and c.tokens:
-                            logprobs, offsets[c.index] = self._text_logprobs(
-                                c.tokens, c.token_logprobs, c.top_logprobs, offsets[c.index])
+                            logprobs = self._text_logprobs(c.tokens, c.token_logprobs,
+                                                           c.top_logprobs, offsets[c.index])
                         if c.text or logprobs or c.finish_reason:
                             yield chunk(p * n + c.index, c.text, logprobs, c.finish_reason)
                 finally:
                     stream.close()
                 prompt_tokens += max(len(ids), 1)  # an empty prompt is <|endoftext|>
         if request["include_usage"]:
-            yield {"id": cid, "object": "text_completion", "created": created,
-                   "model": self.name, "choices": [],
-                   "usage": _usage(prompt_tokens, stats.tokens)}
+            first = chunk(0, "")
+            yield dict(first, choices=[], usage=_usage(prompt_tokens, stats.tokens))
 
     def _complete(self, ids, options, logprobs, n):
         try:
@@ -389,43 +401,36 @@ class Service:
         return [out] if n == 1 else out
 
     def _stream(self, ids, options, logprobs, n):
-        return self.model.stream_completion(ids, **options, logprobs=logprobs, samples=n)
+        try:
+            return self.model.stream_completion(ids, **options, logprobs=logprobs, samples=n)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
 
-    def _text_logprobs(self, tokens, token_logprobs, top_logprobs, offset, prompt=None):
-        """OpenAI's completions `logprobs` (tokens as text, token_logprobs, top_logprobs,
-        text_offset: characters from the start of the prompt), `prompt`'s lists first (echo);
-        and the offset after the last token, where a stream's next chunk starts."""
-        strings = [self.model.decode([t]) for t in tokens]
-        offsets = []
-        for s in strings:
-            offsets.append(offset)
-            offset += len(s)
-        out = {"tokens": strings, "token_logprobs": list(token_logprobs or []),
-               "top_logprobs": list(top_logprobs or []), "text_offset": offsets}
+    def _text_logprobs(self, tokens, token_logprobs, top_logprobs, offsets, prompt=None):
+        """OpenAI's completions `logprobs`: tokens (their text), token_logprobs, top_logprobs,
+        text_offset (from `offsets`, a TextOffsets); `prompt`'s lists first (echo)."""
+        out = {"tokens": [self.model.token_text(t) for t in tokens],
+               "token_logprobs": list(token_logprobs or []),
+               "top_logprobs": list(top_logprobs or []), "text_offset": offsets.of(tokens)}
         if prompt is not None:
             out = {key: prompt[key] + out[key] for key in out}
-        return out, offset
+        return out
 
     def _prompt_logprobs(self, ids, request):
         """The echoed prompt's logprobs: each token's log-probability given the ones before it
         (the first has none), from one forward pass over the prompt."""
-        strings = [self.model.decode([t]) for t in ids]
-        offsets, offset = [], 0
-        for s in strings:
-            offsets.append(offset)
-            offset += len(s)
         token_lp, top_lp = [None], [None]
         k = request["logprobs"]
         if len(ids) > 1:
-            logits = self.model.logits(ids[:-1]).astype("float64")  # [T-1, n_vocab]
+            logits = self.model.logits(ids[:-1]).astype(np.float64)  # [T-1, n_vocab]
             peak = logits.max(axis=1, keepdims=True)
-            lsm = logits - peak - _log_sum_exp(logits - peak)
+            lsm = logits - peak - np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))
             for row, token in zip(lsm, ids[1:]):
                 token_lp.append(float(row[token]))
-                top = row.argsort()[::-1][:k] if k else []
-                top_lp.append({self.model.decode([int(t)]): float(row[t]) for t in top})
-        return {"tokens": strings, "token_logprobs": token_lp, "top_logprobs": top_lp,
-                "text_offset": offsets}
+                top = np.argsort(-row, kind="stable")[:k]
+                top_lp.append({self.model.token_text(int(t)): float(row[t]) for t in top})
+        return {"tokens": [self.model.token_text(t) for t in ids], "token_logprobs": token_lp,
+                "top_logprobs": top_lp, "text_offset": TextOffsets(self.model, 0).of(ids)}
 
     # --- chat completions
 
@@ -451,11 +456,14 @@ class Service:
         from picogpt import chat
 
         try:
-            prompt = chat.prompt_from_messages(self.model, messages, options["n"])
+            prompt = chat.chat_prompt(self.model, messages, options["n"])
         except ValueError as e:  # a character-level model that never saw a character
             raise _invalid("messages", str(e)) from None
-        stops = list(options["stop"] or [])
-        options["stop"] = [chat.TURN_END] + [s for s in stops if s != chat.TURN_END]
+        stops = [s for s in options["stop"] or [] if s != chat.REPLY_STOP]
+        if len(stops) >= MAX_STOP:
+            raise _invalid("stop", f"a chat takes at most {MAX_STOP - 1} stop strings (its turn "
+                                   "ends at a newline too)")
+        options["stop"] = [chat.REPLY_STOP, *stops]
         return dict(prompt=prompt, ids=self.model.encode(prompt), n=n, stream=stream,
                     include_usage=_stream_options(body, stream),
                     logprobs=(top or 0) if logprobs else None, options=options)
@@ -489,11 +497,15 @@ class Service:
                                                      "logprobs": logprobs,
                                                      "finish_reason": finish_reason}]}
 
+        stream = self._stream(request["ids"], request["options"], request["logprobs"], n)
+        return self._chat_events(request, stream, chunk, stats)
+
+    def _chat_events(self, request, stream, chunk, stats):
+        n = request["n"]
         with self.lock:
             for k in range(n):
                 yield chunk(k, {"role": "assistant", "content": ""})
             started = [False] * n  # the reply's leading space is not part of it
-            stream = self._stream(request["ids"], request["options"], request["logprobs"], n)
             try:
                 for c in stream:
                     stats.tokens += len(c.tokens)
@@ -511,23 +523,26 @@ class Service:
             finally:
                 stream.close()
         if request["include_usage"]:
-            yield {"id": cid, "object": "chat.completion.chunk", "created": created,
-                   "model": self.name, "choices": [],
-                   "usage": _usage(len(request["ids"]), stats.tokens)}
+            first = chunk(0, {})
+            yield dict(first, choices=[], usage=_usage(len(request["ids"]), stats.tokens))
 
     def _chat_logprobs(self, tokens, token_logprobs, top_logprobs, k):
         """OpenAI's chat `logprobs.content`: per token its text, logprob, UTF-8 bytes and the k
         likeliest alternatives."""
         content = []
-        for i, token in enumerate(tokens):
-            text = self.model.decode([token])
-            top = sorted((top_logprobs or [{}] * len(tokens))[i].items(), key=lambda kv: -kv[1])
-            content.append({"token": text, "logprob": token_logprobs[i],
-                            "bytes": list(text.encode("utf-8")),
-                            "top_logprobs": [{"token": t, "logprob": lp,
-                                              "bytes": list(t.encode("utf-8"))}
-                                             for t, lp in top[:k]]})
+        for token, lp, top in zip(tokens, token_logprobs, top_logprobs):
+            top = sorted(top.items(), key=lambda kv: -kv[1])[:k]
+            content.append({"token": self.model.token_text(token), "logprob": lp,
+                            "bytes": list(self._token_bytes(token)),
+                            "top_logprobs": [{"token": t, "logprob": v, "bytes": _bytes_of(t)}
+                                             for t, v in top]})
         return content
+
+    def _token_bytes(self, token):
+        decode_bytes = getattr(self.model.tokenizer, "decode_bytes", None)
+        if decode_bytes is not None:
+            return decode_bytes([token])
+        return self.model.decode([token]).encode("utf-8")
 
 
 def _messages(value):
@@ -563,14 +578,35 @@ def _messages(value):
     return out
 
 
+class TextOffsets:
+    """Where each generated token's text begins, in characters from the start of the prompt:
+    a token that only completes a character split across tokens begins where that character
+    does."""
+
+    def __init__(self, model, start):
+        self.decoder, self.at = model.tokenizer.decoder(), start
+
+    def of(self, tokens):
+        out = []
+        for token in tokens:
+            out.append(self.at)
+            self.at += len(self.decoder.feed(token))
+        return out
+
+
+def _bytes_of(token_text):
+    """The UTF-8 bytes of a token's text as Model.token_text gives it ("bytes:\\xe2\\x80" for
+    part of a character)."""
+    if token_text.startswith("bytes:"):
+        try:
+            return list(bytes.fromhex(token_text[len("bytes:"):].replace("\\x", "")))
+        except ValueError:  # a token whose text really begins with "bytes:"
+            pass
+    return list(token_text.encode("utf-8"))
+
+
 def _is_id(value):
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _log_sum_exp(x):
-    import numpy as np
-
-    return np.log(np.exp(x).sum(axis=1, keepdims=True))
 
 
 def _usage(prompt_tokens, completion_tokens):
@@ -811,6 +847,8 @@ class _Handler(BaseHTTPRequestHandler):
         """http.server's own errors (a malformed request line, headers too long, an unknown
         method), in OpenAI's shape instead of an HTML page."""
         self.close_connection = True
+        if not str(getattr(self, "request_version", "")).startswith("HTTP/1."):
+            self.request_version = "HTTP/1.0"  # a garbled request line: still answer with headers
         if not getattr(self, "_in_request", False):
             self._started, self._stats = time.monotonic(), Stats()
         try:
