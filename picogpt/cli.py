@@ -1,19 +1,24 @@
-"""The picogpt command line: generate (the default), chat, download, eval, serve, train.
+"""The picogpt command line: generate (the default), chat, download, eval, serve, train,
+export.
 
 Bad input gets a one-line message and exit status 2; failures that are not the user's typing
 (no network, a corrupt download) exit 1; Ctrl-C exits 130. Never a traceback for either.
 """
 
 import argparse
+import contextlib
+import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 from picogpt import download, files
-from picogpt.errors import PicogptError, UnknownModelError
+from picogpt.chat import REPLY_STOP, Conversation
+from picogpt.errors import OutputExistsError, PicogptError, UnknownModelError
 
-COMMANDS = ("generate", "chat", "download", "eval", "serve", "train")
+COMMANDS = ("generate", "chat", "download", "eval", "serve", "train", "export")
 
 EXAMPLES = """\
 examples:
@@ -25,31 +30,31 @@ examples:
   picogpt download 774M                     fetch a model ahead of time
   picogpt eval essay.txt                    cross-entropy, perplexity, bits per byte
   picogpt serve                             OpenAI's API and a page at http://127.0.0.1:8080/
-  picogpt train input.txt --out my-model    train a character-level GPT (picogpt train --help)
+  picogpt train input.txt --out my-model    train a GPT on a text (picogpt train --help)
   picogpt "ROMEO:" -m shakespeare-char      the bundled model trained on Tiny Shakespeare
+  picogpt export my-model my-model-hf       a model folder for transformers (HuggingFace's layout)
 
 models (--model): a GPT-2 size (124M, 355M, 774M, 1558M, or gpt2, gpt2-medium, gpt2-large,
-gpt2-xl), a bundled model name (shakespeare-char), or the path of a model folder.
+gpt2-xl), a bundled model name (shakespeare-char), or the path of a model folder, in OpenAI's
+layout (hparams.json, a TF checkpoint) or HuggingFace's (config.json, model.safetensors; a hub
+cache snapshot works as it is).
 
 weights folder, where sizes are downloaded to and looked for: --weights-dir, else $PICOGPT_WEIGHTS,
 else ./weights when it exists in the current directory, else ~/.cache/picogpt. A model lives in
-<folder>/<size>/; files placed there by hand are used as they are. --base-url (or
-$PICOGPT_BASE_URL) replaces OpenAI's download address.
+<folder>/<size>/; files placed there by hand are used as they are. --source huggingface (or
+$PICOGPT_SOURCE) fetches sizes from the HuggingFace hub instead of OpenAI; --base-url (or
+$PICOGPT_BASE_URL) replaces the download address.
 """
-
-CHAT_PREAMBLE = (
-    "The following is a conversation between a curious person and a friendly, knowledgeable "
-    "assistant. The assistant answers in a sentence or two.\n\n"
-    "User: Hi! Who are you?\n"
-    "Assistant: Hello! I'm an assistant. Ask me anything and I'll do my best to help.\n"
-)
-
 
 class UsageError(PicogptError):
     """Bad input from the user: reported on one line, exit status 2."""
 
 
 class Parser(argparse.ArgumentParser):
+    def _print_message(self, message, file=None):  # argparse ignores a failed write: we do not
+        if message:
+            (file or sys.stderr).write(message)
+
     def error(self, message):  # one line instead of argparse's usage + error
         command = self.prog.replace(" [generate]", "")
         print(f"picogpt: error: {message} (see {command} --help)", file=sys.stderr)
@@ -113,6 +118,64 @@ def _temperature(value):
 
 
 _top_p = _in_range(0, 1, low_open=True)
+_penalty = _in_range(-2, 2)  # OpenAI's range for frequency and presence penalties
+
+
+def _int_in_range(low, high):
+    """A validator for whole numbers in low..high."""
+    def parse(value):
+        n = _whole_number(f"must be in {low}..{high}")(value)
+        if not low <= n <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {n}")
+        return n
+    return parse
+
+
+_logprobs = _int_in_range(0, 20)
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def _stop(value):
+    """A stop string as typed: \\n, \\t and \\\\ read as a newline, a tab and a backslash."""
+    out, i = [], 0
+    while i < len(value):
+        if value[i] == "\\" and value[i + 1 : i + 2] in _ESCAPES:
+            out.append(_ESCAPES[value[i + 1]])
+            i += 2
+        else:
+            out.append(value[i])
+            i += 1
+    if not out:
+        raise argparse.ArgumentTypeError("a stop string must not be empty")
+    return "".join(out)
+
+
+def _base_url(value):
+    """An http(s) URL with a host and a valid port (what --base-url and $PICOGPT_BASE_URL
+    replace the download address with)."""
+    try:
+        return download.check_base_url(value)
+    except download.DownloadError as e:
+        raise argparse.ArgumentTypeError(f"{e} (--base-url or $PICOGPT_BASE_URL)") from None
+
+
+def _source(value):
+    if value not in download.SOURCES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(download.SOURCES)} "
+                                         f"(--source or $PICOGPT_SOURCE), got {value!r}")
+    return value
+
+
+def _add_download_options(p):
+    """--base-url and --source, for every command that may download a GPT-2 size. Their
+    environment variables are the defaults, checked like the options."""
+    p.add_argument("--base-url", metavar="URL", type=_base_url,
+                   default=os.environ.get("PICOGPT_BASE_URL") or None,
+                   help="download from here instead of the source's own address")
+    p.add_argument("--source", metavar="{openai,huggingface}", type=_source,
+                   default=os.environ.get("PICOGPT_SOURCE") or None,
+                   help="where GPT-2 sizes are downloaded from: OpenAI (the default) or the "
+                        "HuggingFace hub ($PICOGPT_SOURCE)")
 
 
 def _port(value):
@@ -126,7 +189,7 @@ def _add_model_options(p, default="124M"):
     p.add_argument("--model", "-m", default=default,
                    help=f"GPT-2 size, bundled model name or model folder (default {default})")
     p.add_argument("--weights-dir", metavar="DIR", help="where GPT-2 sizes are downloaded to")
-    p.add_argument("--base-url", metavar="URL", help="download from here instead of OpenAI")
+    _add_download_options(p)
 
 
 def _add_sampling_options(p, n, temperature=1.0, unit="sample"):
@@ -140,13 +203,22 @@ def _add_sampling_options(p, n, temperature=1.0, unit="sample"):
                    help="nucleus sampling: the fewest tokens whose probability sums to P (0, 1]")
     p.add_argument("--seed", type=_seed, default=None, metavar="S",
                    help=f"make sampling repeatable ({unit} k uses seed S+k-1)")
+    most = "up to 16" if unit == "sample" else "up to 15; a reply also ends at its line end"
+    p.add_argument("--stop", type=_stop, action="append", default=[], metavar="STR",
+                   help=f"end the text before STR (repeatable, {most}; \\n is a newline)")
+    p.add_argument("--frequency-penalty", type=_penalty, default=0.0, metavar="F",
+                   help="lower each token's logit by F per time it was generated: less "
+                        "repetition ([-2, 2], default 0)")
+    p.add_argument("--presence-penalty", type=_penalty, default=0.0, metavar="P",
+                   help="lower the logit of every token generated so far by P: new topics "
+                        "([-2, 2], default 0)")
 
 
 def build_parser():
     parser = Parser(
         prog="picogpt",
         usage="picogpt [generate] PROMPT [options]\n"
-              "       picogpt {chat,download,eval,serve,train} ...",
+              "       picogpt {chat,download,eval,serve,train,export} ...",
         description="GPT-2 in plain Python and NumPy: run OpenAI's checkpoints on a laptop CPU,\n"
                     "chat with them, evaluate them, or train a small model of your own.\n"
                     "Without a command, picogpt continues PROMPT (the `generate` command).",
@@ -156,7 +228,8 @@ def build_parser():
     from picogpt import __version__
 
     parser.add_argument("--version", action="version", version=f"picogpt {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,chat,download,eval,serve,train}",
+    sub = parser.add_subparsers(dest="command",
+                                metavar="{generate,chat,download,eval,serve,train,export}",
                                 parser_class=Parser)
 
     g = sub.add_parser(
@@ -172,6 +245,9 @@ def build_parser():
     g.add_argument("--samples", type=_positive_int, default=1, metavar="K",
                    help="how many continuations to write (default 1)")
     g.add_argument("--no-echo", action="store_true", help="do not print the prompt first")
+    g.add_argument("--logprobs", type=_logprobs, default=None, metavar="K",
+                   help="show each token's probability and its K likeliest alternatives "
+                        "(0..20): shaded on a terminal, a tab-separated table when piped")
     _add_sampling_options(g, n=40)
     _add_model_options(g)
     # `picogpt --help` is where people look for --n and friends: show generate's options there.
@@ -193,13 +269,14 @@ def build_parser():
     _add_model_options(c)
 
     d = sub.add_parser("download", prog="picogpt download", help="fetch a GPT-2 size ahead of time",
-                       description="Download OpenAI's files for a GPT-2 size (resumable), verify "
-                                   "the checkpoint and keep it in the weights folder.",
+                       description="Download a GPT-2 size (resumable) from OpenAI, or with "
+                                   "--source huggingface from the HuggingFace hub, verify it and "
+                                   "keep it in the weights folder.",
                        epilog="example: picogpt download 355M --weights-dir ~/models")
     d.add_argument("size", metavar="SIZE", help="124M, 355M, 774M, 1558M (or gpt2, gpt2-medium, "
                                                 "gpt2-large, gpt2-xl)")
     d.add_argument("--weights-dir", metavar="DIR", help="download into DIR/SIZE")
-    d.add_argument("--base-url", metavar="URL", help="download from here instead of OpenAI")
+    _add_download_options(d)
 
     e = sub.add_parser(
         "eval", prog="picogpt eval", help="measure how well a model predicts a text file",
@@ -233,9 +310,29 @@ def build_parser():
                    help="let pages from other origins call the API (Access-Control-Allow-Origin)")
     _add_model_options(v)
 
-    # Listed here for --help; the real `train` parser is built by picogpt.train, imported only
-    # when training is asked for (it is the only command that needs it).
-    sub.add_parser("train", prog="picogpt train", help="train a character-level GPT on a text file",
+    from picogpt import hf
+
+    x = sub.add_parser(
+        "export", prog="picogpt export", help="write a model in HuggingFace's or OpenAI's layout",
+        description="Write MODEL (anything --model takes) to OUT, a new folder: in HuggingFace's "
+                    "layout (config.json, model.safetensors, vocab.json + merges.txt: "
+                    "transformers' from_pretrained(OUT) loads it) or OpenAI's (hparams.json, a "
+                    "TensorFlow checkpoint, encoder.json + vocab.bpe). OUT must not exist or be "
+                    "empty: export never overwrites files.",
+        epilog="example: picogpt export 124M gpt2-hf --dtype float16",
+    )
+    x.add_argument("model", metavar="MODEL", help="GPT-2 size, bundled model name or model folder")
+    x.add_argument("out", metavar="OUT", help="the new folder to write")
+    x.add_argument("--format", choices=hf.FORMATS, default="hf",
+                   help="hf: HuggingFace's layout (default); openai: OpenAI's")
+    x.add_argument("--dtype", choices=hf.DTYPES, default="float32",
+                   help="the weights' type (default float32; float16 halves the size, hf only)")
+    x.add_argument("--weights-dir", metavar="DIR", help="where GPT-2 sizes are downloaded to")
+    _add_download_options(x)
+
+    # Listed here for --help; the real `train` parser is built by _train below, which imports
+    # picogpt.train only when training is asked for (the only command that needs it).
+    sub.add_parser("train", prog="picogpt train", help="train or fine-tune a GPT on a text file",
                    add_help=False, description="see picogpt train --help")
     return parser
 
@@ -244,13 +341,22 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     _tolerant_stdout()
     try:
-        return _main(argv)
+        try:
+            return _main(argv)
+        finally:
+            if sys.stdout is not None:  # a full device under stdout fails here, not at exit
+                sys.stdout.flush()
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `picogpt ... | head`: the reader left; not an error of ours
         _silence_stdout()
         return 0
+    except OSError as e:  # `picogpt ... > /dev/full`: errors about files are PicogptErrors
+        _silence_stdout()  # else Python's own flush at exit fails again, with a traceback
+        where = e.filename or "cannot write the output"
+        print(f"picogpt: error: {where}: {e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 def _main(argv):
@@ -264,7 +370,7 @@ def _main(argv):
         argv = ["generate", *argv]
     args = parser.parse_args(argv)
     command = {"generate": _generate, "chat": _chat, "download": _download, "eval": _eval,
-               "serve": _serve}
+               "serve": _serve, "export": _export}
     try:
         return command[args.command](args)
     except UsageError as e:
@@ -283,13 +389,28 @@ def _open_model(args):
     from picogpt import loading
 
     try:
-        return loading.load(args.model, args.weights_dir, getattr(args, "base_url", None))
+        return loading.load(args.model, args.weights_dir, getattr(args, "base_url", None),
+                            source=getattr(args, "source", None))
     except UnknownModelError as e:
         raise UsageError(str(e)) from e
 
 
 def _sampling(args):
-    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty)
+
+
+def _check_stops(stops, reserved=()):
+    """The --stop strings, checked as the API checks them (before any model is loaded)."""
+    from picogpt.api import MAX_STOPS, check_stop
+
+    try:
+        return list(check_stop([*reserved, *stops]))[len(reserved):]
+    except ValueError as e:
+        if len(set([*reserved, *stops])) > MAX_STOPS and reserved:
+            raise UsageError(f"--stop: at most {MAX_STOPS - len(reserved)} strings here (the "
+                             f"reply's line end is one of the {MAX_STOPS})") from None
+        raise UsageError(f"--stop: {e}") from None
 
 
 # --- generate -------------------------------------------------------------------------------------
@@ -323,76 +444,107 @@ def _read_prompt(args):
 
 def _generate(args):
     prompt = _read_prompt(args)
+    stop = _check_stops(args.stop)
     model = _open_model(args)
     out = sys.stdout
+    terminal = out.isatty()
     for k in range(args.samples):
+        seed = None if args.seed is None else args.seed + k
+        options = dict(n=args.n, seed=seed, stop=stop, **_sampling(args))
+        try:
+            if args.logprobs is not None:
+                _write_logprobs(model, prompt, out, k, args, terminal, options)
+            else:
+                _write_sample(model, prompt, out, k, args, options)
+        except ValueError as e:  # e.g. a prompt longer than the context, unknown characters
+            raise UsageError(str(e)) from None
+    return 0
+
+
+def _write_sample(model, prompt, out, k, args, options):
+    """One continuation, streamed after the prompt (unless --no-echo)."""
+    if args.samples > 1:
+        out.write(f"{'' if k == 0 else chr(10)}--- sample {k + 1} of {args.samples} ---\n")
+    if not args.no_echo:
+        out.write(prompt)
+    out.flush()
+    text = prompt
+    for piece in model.stream(prompt, **options):
+        out.write(piece)
+        out.flush()  # each piece as it comes: this is the point of streaming
+        text += piece
+    if text and not text.endswith("\n"):
+        out.write("\n")
+    out.flush()
+
+
+def _write_logprobs(model, prompt, out, k, args, terminal, options):
+    """One continuation with --logprobs. On a terminal: the text streamed, each piece shaded by
+    the probability of its least likely token, then a table of the tokens. Piped: the table
+    alone, tab-separated (sample, position, token, probability, then K alternatives and theirs)."""
+    color = terminal and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+    if terminal:
         if args.samples > 1:
             out.write(f"{'' if k == 0 else chr(10)}--- sample {k + 1} of {args.samples} ---\n")
         if not args.no_echo:
             out.write(prompt)
         out.flush()
-        seed = None if args.seed is None else args.seed + k
-        text = prompt
-        try:
-            for piece in model.stream(prompt, n=args.n, seed=seed, **_sampling(args)):
-                out.write(piece)
-                out.flush()  # each piece as it comes: this is the point of streaming
-                text += piece
-        except ValueError as e:  # e.g. a prompt longer than the context, unknown characters
-            raise UsageError(str(e)) from None
-        if text and not text.endswith("\n"):
-            out.write("\n")
-        out.flush()
-    return 0
+    elif k == 0:
+        out.write("sample\tposition\ttoken\tprobability\talternatives\n")
+    rows, pending, text = [], [], ""
+    for chunk in model.stream_completion(prompt, logprobs=args.logprobs, **options):
+        rows += zip(chunk.tokens, chunk.token_logprobs, chunk.top_logprobs)
+        pending += chunk.token_logprobs
+        if terminal and chunk.text:
+            out.write(_shade(chunk.text, math.exp(min(pending, default=0.0)), color))
+            out.flush()
+            pending, text = [], text + chunk.text
+    if terminal:
+        out.write("\n" if text and not text.endswith("\n") else "")
+        out.write(f"\n{'#':>4}  {'token':<16} {'prob':>7}  alternatives\n")
+    for i, (token, lp, top) in enumerate(rows, 1):
+        shown = _token_label(model.token_text(token))
+        alternatives = [(_token_label(t), v) for t, v in top.items()]
+        if terminal:
+            cell = _shade(f"{shown:<16}", math.exp(lp), color)
+            alts = "  ".join(_shade(f"{t} {_percent(v)}", math.exp(v), color)
+                             for t, v in alternatives)
+            out.write(f"{i:>4}  {cell} {_percent(lp):>7}  {alts}\n")
+        else:
+            cells = [str(k + 1), str(i), shown, _percent(lp)]
+            cells += [f"{t}\t{_percent(v)}" for t, v in alternatives]
+            out.write("\t".join(cells) + "\n")
+    out.flush()
+
+
+def _token_label(text):
+    """A token as the table shows it: quoted with escapes, so spaces and newlines are seen."""
+    return text if text.startswith("bytes:") else json.dumps(text, ensure_ascii=False)
+
+
+def _percent(logprob):
+    p = 100 * math.exp(logprob)
+    return f"{p:.2f}%" if p >= 0.005 else f"{p:.0e}%"
+
+
+# Background colours (xterm's 256) from unlikely to likely, black text on each.
+_SHADES = ((0.8, 114), (0.5, 150), (0.3, 186), (0.1, 216), (0.03, 210), (0.0, 203))
+
+
+def _shade(text, p, color):
+    """`text` on a background that says how likely it was (each line apart: no colour bleeds
+    past a line's end)."""
+    if not color:
+        return text
+    code = next(c for limit, c in _SHADES if p >= limit)
+    return "\n".join(f"\x1b[48;5;{code}m\x1b[38;5;16m{line}\x1b[0m" if line else ""
+                     for line in text.split("\n"))
 
 
 # --- chat -----------------------------------------------------------------------------------------
 
-class Conversation:
-    """The chat prompt: preamble + the turns so far + the new message, kept within the context.
-
-    Each turn the whole conversation is handed to the model, which reuses its KV cache for the
-    longest prefix it has already seen, so only the new message and the reply cost compute. The
-    prefix stays put (the preamble, then turns that are only ever appended), except when the
-    context is full and the oldest turns are dropped."""
-
-    def __init__(self, model, reply_tokens, preamble=CHAT_PREAMBLE):
-        self.model = model
-        try:
-            model.encode(preamble)
-        except ValueError:  # a character-level model that never saw some of its characters
-            preamble = ""
-        self.preamble = preamble
-        self.turns = []  # (message, reply) pairs, reply as generated (with its leading space)
-        self.budget = model.hparams["n_ctx"] - reply_tokens  # prompt tokens we can afford
-
-    def prompt(self, message):
-        current = f"User: {message}\nAssistant:"
-        while True:
-            history = "".join(f"User: {m}\nAssistant:{r}\n" for m, r in self.turns)
-            text = self.preamble + history + current
-            if len(self.model.encode(text)) <= self.budget:
-                return text
-            if self.turns:
-                self.turns.pop(0)  # forget the oldest turn
-            elif self.preamble:
-                self.preamble = ""  # a tiny context: even the preamble does not fit
-            else:
-                return self._keep_end(current)
-
-    def _keep_end(self, text):
-        """The longest end of `text` that fits the budget (a very long message)."""
-        ids = self.model.encode(text)[-max(self.budget, 1):]
-        text = self.model.decode(ids)
-        while len(self.model.encode(text)) > self.budget and text:
-            text = text[1:]
-        return text
-
-    def add(self, message, reply):
-        self.turns.append((message, reply))
-
-
 def _chat(args):
+    stop = _check_stops(args.stop, reserved=(REPLY_STOP,))
     model = _open_model(args)
     n_ctx = model.hparams["n_ctx"]
     if args.n >= n_ctx:
@@ -440,27 +592,20 @@ def _chat(args):
         out.write(f"{name}> ")
         out.flush()
         seed = None if args.seed is None else args.seed + turn
-        reply = _reply(model, prompt, out, n=args.n, seed=seed, **_sampling(args))
+        reply = _reply(model, prompt, out, stop=stop, n=args.n, seed=seed, **_sampling(args))
         chat.add(message, reply)
         turn += 1
 
 
-def _reply(model, prompt, out, **options):
-    """Stream the model's turn to `out`, stopping where it ends its line; return it as generated."""
+def _reply(model, prompt, out, stop=(), **options):
+    """Stream the model's turn to `out`, up to where it ends its line (or a `stop` string);
+    return it as generated."""
     reply = ""
-    stream = model.stream(prompt, **options)
-    try:
+    with contextlib.closing(model.stream(prompt, stop=[REPLY_STOP, *stop], **options)) as stream:
         for piece in stream:
-            end = piece.find("\n")  # the reply ends with its line: the next turn is the user's
-            if end >= 0:
-                piece = piece[:end]
             out.write(piece.lstrip() if not reply.strip() else piece)
             out.flush()
             reply += piece
-            if end >= 0:
-                break
-    finally:
-        stream.close()
     out.write("\n" if reply.strip() else "...\n")
     out.flush()
     return reply
@@ -473,7 +618,7 @@ def _download(args):
     if size is None:
         raise UsageError(f"unknown GPT-2 size {args.size!r}: expected one of "
                          f"{', '.join(download.SIZES)} (or {', '.join(download.ALIASES)})")
-    folder = download.download(size, args.weights_dir, args.base_url)
+    folder = download.download(size, args.weights_dir, args.base_url, source=args.source)
     print(f"GPT-2 {size} is ready in {folder}", file=sys.stderr)
     return 0
 
@@ -522,8 +667,6 @@ class _EvalProgress:
 # --- serve ----------------------------------------------------------------------------------------
 
 def _serve(args):
-    import os
-
     from picogpt import server
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("PICOGPT_API_KEY")
@@ -549,7 +692,128 @@ def _serve(args):
     return 0
 
 
+# --- export ---------------------------------------------------------------------------------------
+
+def _export(args):
+    from picogpt import hf, loading
+
+    if args.format == "openai" and args.dtype != "float32":
+        raise UsageError("--format openai writes float32 weights (as OpenAI published GPT-2)")
+    out = Path(args.out).expanduser()
+    try:
+        hf.check_new_folder(out)
+        folder = loading.resolve(args.model, args.weights_dir, args.base_url, args.source)
+    except (UnknownModelError, OutputExistsError) as e:
+        raise UsageError(str(e)) from e
+    hf.export(folder, out, args.format, args.dtype)
+    layout = "HuggingFace's" if args.format == "hf" else "OpenAI's"
+    print(f"{args.model} written to {out} in {layout} layout ({args.dtype})", file=sys.stderr)
+    return 0
+
+
 # --- train ----------------------------------------------------------------------------------------
+
+TRAIN_DESCRIPTION = """\
+Train a GPT (GPT-2's architecture, backpropagation in NumPy) on a text file, from
+scratch or from a model's weights (--init: fine-tuning). The first 90% of the text's
+tokens train, the last 10% validate. The model with the best validation loss is saved
+to --out, a model folder that `picogpt --model DIR` and picogpt.load(DIR) use like GPT-2.
+From scratch the vocabulary is the text's characters (or GPT-2's, --tokenizer gpt2) and
+the defaults are nanoGPT's CPU recipe for Tiny Shakespeare (about a minute here); with
+--init, the model's vocabulary and architecture, and nanoGPT's fine-tuning recipe."""
+
+TRAIN_EPILOG = """\
+examples:
+  picogpt train tinyshakespeare.txt --out weights/shakespeare
+  picogpt --model weights/shakespeare "ROMEO:" --n 200
+  picogpt train tinyshakespeare.txt --out weights/shakespeare --resume --max-iters 4000
+  picogpt train tinyshakespeare.txt --out weights/bpe --tokenizer gpt2
+  picogpt train tinyshakespeare.txt --out weights/gpt2-shakespeare --init 124M
+
+fine-tuning defaults (--init): --batch-size 1 --grad-accum 32 --max-iters 20 --lr 3e-5
+(constant: --min-lr follows --lr) --warmup-iters 0 --dropout 0 --beta2 0.95
+--eval-interval 5 --eval-iters 40, --block-size the model's context.
+
+the folder: hparams.json, the tokenizer (chars.json, or encoder.json and vocab.bpe),
+train_config.json, the TF checkpoint (best model), train_log.jsonl (every evaluation),
+resume/ (the latest parameters and optimizer state, for --resume) and train_files.json
+(what picogpt wrote: it replaces or deletes nothing else, and trains only into a new or
+empty folder or one it made). Saves are atomic: a kill at any moment leaves the last good
+model. GPT-2's tokenization is cached in <weights folder>/tokens."""
+
+_probability = _in_range(0, 1, high_open=True)
+_nonnegative = _in_range(0, None)
+
+# Every numeric training option: its group, the configuration key, its validator (which also
+# checks a resumed run's train_config.json), metavar and help. Defaults: picogpt.train.DEFAULTS.
+TRAIN_OPTIONS = (
+    ("model", "n_layer", _positive_int, "N", "transformer blocks"),
+    ("model", "n_head", _positive_int, "N", "attention heads"),
+    ("model", "n_embd", _positive_int, "N", "embedding width"),
+    ("model", "block_size", _positive_int, "N", "context length in tokens"),
+    ("training", "batch_size", _positive_int, "N", "windows per micro-batch"),
+    ("training", "grad_accum", _positive_int, "N", "micro-batches per step (their mean gradient)"),
+    ("training", "max_iters", _whole_number("must be >= 0"), "N", "optimizer steps in all"),
+    ("training", "lr", _nonnegative, "LR", "peak learning rate"),
+    ("training", "min_lr", _nonnegative, "LR", "final learning rate"),
+    ("training", "warmup_iters", _whole_number("must be >= 0"), "N", "linear warmup steps"),
+    ("training", "lr_decay_iters", _whole_number("must be >= 0"), "N",
+     "cosine decay reaches --min-lr here"),
+    ("training", "dropout", _probability, "P", "dropout probability"),
+    ("training", "weight_decay", _nonnegative, "W", "AdamW weight decay, matrices only"),
+    ("training", "beta1", _probability, "B", "AdamW's beta1"),
+    ("training", "beta2", _probability, "B", "AdamW's beta2"),
+    ("training", "grad_clip", _nonnegative, "NORM", "clip the gradient's norm; 0: off"),
+    ("training", "eval_interval", _positive_int, "N", "evaluate and save every N steps"),
+    ("training", "eval_iters", _positive_int, "N", "batches per loss estimate"),
+    ("training", "log_interval", _positive_int, "N", "steps per progress line (not on a terminal)"),
+    ("training", "seed", _seed, "S", "initialisation, batches and dropout"),
+)  # fmt: skip
+
+
+def _add_train_arguments(parser, defaults):
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description, parser.epilog = TRAIN_DESCRIPTION, TRAIN_EPILOG
+    parser.add_argument("text", metavar="TEXT", help="a UTF-8 text file to learn from")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue training the model in DIR from its last saved state")
+    parser.add_argument("--init", metavar="MODEL",
+                        help="fine-tune: start from MODEL's weights, tokenizer and architecture "
+                             "(anything --model takes: a GPT-2 size, a bundled model, a folder)")
+    parser.add_argument("--tokenizer", metavar="NAME", default="chars",
+                        help="from scratch: chars (the text's characters, the default), or gpt2 "
+                             "(GPT-2's 50,257 tokens), or any model whose tokenizer to use")
+    parser.add_argument("--weights-dir", metavar="DIR",
+                        help="where GPT-2 sizes are downloaded to (and tokenized texts cached)")
+    parser.add_argument("--base-url", metavar="URL", help="download from here instead of OpenAI")
+    groups = {"model": parser.add_argument_group("model (fixed once training starts)"),
+              "training": parser.add_argument_group(
+                  "training (--resume keeps the saved values unless given)")}  # fmt: skip
+    for group, key, kind, metavar, text in TRAIN_OPTIONS:
+        default = "--max-iters" if defaults[key] is None else defaults[key]
+        groups[group].add_argument(f"--{key.replace('_', '-')}", dest=key, metavar=metavar,
+                                   type=kind, help=f"{text} ({default})")
+
+
+def _check_train_config(saved, path):
+    """A resumed run's saved configuration, checked with the options' own validators: a JSON
+    object whose options have values the options would accept (lr_decay_iters may be null)."""
+    from picogpt.errors import TrainingError
+
+    if not isinstance(saved, dict):
+        raise TrainingError(f"{path}: expected a JSON object, got {type(saved).__name__}")
+    for _, key, kind, _, _ in TRAIN_OPTIONS:
+        if key not in saved or (key == "lr_decay_iters" and saved[key] is None):
+            continue  # a run saved before the option existed: the default
+        value = saved[key]
+        try:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise argparse.ArgumentTypeError(f"expected a number, got {json.dumps(value)[:40]}")
+            kind(str(value))  # as the option would read it: 2.5 is not a whole number
+        except argparse.ArgumentTypeError as e:
+            raise TrainingError(f"{path}: {key}: {e}") from None
+
 
 def _train(argv):
     try:
@@ -557,12 +821,176 @@ def _train(argv):
     except ImportError as e:
         print(f"picogpt: error: training is not available ({e})", file=sys.stderr)
         return 1
-    parser = Parser(prog="picogpt train",
-                    description="Train a character-level GPT on a text file; the result is a "
-                                "model folder that --model accepts.")
-    train.add_arguments(parser)
+    from picogpt.errors import FileReadError, TrainingError
+
+    parser = Parser(prog="picogpt train")
+    _add_train_arguments(parser, train.DEFAULTS)
     args = parser.parse_args(argv)
-    return train.run(args)
+    if args.init is not None and args.resume:
+        parser.error("--init starts a run and --resume continues one: give one of them")
+    if args.init is not None and args.tokenizer != "chars":
+        parser.error("--init uses its model's tokenizer: --tokenizer goes with a run from scratch")
+    options = {key: getattr(args, key) for key in train.DEFAULTS}
+    progress = _TokenizeProgress(args.text)
+    try:
+        plan = train.prepare(args.text, args.out, options, resume=args.resume, init=args.init,
+                             tokenizer=args.tokenizer, weights_dir=args.weights_dir,
+                             base_url=args.base_url, check_saved=_check_train_config,
+                             progress=progress)  # fmt: skip
+        progress.close()
+        config = plan.config
+        config["command"] = train.command_line(args.text, args.out, config)
+        trainer = train.Trainer(config, plan.hparams, plan.tokenizer, plan.folder,
+                                plan.vocabulary)  # fmt: skip
+        if plan.resume:
+            trainer.load_state()
+        else:
+            trainer.initialize(plan.init)
+    except (TrainingError, UnknownModelError) as e:  # bad input: options, text, --out, --init
+        progress.close()
+        print(f"picogpt train: error: {e}", file=sys.stderr)
+        return 2
+    except PicogptError as e:  # a file that cannot be read, a download that failed
+        progress.close()
+        print(f"picogpt train: {'error: ' if isinstance(e, FileReadError) else ''}{e}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    if plan.notice:
+        print(plan.notice, file=sys.stderr)
+    unit = "characters" if "chars.json" in plan.vocabulary else "tokens"
+    n_params = trainer.flat.size
+    start = (f"; resuming at iter {trainer.iter}" if plan.resume
+             else f"; fine-tuning {args.init}" if args.init else "")  # fmt: skip
+    print(f"{n_params:,} parameters ({n_params * 4 / 1e6:.1f} MB), a vocabulary of "
+          f"{plan.tokenizer.n_vocab:,} {unit}, {len(plan.data[0]):,} training and "
+          f"{len(plan.data[1]):,} validation {unit}; about {plan.memory / 1e9:.1f} GB of "
+          f"memory{start}")  # fmt: skip
+    status = _TrainStatus(sys.stdout, config["log_interval"])
+    try:
+        train.train(trainer, plan.data, report=status.report, status=status.update,
+                    resumed=plan.resume)  # fmt: skip
+    except KeyboardInterrupt:
+        status.report(f"interrupted at iter {trainer.iter}")
+        _say_where(trainer, args, interrupted=True)
+        return 130
+    except OSError as e:  # a full disk, a folder made read-only meanwhile
+        status.end()
+        print(f"picogpt train: error: cannot save to {trainer.out}: {e.strerror or e}"
+              + _still_there(trainer, args), file=sys.stderr)  # fmt: skip
+        return 1
+    _say_where(trainer, args)
+    return 0
+
+
+def _say_where(trainer, args, interrupted=False):
+    """What the folder holds now, and the commands that use it."""
+    import shlex
+
+    out, text = shlex.quote(str(trainer.out)), shlex.quote(str(args.text))
+    if trainer.saved_model is not None:
+        print(f"best model (val loss {trainer.saved_model[1]:.4f}) in {out}; try: "
+              f"picogpt --model {out} \"{_sample_prompt(trainer)}\" --n 200")
+    if trainer.saved_iter is None:
+        return
+    if interrupted:
+        print(f"picogpt train {text} --out {out} --resume   continues from iter "
+              f"{trainer.saved_iter} (the last evaluation)")
+    else:
+        print(f"picogpt train {text} --out {out} --resume --max-iters N   trains it further")
+
+
+def _still_there(trainer, args):
+    """After a failed save: what the folder still holds, for the error line."""
+    held = []
+    if trainer.saved_model is not None:
+        held.append(f"the model of val loss {trainer.saved_model[1]:.4f}")
+    if trainer.saved_iter is not None:
+        held.append(f"the state of iter {trainer.saved_iter}, which --resume continues")
+    return f" ({trainer.out} still holds {' and '.join(held)})" if held else ""
+
+
+def _sample_prompt(trainer):
+    try:
+        trainer.tokenizer.encode("ROMEO:")
+        return "ROMEO:"
+    except ValueError:
+        return ""
+
+
+class _TokenizeProgress:
+    """Tokenizing a large text with GPT-2's BPE takes a while: a line on stderr, redrawn on a
+    terminal, for texts of more than 4 MB."""
+
+    def __init__(self, path):
+        self.path, self.shown, self.active = path, 0.0, False
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.monotonic()
+
+    def __call__(self, done, total):
+        if total < 4 << 20:
+            return
+        now = time.monotonic()
+        if not self.tty and done < total and now - self.shown < 10:
+            return
+        if self.tty and done < total and now - self.shown < 0.1:
+            return
+        self.shown, self.active = now, True
+        line = (f"tokenizing {self.path}: {done / total:.0%} of {total / 1e6:.1f}M characters, "
+                f"{_duration(now - self.t0)}")  # fmt: skip
+        sys.stderr.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.active and self.tty:
+            sys.stderr.write("\n")
+        self.active = False
+
+
+class _TrainStatus:
+    """Progress: on a terminal one line redrawn at most ten times a second; otherwise a line
+    every log_interval steps. Evaluation reports are always whole lines."""
+
+    def __init__(self, stream, log_interval):
+        import shutil
+
+        self.stream, self.log_interval = stream, log_interval
+        self.tty = stream.isatty()
+        self.shown = 0.0
+        self.width = shutil.get_terminal_size().columns if self.tty else 0
+
+    def update(self, it, max_iters, loss, ms):
+        eta = (max_iters - it) * ms / 1e3
+        line = (f"iter {it}/{max_iters}  loss {loss:.4f}  {ms:.1f} ms/iter  "
+                f"ETA {_duration(eta)}")  # fmt: skip
+        if self.tty:
+            now = time.monotonic()
+            if now - self.shown >= 0.1 or it == max_iters:
+                self.shown = now
+                self.stream.write("\r" + line[: self.width - 1] + "\x1b[K")
+                self.stream.flush()
+        elif it % self.log_interval == 0:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def report(self, line):
+        self.end()
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def end(self):
+        """Clear the redrawn line (before a message on another stream, too)."""
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def _duration(seconds):
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 # --- terminal -------------------------------------------------------------------------------------

@@ -1,15 +1,10 @@
-"""Train a character-level GPT with backpropagation written out in NumPy.
+"""Train a GPT-2 in NumPy: the parameters and AdamW, the data, the training loop and the model
+folder it saves to. The layers, each forward beside its backward, are in picogpt/layers.py; the
+command (`picogpt train`, its options and messages) is in picogpt/cli.py.
 
 The model is GPT-2 exactly (token and position embeddings, pre-LayerNorm blocks, causal
 attention, tanh-GELU MLP, final LayerNorm, output projection tied to the token embedding), so
-what this trains runs unchanged in picogpt's engine. Each layer is a forward function and its
-backward, side by side; the backward takes what its forward saved and the gradient of the
-output, writes the parameters' gradients into the buffers it is given and returns the gradient
-of the input. The tests check every pair against finite differences and the whole model against
-PyTorch's autograd.
-
-Activations are [N, C] matrices, N = batch * block_size rows, so every product is one 2-D BLAS
-call; attention alone works on [B, n_head, T, head_dim]. All parameters live in one flat float32
+what this trains runs unchanged in picogpt's engine. All parameters live in one flat float32
 buffer (and their gradients in another), so AdamW and gradient clipping are a few whole-buffer
 operations, and the engine's names and shapes are views of it.
 
@@ -17,23 +12,19 @@ operations, and the engine's names and shapes are views of it.
 """
 
 import ctypes
+import hashlib
+import io
 import json
 import math
-import os
 import shlex
-import shutil
-import sys
 import time
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import numpy as np
 
-from picogpt import checkpoint, model
-from picogpt.chars import CharTokenizer
-from picogpt.errors import TrainingError
-from picogpt.model import GELU_C, LN_EPS, causal_mask
-
-GELU_A = 0.044715
+from picogpt import checkpoint, files, layers, model
+from picogpt.errors import ModelError, PicogptError, TrainingError
 
 # nanoGPT's CPU recipe for Tiny Shakespeare: trains in about a minute here.
 DEFAULTS = {
@@ -41,177 +32,12 @@ DEFAULTS = {
     "max_iters": 2000, "lr": 1e-3, "min_lr": 1e-4, "warmup_iters": 100,
     "lr_decay_iters": None,  # None: max_iters
     "dropout": 0.0, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.99, "grad_clip": 1.0,
-    "eval_interval": 250, "eval_iters": 20, "log_interval": 10, "seed": 1337,
+    "eval_interval": 250, "eval_iters": 20, "log_interval": 10, "seed": 1337, "grad_accum": 1,
 }  # fmt: skip
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
 
 
-# --- layers: each forward beside its backward ------------------------------------------------
-
-
-def embedding_forward(wte, wpe, idx):
-    """Token plus position embedding: idx [B, T] ints -> x [B*T, C]."""
-    B, T = idx.shape
-    return (wte[idx] + wpe[:T]).reshape(B * T, -1)
-
-
-def embedding_backward(dx, idx, dwte, dwpe):
-    """Adds into dwte (the output projection shares it and has written its part); sets dwpe."""
-    B, T = idx.shape
-    dx = dx.reshape(B, T, -1)
-    dwpe[:T] = dx.sum(axis=0)
-    dwpe[T:] = 0
-    np.add.at(dwte, idx.reshape(-1), dx.reshape(B * T, -1))
-
-
-def layer_norm_forward(x, g, b):
-    """(x - mean) / sqrt(var + eps) * g + b over the last axis of x [N, C]."""
-    xhat = x - x.mean(axis=-1, keepdims=True)
-    var = np.einsum("ij,ij->i", xhat, xhat)[:, None] / x.shape[-1]
-    rstd = 1.0 / np.sqrt(var + LN_EPS)  # [N, 1]
-    xhat *= rstd
-    return xhat * g + b, (xhat, rstd)
-
-
-def layer_norm_backward(dout, cache, g, dg, db):
-    xhat, rstd = cache
-    np.einsum("ij,ij->j", dout, xhat, out=dg)
-    np.sum(dout, axis=0, out=db)
-    dxhat = dout * g
-    # The mean and the variance depend on every x of the row: the gradient loses its row mean
-    # and its component along xhat.
-    C = dout.shape[-1]
-    mean_dxhat = dxhat.sum(axis=-1, keepdims=True) / C
-    mean_dxhat_xhat = np.einsum("ij,ij->i", dxhat, xhat)[:, None] / C
-    dxhat -= mean_dxhat
-    dxhat -= xhat * mean_dxhat_xhat
-    dxhat *= rstd
-    return dxhat
-
-
-def linear_forward(x, w, b):
-    """x [N, nx] @ w [nx, nf] + b."""
-    out = x @ w
-    out += b
-    return out
-
-
-def linear_backward(dout, x, w, dw, db):
-    np.matmul(x.T, dout, out=dw)
-    np.sum(dout, axis=0, out=db)
-    return dout @ w.T
-
-
-softmax_forward = model.softmax_  # the engine's: softmax over the last axis, in place
-
-
-def softmax_backward(dout, y):
-    """dx = y * (dout - sum(dout * y)): the Jacobian diag(y) - y y^T applied to dout, per row."""
-    dx = dout * y
-    dx -= y * dx.sum(axis=-1, keepdims=True)
-    return dx
-
-
-def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None):
-    """Causal multi-head self-attention: qkv [B*T, 3C] -> y [B*T, C].
-
-    The mask adds -inf to the scores of future positions, so their probabilities are exactly 0,
-    and so are the gradients flowing to them."""
-    C = qkv.shape[-1] // 3
-    hd = C // n_head
-    q, k, v = qkv.reshape(B, T, 3, n_head, hd).transpose(2, 0, 3, 1, 4)  # each [B, H, T, hd]
-    scale = 1.0 / math.sqrt(hd)
-    att = q @ k.swapaxes(-1, -2)  # [B, H, T, T]
-    att *= scale
-    att += causal_mask(T)  # the engine's: 0, and -inf on the future
-    softmax_forward(att)
-    att_dropped, mask = dropout_forward(att, dropout, rng)
-    y = att_dropped @ v  # [B, H, T, hd]
-    y = y.transpose(0, 2, 1, 3).reshape(B * T, C)
-    return y, (q, k, v, att, att_dropped, mask, scale)
-
-
-def attention_backward(dy, cache):
-    q, k, v, att, att_dropped, mask, scale = cache
-    B, H, T, hd = q.shape
-    dy = dy.reshape(B, T, H, hd).transpose(0, 2, 1, 3)  # [B, H, T, hd]
-    dqkv = np.empty((3, B, H, T, hd), dy.dtype)
-    np.matmul(att_dropped.swapaxes(-1, -2), dy, out=dqkv[2])  # dv
-    datt = dropout_backward(dy @ v.swapaxes(-1, -2), mask)
-    dscores = softmax_backward(datt, att)
-    dscores *= scale
-    np.matmul(dscores, k, out=dqkv[0])  # dq
-    np.matmul(dscores.swapaxes(-1, -2), q, out=dqkv[1])  # dk
-    return dqkv.transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * H * hd)
-
-
-def gelu_forward(x):
-    """GPT-2's tanh GELU: 0.5 x (1 + tanh(c (x + a x^3)))."""
-    t = x * x  # x*x*x, never x**3 (a slow generic power)
-    t *= GELU_A
-    t += 1.0
-    t *= x
-    t *= GELU_C
-    np.tanh(t, out=t)
-    out = t + 1.0
-    out *= x
-    out *= 0.5
-    return out, t
-
-
-def gelu_backward(dout, x, t):
-    """d/dx = 0.5 (1 + t + x (1 - t^2) c (1 + 3 a x^2)), t the forward's tanh."""
-    inner = x * x
-    inner *= 3 * GELU_A
-    inner += 1.0
-    inner *= GELU_C
-    inner *= x
-    dx = t * t
-    np.subtract(1.0, dx, out=dx)
-    dx *= inner
-    dx += t
-    dx += 1.0
-    dx *= 0.5
-    dx *= dout
-    return dx
-
-
-def dropout_forward(x, p, rng):
-    """Zero each element with probability p (rounded to a multiple of 2^-16) and scale the rest by
-    1/(1-p); identity at p=0. The mask is drawn as 16-bit integers, not floats: on the bundled
-    model's recipe that cut dropout's cost from about 45 to 35 ms of a 320 ms step."""
-    if not p:
-        return x, None
-    cut = round(p * (1 << 16))
-    keep = rng.integers(0, 1 << 16, x.shape, dtype=np.uint16) >= cut  # P(keep) = 1 - p
-    mask = np.multiply(keep, np.float32((1 << 16) / ((1 << 16) - cut)), dtype=np.float32)
-    return x * mask, mask
-
-
-def dropout_backward(dout, mask):
-    return dout if mask is None else dout * mask
-
-
-def cross_entropy_forward(logits, targets):
-    """Mean negative log-likelihood of targets [N] under softmax(logits [N, V])."""
-    rows = np.arange(len(targets))
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    probs = np.exp(shifted)
-    sums = probs.sum(axis=-1, keepdims=True)
-    loss = float(np.mean(np.log(sums[:, 0]) - shifted[rows, targets]))
-    probs /= sums
-    return loss, probs
-
-
-def cross_entropy_backward(probs, targets):
-    """d loss / d logits = (softmax - one_hot(targets)) / N."""
-    dlogits = probs.copy()
-    dlogits[np.arange(len(targets)), targets] -= 1.0
-    dlogits /= len(targets)
-    return dlogits
-
-
-# --- the model: blocks and the whole network ---------------------------------------------------
+# --- the model over the layers: a transformer block ----------------------------------------
 
 
 def block_params(params, i):
@@ -227,64 +53,114 @@ def block_params(params, i):
     }
 
 
+class BlockCache(NamedTuple):
+    """What a block's forward keeps for its backward: per row, 14 floats per channel plus the
+    attention probabilities. LayerNorms' and GELU's outputs are recomputed from their caches
+    (a multiply-add each) rather than kept."""
+
+    ln_1: layers.LayerNormCache
+    attn: layers.AttentionCache  # q, k, v are views of c_attn's output [N, 3C]
+    a: np.ndarray  # the attention's output, c_proj's input [N, C]
+    drop_1: Optional[np.ndarray]  # dropout mask of the attention branch
+    ln_2: layers.LayerNormCache
+    gelu: layers.GeluCache  # c_fc's output [N, 4C] and its GELU gate
+    drop_2: Optional[np.ndarray]  # dropout mask of the MLP branch
+
+
 def block_forward(x, p, B, T, n_head, dropout=0.0, rng=None):
     """One transformer block: x + attn(ln_1(x)), then + mlp(ln_2(.)). x [B*T, C]."""
-    h1, ln_1 = layer_norm_forward(x, *p["ln_1"])
-    qkv = linear_forward(h1, *p["c_attn"])  # [N, 3C]
-    a, attn = attention_forward(qkv, B, T, n_head, dropout, rng)
-    a_out, drop_1 = dropout_forward(linear_forward(a, *p["c_proj"]), dropout, rng)
+    h1, ln_1 = layers.layer_norm_forward(x, *p["ln_1"])
+    qkv = layers.linear_forward(h1, *p["c_attn"])  # [N, C] -> [N, 3C]
+    del h1
+    a, attn = layers.attention_forward(qkv, B, T, n_head, dropout, rng)  # [N, 3C] -> [N, C]
+    a_out, drop_1 = layers.dropout_forward(layers.linear_forward(a, *p["c_proj"]), dropout, rng)
     x2 = x + a_out  # residual
-    h2, ln_2 = layer_norm_forward(x2, *p["ln_2"])
-    f = linear_forward(h2, *p["c_fc"])  # [N, 4C]
-    g, tanh = gelu_forward(f)
-    m_out, drop_2 = dropout_forward(linear_forward(g, *p["mlp_proj"]), dropout, rng)
-    out = x2 + m_out  # residual
-    return out, (h1, ln_1, a, attn, drop_1, h2, ln_2, f, g, tanh, drop_2)
+    del a_out
+    h2, ln_2 = layers.layer_norm_forward(x2, *p["ln_2"])
+    f = layers.linear_forward(h2, *p["c_fc"])  # [N, C] -> [N, 4C]
+    del h2
+    g, gelu = layers.gelu_forward(f)
+    m = layers.linear_forward(g, *p["mlp_proj"])  # [N, 4C] -> [N, C]
+    del g
+    m_out, drop_2 = layers.dropout_forward(m, dropout, rng)
+    x2 += m_out  # residual
+    return x2, BlockCache(ln_1, attn, a, drop_1, ln_2, gelu, drop_2)
 
 
 def block_backward(dout, cache, p, grads):
     """A residual's backward hands its output gradient to both of its branches unchanged."""
-    h1, ln_1, a, attn, drop_1, h2, ln_2, f, g, tanh, drop_2 = cache
-    dm = dropout_backward(dout, drop_2)
-    dg = linear_backward(dm, g, p["mlp_proj"][0], *grads["mlp_proj"])
-    df = gelu_backward(dg, f, tanh)
-    dh2 = linear_backward(df, h2, p["c_fc"][0], *grads["c_fc"])
-    dx2 = dout + layer_norm_backward(dh2, ln_2, p["ln_2"][0], *grads["ln_2"])
-    da_out = dropout_backward(dx2, drop_1)
-    da = linear_backward(da_out, a, p["c_proj"][0], *grads["c_proj"])
-    dqkv = attention_backward(da, attn)
-    dh1 = linear_backward(dqkv, h1, p["c_attn"][0], *grads["c_attn"])
-    return dx2 + layer_norm_backward(dh1, ln_1, p["ln_1"][0], *grads["ln_1"])
+    c = cache
+    dm = layers.dropout_backward(dout, c.drop_2)
+    g = layers.gelu_output(c.gelu)
+    dg = layers.linear_backward(dm, g, p["mlp_proj"][0], *grads["mlp_proj"])
+    del g, dm
+    df = layers.gelu_backward(dg, c.gelu)
+    del dg
+    h2 = layers.layer_norm_output(c.ln_2, *p["ln_2"])
+    dh2 = layers.linear_backward(df, h2, p["c_fc"][0], *grads["c_fc"])
+    del df, h2
+    dx2 = layers.layer_norm_backward(dh2, c.ln_2, p["ln_2"][0], *grads["ln_2"])
+    dx2 += dout
+    del dh2
+    da_out = layers.dropout_backward(dx2, c.drop_1)
+    da = layers.linear_backward(da_out, c.a, p["c_proj"][0], *grads["c_proj"])
+    del da_out
+    dqkv = layers.attention_backward(da, c.attn)
+    del da
+    h1 = layers.layer_norm_output(c.ln_1, *p["ln_1"])
+    dh1 = layers.linear_backward(dqkv, h1, p["c_attn"][0], *grads["c_attn"])
+    del dqkv, h1
+    dx = layers.layer_norm_backward(dh1, c.ln_1, p["ln_1"][0], *grads["ln_1"])
+    dx += dx2
+    return dx
 
 
-def gpt_forward(params, hparams, idx, targets, dropout=0.0, rng=None):
-    """Mean cross-entropy of predicting targets [B, T] from idx [B, T]; and what backward needs."""
+# --- the whole network -------------------------------------------------------------------------
+
+
+class GPTCache(NamedTuple):
+    idx: np.ndarray  # [B, T] input ids
+    drop: Optional[np.ndarray]  # dropout mask of the embedding
+    blocks: list  # a BlockCache per block
+    ln_f: layers.LayerNormCache
+    dh: Optional[np.ndarray]  # d loss / d ln_f's output [N, C] (with grads), else None
+
+
+def gpt_forward(params, hparams, idx, targets, dropout=0.0, rng=None, grads=None):
+    """Mean cross-entropy of predicting targets [B, T] from idx [B, T]; and what backward needs.
+
+    With `grads`, the output layer's backward runs here too (classifier_forward): it writes the
+    output projection's part of grads["model/wte"], and gpt_backward does the rest. Without,
+    this is an evaluation and gpt_backward cannot follow."""
     B, T = idx.shape
     wte = params["model/wte"]
-    x, drop = dropout_forward(embedding_forward(wte, params["model/wpe"], idx), dropout, rng)
+    x = layers.embedding_forward(wte, params["model/wpe"], idx)  # [B, T] -> [N, C]
+    x, drop = layers.dropout_forward(x, dropout, rng)
     blocks = []
     for i in range(hparams["n_layer"]):
         x, cache = block_forward(x, block_params(params, i), B, T, hparams["n_head"], dropout, rng)
         blocks.append(cache)
-    h, ln_f = layer_norm_forward(x, params["model/ln_f/g"], params["model/ln_f/b"])
-    logits = h @ wte.T  # [N, V]: the output projection is the token embedding
-    loss, probs = cross_entropy_forward(logits, targets.reshape(-1))
-    return loss, (idx, targets, drop, blocks, h, ln_f, probs)
+    h, ln_f = layers.layer_norm_forward(x, params["model/ln_f/g"], params["model/ln_f/b"])
+    del x
+    # The output projection is the token embedding: [N, C] -> [N, V] logits, in row blocks.
+    dwte = None if grads is None else grads["model/wte"]
+    loss, dh = layers.classifier_forward(h, wte, targets.reshape(-1), dwte)
+    return loss, GPTCache(idx, drop, blocks, ln_f, dh)
 
 
 def gpt_backward(cache, params, hparams, grads):
-    """Fill `grads` (arrays shaped like params) with d loss / d params."""
-    idx, targets, drop, blocks, h, ln_f, probs = cache
-    wte = params["model/wte"]
-    dlogits = cross_entropy_backward(probs, targets.reshape(-1))
-    np.matmul(dlogits.T, h, out=grads["model/wte"])  # the output projection's part of dwte
-    dh = dlogits @ wte
-    dx = layer_norm_backward(dh, ln_f, params["model/ln_f/g"], grads["model/ln_f/g"],
-                             grads["model/ln_f/b"])  # fmt: skip
+    """Fill `grads` (arrays shaped like params) with d loss / d params; `cache` from a
+    gpt_forward given the same `grads`."""
+    c = cache
+    if c.dh is None:
+        raise ValueError("gpt_backward needs a gpt_forward run with grads")
+    dx = layers.layer_norm_backward(c.dh, c.ln_f, params["model/ln_f/g"], grads["model/ln_f/g"],
+                                    grads["model/ln_f/b"])  # fmt: skip
     for i in reversed(range(hparams["n_layer"])):
-        dx = block_backward(dx, blocks[i], block_params(params, i), block_params(grads, i))
-    dx = dropout_backward(dx, drop)
-    embedding_backward(dx, idx, grads["model/wte"], grads["model/wpe"])
+        dx = block_backward(dx, c.blocks[i], block_params(params, i), block_params(grads, i))
+        c.blocks[i] = None  # its activations are no longer needed
+    dx = layers.dropout_backward(dx, c.drop)
+    layers.embedding_backward(dx, c.idx, grads["model/wte"], grads["model/wpe"])
 
 
 # --- parameters and the optimizer ---------------------------------------------------------------
@@ -390,36 +266,543 @@ def get_batch(data, block_size, batch_size, rng):
     return windows[:, :-1], windows[:, 1:]
 
 
-# --- training ------------------------------------------------------------------------------------
+# --- the training folder: picogpt replaces or deletes only files it wrote ----------------------
+
+MANIFEST = "train_files.json"  # the files picogpt wrote into a training folder, by relative path
+STATE_DIR = "resume"
+# The names picogpt writes into a training folder (besides the checkpoints it records).
+OWN_NAMES = ("hparams.json", "train_config.json", "train_log.jsonl", "chars.json", "encoder.json",
+             "vocab.bpe", "checkpoint", MANIFEST)  # fmt: skip
+CHECKPOINT_SUFFIXES = (".index", ".data-00000-of-00001")
+
+
+class RunFolder:
+    """A training folder and the record (train_files.json) of the files picogpt wrote into it.
+
+    picogpt trains only into a new or empty folder, or one that this record (or an older
+    picogpt's layout, see `open`) marks as a training folder; there it replaces and deletes only
+    files it recorded. A checkpoint's names are recorded before its files are written, so the
+    files of a write cut short by a kill are recorded too and removed by a later run."""
+
+    def __init__(self, path, written):
+        self.path, self.written = Path(path), set(written)
+
+    @classmethod
+    def for_new_run(cls, path):
+        """The folder a new run at `path` would train into (nothing is written yet: see begin).
+        It must not exist, or be empty, or be a folder of ours with no model and no state (a
+        first save that never finished)."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise TrainingError(f"--out {path} is a file, not a folder")
+        if not (path.is_dir() and any(path.iterdir())):
+            return cls(path, [MANIFEST])
+        folder = cls.open(path)
+        if folder.has_model() or folder.has_state():
+            raise TrainingError(f"{path} already holds a model: --resume continues it, or "
+                                "choose another --out")
+        return folder
+
+    def begin(self):
+        """Make the folder ours: create it, write the record, clear what killed runs left."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrainingError(f"--out {self.path}: cannot create the folder: {e}") from e
+        self.save_record()
+        self.remove_leftovers()
+
+    @classmethod
+    def open(cls, path):
+        """The training folder at `path`. A folder picogpt did not write is refused, never
+        touched: its files are not ours to replace."""
+        path = Path(path)
+        record = path / MANIFEST
+        if record.is_file():
+            data = files.load_json(record, 1 << 20, MANIFEST, error=TrainingError)
+            written = data.get("files") if isinstance(data, dict) else None
+            if not isinstance(written, list) or not all(isinstance(n, str) for n in written):
+                raise TrainingError(f"{record}: not a record of picogpt's files")
+            if any(Path(n).is_absolute() or ".." in Path(n).parts for n in written):
+                raise TrainingError(f"{record}: names a file outside the folder")
+            return cls(path, written)
+        legacy = cls._legacy_files(path)
+        if legacy is None:
+            raise TrainingError(
+                f"--out {path} is not empty and is not a picogpt training folder: picogpt "
+                "writes only into a new or empty folder, or one it trained into")
+        return cls(path, legacy + [MANIFEST])
+
+    @staticmethod
+    def _legacy_files(path):
+        """A folder written by picogpt before the record existed (resume/ state, hparams.json and
+        a train_config.json whose command is picogpt's): its files by the names picogpt used,
+        the current checkpoints only. None when the folder is not one."""
+        config_path = path / "train_config.json"
+        if not ((path / STATE_DIR / "checkpoint").is_file() and config_path.is_file()
+                and (path / "hparams.json").is_file()):  # fmt: skip
+            return None
+        try:
+            config = files.load_json(config_path, 1 << 20, "train_config.json")
+        except files.FileReadError:
+            return None
+        if not (isinstance(config, dict) and str(config.get("command", "")).startswith(
+                "picogpt train ")):  # fmt: skip
+            return None
+        names = [n for n in OWN_NAMES if (path / n).is_file()]
+        names.append(f"{STATE_DIR}/checkpoint")
+        for where, stem in (("", "model.ckpt-"), (STATE_DIR + "/", "state.ckpt-")):
+            current = _current_checkpoint(path / where)
+            if current and current.startswith(stem):
+                names += [where + current + suffix for suffix in CHECKPOINT_SUFFIXES]
+        return names
+
+    def has_model(self):
+        return "checkpoint" in self.written and (self.path / "checkpoint").is_file()
+
+    def has_state(self):
+        return f"{STATE_DIR}/checkpoint" in self.written and (
+            self.path / STATE_DIR / "checkpoint").is_file()  # fmt: skip
+
+    def save_record(self):
+        files.write_json(self.path / MANIFEST, {"written_by": "picogpt train",
+                                                "files": sorted(self.written)})  # fmt: skip
+
+    def record(self, *names):
+        """Note `names` as ours before writing them."""
+        if not set(names) <= self.written:
+            self.written.update(names)
+            self.save_record()
+
+    def write_json(self, name, obj):
+        self.record(name)
+        files.write_json(self.path / name, obj)
+
+    def write_bytes(self, name, data):
+        self.record(name)
+        files.atomic_write(self.path / name, data)
+
+    def write_checkpoint(self, where, stem, iteration, tensors):
+        """Write `tensors` as checkpoint `<where>/<stem><iteration>` and make it the current one
+        (the `checkpoint` file, replaced last, names it); then delete the recorded checkpoints
+        it replaces. A kill at any moment leaves the previous checkpoint whole."""
+        base = f"{where}/{stem}" if where else stem
+        own = [f"{base}{iteration}{suffix}" for suffix in CHECKPOINT_SUFFIXES]
+        self.record(*own, f"{where}/checkpoint" if where else "checkpoint")
+        (self.path / where).mkdir(exist_ok=True)
+        checkpoint.write(self.path / f"{base}{iteration}", tensors)
+        self._delete([n for n in self.written if n.startswith(base) and n not in own])
+
+    def _delete(self, names):
+        for name in names:
+            (self.path / name).unlink(missing_ok=True)
+        if names:
+            self.written.difference_update(names)
+            self.save_record()
+
+    def remove_leftovers(self):
+        """Delete the temporary files (`<name>.tmp<pid>`) a killed picogpt left behind, for the
+        names it writes here; and recorded checkpoint files that no `checkpoint` file names
+        (a write cut short)."""
+        for where, stem in (("", "model.ckpt-"), (STATE_DIR, "state.ckpt-")):
+            prefix = f"{where}/" if where else ""
+            names = [n[len(prefix):] for n in self.written
+                     if n.startswith(prefix) and "/" not in n[len(prefix):]]  # fmt: skip
+            if (self.path / where).is_dir():
+                files.remove_stale_temporaries(self.path / where, names)
+            current = _current_checkpoint(self.path / where)
+            self._delete([prefix + n for n in names if n.startswith(stem)
+                          and not (current and n.startswith(current + "."))])  # fmt: skip
+
+
+def _current_checkpoint(folder):
+    """The checkpoint name a TensorFlow `checkpoint` file in `folder` names, or None."""
+    try:
+        text = files.read_text(Path(folder) / "checkpoint", 1 << 16, "checkpoint")
+    except files.FileReadError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model_checkpoint_path":
+            name = value.strip().strip('"')
+            return name if name and "/" not in name and "\\" not in name else None
+    return None
+
+
+# --- tokenizers and the text's ids ----------------------------------------------------------------
+
+TEXT_LIMIT = 1 << 30  # bytes of training text read at most (the ids then take 2 bytes a token)
+VOCAB_LIMIT = 16 << 20  # bytes of a tokenizer file copied into the folder
+TOKENIZE_CHUNK = 1 << 20  # characters of text tokenized at a time (and per progress update)
+_SAFE_CUT = None  # compiled on first use: where a text can be cut without changing GPT-2's pieces
+
+
+def read_text(path):
+    """The training text: a regular UTF-8 file of at most TEXT_LIMIT bytes, not empty. A file
+    that cannot be read is a FileReadError (exit 1); an empty one a TrainingError."""
+    text = files.read_text(path, TEXT_LIMIT, "training text")
+    if not text:
+        raise TrainingError(f"{path}: the training text is empty")
+    return text
+
+
+def vocabulary_files(tokenizer, source=None):
+    """The files that hold `tokenizer` in a model folder (name -> bytes): copied from the folder
+    it came from when it has them (byte for byte, as OpenAI wrote them), else written out."""
+    from picogpt.chars import CharTokenizer
+
+    if isinstance(tokenizer, CharTokenizer):
+        names = ("chars.json",)
+    else:
+        names = ("encoder.json", "vocab.bpe")
+    if source is not None and all((Path(source) / n).is_file() for n in names):
+        return {n: files.read_bytes(Path(source) / n, VOCAB_LIMIT, n) for n in names}
+    if isinstance(tokenizer, CharTokenizer):
+        return {"chars.json": (json.dumps(tokenizer.chars, ensure_ascii=False) + "\n").encode()}
+    merges = "".join(f"{a} {b}\n" for a, b in tokenizer.merges)
+    return {"encoder.json": json.dumps(tokenizer.encoder, ensure_ascii=False).encode(),
+            "vocab.bpe": f"#version: 0.2\n{merges}".encode()}  # fmt: skip
+
+
+def encode(text, tokenizer, cache_dir=None, vocabulary=None, progress=None):
+    """The ids of `text` as a 1-D uint16 (or int32) array. GPT-2's BPE runs in Python, about a
+    second per MB, so its ids are cached in `cache_dir`, keyed by the text's and the
+    vocabulary's sha256: --resume and runs on the same text skip it. `progress(done, total)`
+    is told the characters done."""
+    from picogpt.chars import CharTokenizer
+
+    dtype = np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.int32
+    if isinstance(tokenizer, CharTokenizer):
+        return _encode_chars(text, tokenizer, dtype)
+    path = None
+    if cache_dir is not None and vocabulary is not None:
+        text_hash = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        vocab_hash = hashlib.sha256(b"".join(vocabulary[n] for n in sorted(vocabulary)))
+        path = Path(cache_dir) / f"{text_hash[:32]}-{vocab_hash.hexdigest()[:16]}.npy"
+        ids = _cached_ids(path, len(text), tokenizer.n_vocab, dtype)
+        if ids is not None:
+            return ids
+    ids = np.empty(len(text) + 1, dtype)  # at most one token per character
+    n = 0
+    for start, stop in _bpe_chunks(text):
+        piece = np.array(tokenizer.encode(text[start:stop]), dtype)
+        ids[n : n + len(piece)] = piece
+        n += len(piece)
+        if progress is not None:
+            progress(stop, len(text))
+    ids = ids[:n].copy()
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            buffer = io.BytesIO()
+            np.save(buffer, ids, allow_pickle=False)
+            files.atomic_write(path, buffer.getvalue())
+        except OSError:
+            pass  # a cache that cannot be written only costs the next run the same wait
+    return ids
+
+
+def _encode_chars(text, tokenizer, dtype):
+    """Character ids without a Python loop: each character's code point looked up in the
+    sorted vocabulary."""
+    codes = np.array([ord(c) for c in tokenizer.chars])
+    order = np.argsort(codes)
+    sorted_codes = codes[order]
+    ids = np.empty(len(text), dtype)
+    for start in range(0, len(text), TOKENIZE_CHUNK):
+        chunk = text[start : start + TOKENIZE_CHUNK]
+        points = np.frombuffer(chunk.encode("utf-32-le", "surrogatepass"), np.uint32)
+        where = np.minimum(np.searchsorted(sorted_codes, points), len(codes) - 1)
+        unknown = sorted_codes[where] != points
+        if unknown.any():
+            tokenizer.encode("".join(sorted(set(map(chr, points[unknown])))))  # raises, naming them
+        ids[start : start + len(chunk)] = order[where]
+    return ids
+
+
+def _bpe_chunks(text):
+    """(start, stop) pieces of about TOKENIZE_CHUNK characters, cut just before whitespace that
+    follows a non-whitespace character: no GPT-2 pre-token spans that point, so the pieces
+    tokenize to exactly the ids of the whole text."""
+    global _SAFE_CUT
+    if _SAFE_CUT is None:
+        import regex
+
+        _SAFE_CUT = regex.compile(r"\S(?=\s)")
+    start = 0
+    while start < len(text):
+        match = _SAFE_CUT.search(text, start + TOKENIZE_CHUNK)
+        stop = match.end() if match else len(text)
+        yield start, stop
+        start = stop
+
+
+def _cached_ids(path, n_chars, n_vocab, dtype):
+    """The ids cached at `path`, or None when there are none or they do not fit the text."""
+    try:
+        files.check_regular(path, 128 + n_chars * np.dtype(dtype).itemsize + 8)
+        ids = np.load(path, allow_pickle=False)
+    except (files.FileReadError, OSError, ValueError):
+        return None
+    if ids.dtype != dtype or ids.ndim != 1 or not ids.size or int(ids.max()) >= n_vocab:
+        return None
+    return ids
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+# nanoGPT's fine-tuning recipe (config/finetune_shakespeare.py over its train.py's defaults):
+# the defaults of a run with --init for what the user does not give; a constant learning rate
+# (min_lr follows lr), the block size of the model.
+FINETUNE_DEFAULTS = {
+    "batch_size": 1, "grad_accum": 32, "max_iters": 20, "lr": 3e-5, "min_lr": None,
+    "warmup_iters": 0, "dropout": 0.0, "beta2": 0.95, "eval_interval": 5, "eval_iters": 40,
+}  # fmt: skip
+ARCHITECTURE = ("n_layer", "n_head", "n_embd")
+
+
+def make_config(options, saved=None, init_hparams=None):
+    """The training configuration: `options` (key -> value, None where not given), else the
+    saved run's values, else the defaults (nanoGPT's fine-tuning recipe with --init's model,
+    whose architecture it takes, DEFAULTS otherwise)."""
+    config = dict(DEFAULTS)
+    if init_hparams is not None:
+        config.update(FINETUNE_DEFAULTS)
+        config.update({k: init_hparams[k] for k in ARCHITECTURE})
+        config["block_size"] = init_hparams["n_ctx"]
+        for key in ARCHITECTURE:
+            if options.get(key) is not None and options[key] != init_hparams[key]:
+                raise TrainingError(f"--{key.replace('_', '-')} {options[key]}: the model of "
+                                    f"--init has {init_hparams[key]}; its architecture is kept")
+        if (options.get("block_size") or 0) > init_hparams["n_ctx"]:
+            raise TrainingError(f"--block-size {options['block_size']} is more than the "
+                                f"context of the model of --init ({init_hparams['n_ctx']})")
+    if saved:
+        config.update({k: v for k, v in saved.items() if k in DEFAULTS})
+    for key in DEFAULTS:
+        value = options.get(key)
+        if value is None:
+            continue
+        if saved and key in SHAPE_KEYS and value != saved.get(key):
+            raise TrainingError(f"--{key.replace('_', '-')} {value}: the model being resumed "
+                                f"has {saved.get(key)}; its shape cannot change")
+        config[key] = value
+    if config["min_lr"] is None:  # --init: a constant learning rate unless told otherwise
+        config["min_lr"] = config["lr"]
+    if config["n_embd"] % config["n_head"]:
+        raise TrainingError(f"--n-embd {config['n_embd']} is not divisible by "
+                            f"--n-head {config['n_head']}")
+    if config["min_lr"] > config["lr"]:
+        raise TrainingError(f"--min-lr {config['min_lr']} is above --lr {config['lr']}")
+    return config
+
+
+def command_line(text, out, config):
+    """The `picogpt train` command that trains this configuration from the start."""
+    flags = [f"--{key.replace('_', '-')} {config[key]}" for key in DEFAULTS
+             if config[key] is not None and key != "log_interval"]  # fmt: skip
+    for key in ("init", "tokenizer"):
+        if config.get(key) not in (None, "chars"):
+            flags.insert(0, f"--{key} {shlex.quote(str(config[key]))}")
+    where = f"{shlex.quote(str(text))} --out {shlex.quote(str(out))}"
+    return f"picogpt train {where} " + " ".join(flags)
+
+
+# --- preparing a run: everything checked before anything is written ---------------------------
+
+
+class Plan(NamedTuple):
+    """A run ready to start: what `prepare` found and checked."""
+
+    config: dict
+    hparams: dict
+    tokenizer: object
+    vocabulary: dict  # the tokenizer's files for the folder: name -> bytes
+    data: tuple  # (training ids, validation ids)
+    folder: RunFolder
+    resume: bool  # continue from the folder's saved state
+    init: Optional[dict]  # the parameters of --init's model, or None for a random start
+    notice: Optional[str]  # something to tell the user before training (starting over, ...)
+    memory: int  # bytes the run is estimated to need at its peak
+
+
+def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="chars",
+            weights_dir=None, base_url=None, check_saved=None, progress=None):
+    """Check everything that can be wrong before any training: the text, the options, --out,
+    the memory it needs. `init` and `tokenizer` are model names as --model takes them
+    (loading.resolve); `check_saved(config, path)` validates a resumed run's saved configuration;
+    `progress(done, total)` hears how tokenizing goes. Nothing is written until all is checked."""
+    from picogpt import download, loading
+
+    text = read_text(text_path)
+    out = Path(out)
+    notice, saved, init_params, source = None, None, None, None
+    if resume:
+        if not out.is_dir():
+            raise TrainingError(f"{out}: nothing to resume (no such folder)")
+        folder = RunFolder.open(out)
+        if folder.has_state():
+            config_path = out / "train_config.json"
+            saved = files.load_json(config_path, 1 << 20, "train_config.json",
+                                    error=TrainingError)  # fmt: skip
+            if check_saved is not None:
+                check_saved(saved, config_path)
+            try:
+                hparams = loading.read_hparams(out)
+                tok = loading.read_tokenizer(out)
+            except (PicogptError, OSError, ValueError) as e:
+                raise TrainingError(f"{out}: cannot resume: {e}") from e
+            source = out
+            config = make_config(options, saved)
+            config.update({k: saved.get(k) for k in ("init", "tokenizer")})
+        else:
+            notice = (f"{out} holds no complete training state to resume (its first save never "
+                      "finished): starting over")
+            resume = False
+    else:
+        folder = RunFolder.for_new_run(out)
+    if not resume:
+        if init is not None:
+            source = loading.resolve(init, weights_dir, base_url)
+            hparams, tok, init_params = loading.read_folder(source)
+            _check_model(init_params, hparams, source)
+            config = make_config(options, init_hparams=hparams)
+            hparams = dict(hparams)
+        else:
+            if tokenizer == "chars":
+                from picogpt.chars import CharTokenizer
+
+                tok = CharTokenizer.from_text(text)
+            else:
+                source = loading.resolve(tokenizer, weights_dir, base_url)
+                try:
+                    tok = loading.read_tokenizer(source)
+                except (OSError, ValueError) as e:  # a folder without (or with a bad) tokenizer
+                    raise ModelError(f"--tokenizer {tokenizer}: {e}") from e
+            config = make_config(options)
+            hparams = {"n_vocab": tok.n_vocab, "n_ctx": config["block_size"],
+                       **{k: config[k] for k in ARCHITECTURE}}  # fmt: skip
+        config.update(init=None if init is None else str(init),
+                      tokenizer=None if init is not None else str(tokenizer))
+    vocabulary = vocabulary_files(tok, source)
+    cache_dir = download.weights_dir(weights_dir) / "tokens"
+    try:
+        ids = encode(text, tok, cache_dir, vocabulary, progress)
+    except ValueError as e:  # characters a character-level vocabulary does not have
+        raise TrainingError(f"{text_path}: {e}") from None
+    train_data, val_data = split_data(ids)
+    need = config["block_size"] + 1
+    unit = "characters" if "chars.json" in vocabulary else "tokens"
+    for name, split in (("first 90%", train_data), ("last 10%", val_data)):
+        if len(split) < need:
+            raise TrainingError(
+                f"{text_path} is too short for --block-size {config['block_size']}: its {name} "
+                f"({len(split):,} {unit}) must hold a window of {need}")
+    memory = estimate_memory(hparams, config)
+    ram = model.physical_memory()
+    if ram is not None and memory > ram:
+        raise TrainingError(
+            f"this run needs about {memory / 1e9:.1f} GB of memory, more than this machine's "
+            f"{ram / 1e9:.1f} GB: try a smaller --batch-size or --block-size")
+    folder.begin()
+    return Plan(config, hparams, tok, vocabulary, (train_data, val_data), folder, resume,
+                init_params, notice, memory)  # fmt: skip
+
+
+def _check_model(params, hparams, folder):
+    """--init's model, checked before anything is allocated from its numbers."""
+    for key in ("n_vocab", "n_ctx", *ARCHITECTURE):
+        value = hparams.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ModelError(f"{folder}: hparams.json: {key} must be a positive integer, "
+                             f"got {value!r}")
+    if hparams["n_embd"] % hparams["n_head"]:
+        raise ModelError(f"{folder}: hparams.json: n_embd {hparams['n_embd']} is not divisible "
+                         f"by n_head {hparams['n_head']}")
+    expected = 12 * hparams["n_layer"] + 4
+    if len(params) != expected:
+        raise ModelError(f"{folder}: the checkpoint has {len(params)} tensors; hparams.json "
+                         f"describes {expected}")
+    for name, shape in param_shapes(hparams).items():
+        array = params.get(name)
+        if array is None or tuple(array.shape) != shape or array.dtype != np.float32:
+            found = "missing" if array is None else f"{array.dtype} {tuple(array.shape)}"
+            raise ModelError(f"{folder}: the checkpoint's {name!r} is {found}, expected "
+                             f"float32 {shape}")
+
+
+def estimate_memory(hparams, config):
+    """Bytes a training step needs at its peak, about: the parameters, their gradient and AdamW's
+    two moments (and a gradient sum with --grad-accum), plus what one micro-batch's forward
+    keeps for its backward (see BlockCache) and the largest temporaries of the backward."""
+    C, L, H = hparams["n_embd"], hparams["n_layer"], hparams["n_head"]
+    B, T = config["batch_size"], config["block_size"]
+    n_params = (hparams["n_vocab"] + hparams["n_ctx"]) * C + L * (12 * C * C + 13 * C) + 2 * C
+    buffers = 4 + (config["grad_accum"] > 1)
+    N = B * T
+    dropout = config["dropout"] > 0
+    per_block = 4 * (N * C * (14 + 2 * dropout) + B * H * T * T * (1 + 2 * dropout))
+    backward = 4 * (3 * N * 4 * C + 3 * B * H * T * T)  # the MLP's and attention's temporaries
+    head = 4 * (2 * min(N, layers.LOSS_ROWS) * hparams["n_vocab"] + 3 * N * C)
+    return 4 * n_params * buffers + L * per_block + backward + head + (200 << 20)  # + Python, NumPy
+
+
+# --- training ----------------------------------------------------------------------------------
 
 
 class Trainer:
     """A model being trained, its optimizer, and the folder it is saved to."""
 
-    def __init__(self, config, tokenizer, out_dir):
-        self.config, self.tokenizer, self.out = config, tokenizer, Path(out_dir)
-        self.hparams = {"n_vocab": tokenizer.n_vocab, "n_ctx": config["block_size"],
-                        "n_embd": config["n_embd"], "n_head": config["n_head"],
-                        "n_layer": config["n_layer"]}  # fmt: skip
+    def __init__(self, config, hparams, tokenizer, folder, vocabulary):
+        self.config, self.hparams, self.tokenizer = config, dict(hparams), tokenizer
+        self.folder, self.vocabulary = folder, vocabulary
+        self.out = folder.path
         shapes = param_shapes(self.hparams)
         self.flat, self.params = flat_views(shapes)
         self.flat_grad, self.grads = flat_views(shapes)
+        # With --grad-accum, the micro-batches' gradients are summed here.
+        self.grad_sum = np.zeros_like(self.flat) if config["grad_accum"] > 1 else None
         self.optimizer = AdamW(self.flat, n_decayed(shapes), config["beta1"], config["beta2"],
                                config["weight_decay"])  # fmt: skip
         self.iter = 0
         self.best_val_loss = math.inf
         self.saved_iter = None  # the iteration of the resume state on disk
+        self.saved_model = None  # (iteration, val loss) of the model on disk
 
-    def initialize(self):
-        init_params(self.params, self.hparams, np.random.default_rng(self.config["seed"]))
+    def initialize(self, params=None):
+        """GPT-2's random initialisation, or a copy of `params` (--init's model)."""
+        if params is None:
+            init_params(self.params, self.hparams, np.random.default_rng(self.config["seed"]))
+            return
+        for name, array in self.params.items():
+            if name not in params or tuple(params[name].shape) != array.shape:
+                raise TrainingError(f"--init: tensor {name!r} is missing or not {array.shape}")
+            array[...] = params[name]
 
     def step(self, x, y, lr, rng):
-        """One optimizer step on a batch; the batch's loss before the step."""
-        loss, cache = gpt_forward(self.params, self.hparams, x, y, self.config["dropout"], rng)
-        gpt_backward(cache, self.params, self.hparams, self.grads)
-        clip_grad_norm(self.flat_grad, self.config["grad_clip"])
-        self.optimizer.update(self.flat_grad, lr)
-        return loss
+        """One optimizer step on a batch of grad_accum micro-batches: their mean gradient, as
+        one step over the whole batch. The batch's mean loss before the step."""
+        c = self.config
+        n = c["grad_accum"]
+        losses = []
+        for i, (xi, yi) in enumerate(zip(np.split(x, n), np.split(y, n))):
+            loss, cache = gpt_forward(self.params, self.hparams, xi, yi, c["dropout"], rng,
+                                      grads=self.grads)  # fmt: skip
+            gpt_backward(cache, self.params, self.hparams, self.grads)
+            del cache
+            losses.append(loss)
+            if self.grad_sum is not None:
+                if i == 0:
+                    self.grad_sum[...] = self.flat_grad
+                else:
+                    self.grad_sum += self.flat_grad
+        grad = self.flat_grad
+        if self.grad_sum is not None:
+            grad = self.grad_sum
+            grad *= 1.0 / n
+        clip_grad_norm(grad, c["grad_clip"])
+        self.optimizer.update(grad, lr)
+        return float(np.mean(losses))
 
     def estimate_loss(self, data, rng):
         """Mean loss over eval_iters random batches, without dropout."""
@@ -429,35 +812,32 @@ class Trainer:
                   for _ in range(c["eval_iters"])]  # fmt: skip
         return float(np.mean(losses))
 
-    # --- the model folder: hparams.json, chars.json, train_config.json, the checkpoint, and
+    # --- the model folder: hparams.json, the tokenizer, train_config.json, the checkpoint, and
     # resume/ (parameters + optimizer state). Checkpoints get a new name each time and the
     # `checkpoint` file, replaced last, is what names the current one: a kill at any moment
     # leaves the previous model (and the previous resume state) whole.
 
-    def save_model(self):
-        self.out.mkdir(parents=True, exist_ok=True)
-        _write_json(self.out / "hparams.json", self.hparams)
-        _write_json(self.out / "train_config.json", self.config)
-        self.tokenizer.save(self.out)
-        prefix = self.out / f"model.ckpt-{self.iter}"
-        checkpoint.write(prefix, self.params)
-        _remove_other_checkpoints(self.out, "model.ckpt-", prefix.name)
+    def save_model(self, val_loss):
+        self.folder.write_json("hparams.json", self.hparams)
+        self.folder.write_json("train_config.json", self.config)
+        for name, data in self.vocabulary.items():
+            if not (self.out / name).is_file() or name not in self.folder.written:
+                self.folder.write_bytes(name, data)
+        self.folder.write_checkpoint("", "model.ckpt-", self.iter, self.params)
+        self.saved_model = (self.iter, val_loss)
 
     def save_state(self):
-        state_dir = self.out / "resume"
         tensors = dict(self.params)
         tensors.update({
             "adam/m": self.optimizer.m, "adam/v": self.optimizer.v,
             "train/iter": np.array(self.iter, np.int64),
             "train/best_val_loss": np.array(self.best_val_loss, np.float64),
         })  # fmt: skip
-        prefix = state_dir / f"state.ckpt-{self.iter}"
-        checkpoint.write(prefix, tensors)
-        _remove_other_checkpoints(state_dir, "state.ckpt-", prefix.name)
+        self.folder.write_checkpoint(STATE_DIR, "state.ckpt-", self.iter, tensors)
         self.saved_iter = self.iter
 
     def load_state(self):
-        state_dir = self.out / "resume"
+        state_dir = self.out / STATE_DIR
         try:
             checkpoint.verify(state_dir)  # every CRC: never continue from damaged numbers
             tensors = checkpoint.read(state_dir)
@@ -467,9 +847,16 @@ class Trainer:
             self.optimizer.v[...] = _stored(tensors, "adam/v", self.flat.shape)
             self.iter = int(_stored(tensors, "train/iter", ()))
             self.best_val_loss = float(_stored(tensors, "train/best_val_loss", ()))
-        except checkpoint.CheckpointError as e:
+        except PicogptError as e:
             raise TrainingError(f"cannot resume: {e}") from None
         self.optimizer.step = self.saved_iter = self.iter
+        if math.isfinite(self.best_val_loss):
+            self.saved_model = (None, self.best_val_loss)
+
+    def log(self, record):
+        self.folder.record("train_log.jsonl")
+        with open(self.out / "train_log.jsonl", "a", encoding="utf-8") as log:
+            log.write(json.dumps(record) + "\n")
 
 
 def _stored(tensors, name, shape):
@@ -479,18 +866,6 @@ def _stored(tensors, name, shape):
         raise checkpoint.CheckpointError(
             f"the resume state's {name!r} is {tensors[name].shape}, expected {shape}")
     return tensors[name]
-
-
-def _write_json(path, obj):
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _remove_other_checkpoints(folder, stem, keep):
-    for path in folder.glob(stem + "*"):
-        if not path.name.startswith(keep + "."):
-            path.unlink(missing_ok=True)
 
 
 def keep_freed_memory():
@@ -530,13 +905,11 @@ def train(trainer, data, report=print, status=None, resumed=False):
             improved = val_loss < trainer.best_val_loss
             if improved:
                 trainer.best_val_loss = val_loss
-                trainer.save_model()
+                trainer.save_model(val_loss)
             trainer.save_state()
-            record = {"iter": it, "train_loss": round(train_loss, 4),
-                      "val_loss": round(val_loss, 4),
-                      "ms_per_iter": None if ms is None else round(ms, 2)}  # fmt: skip
-            with open(trainer.out / "train_log.jsonl", "a", encoding="utf-8") as log:
-                log.write(json.dumps(record) + "\n")
+            trainer.log({"iter": it, "train_loss": round(train_loss, 4),
+                         "val_loss": round(val_loss, 4),
+                         "ms_per_iter": None if ms is None else round(ms, 2)})  # fmt: skip
             report(f"iter {it:>{len(str(max_iters))}}: train loss {train_loss:.4f}, "
                    f"val loss {val_loss:.4f}" + (" (best, saved)" if improved else "")
                    + ("" if ms is None else f", {ms:.1f} ms/iter"))  # fmt: skip
@@ -544,7 +917,7 @@ def train(trainer, data, report=print, status=None, resumed=False):
         if it >= max_iters:
             return
         rng = np.random.default_rng([c["seed"], 0, it])  # batch and dropout of this iteration
-        x, y = get_batch(train_data, c["block_size"], c["batch_size"], rng)
+        x, y = get_batch(train_data, c["block_size"], c["batch_size"] * c["grad_accum"], rng)
         lr = learning_rate(it, c["lr"], c["min_lr"], c["warmup_iters"], decay_iters)
         t0 = time.perf_counter()
         loss = trainer.step(x, y, lr, rng)
@@ -552,255 +925,3 @@ def train(trainer, data, report=print, status=None, resumed=False):
         trainer.iter = it + 1
         if status is not None:
             status(trainer.iter, max_iters, loss, float(np.median(step_ms[-50:])))
-
-
-# --- the command line ------------------------------------------------------------------------
-
-
-def add_arguments(parser):
-    """`picogpt train`'s arguments (the CLI builds the parser; this module fills it)."""
-    import argparse
-
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.description = (
-        "Train a character-level GPT (GPT-2's architecture, backpropagation in NumPy) on a text\n"
-        "file. The vocabulary is the text's characters; the first 90% is for training, the\n"
-        "last 10% for validation. The model with the best validation loss is saved to --out,\n"
-        "a model folder that `picogpt --model DIR` and picogpt.load(DIR) use like GPT-2.\n"
-        "Defaults are nanoGPT's CPU recipe for Tiny Shakespeare (about a minute here)."
-    )
-    parser.epilog = (
-        "examples:\n"
-        "  picogpt train tinyshakespeare.txt --out weights/shakespeare\n"
-        "  picogpt --model weights/shakespeare \"ROMEO:\" --n 200\n"
-        "  picogpt train tinyshakespeare.txt --out weights/shakespeare --resume --max-iters 4000\n"
-        "\n"
-        "the folder: hparams.json, chars.json, train_config.json, the TF checkpoint (best model),\n"
-        "train_log.jsonl (every evaluation) and resume/ (the latest parameters and optimizer\n"
-        "state, for --resume). Saves are atomic: a kill at any moment leaves the last good model."
-    )
-
-    def positive(value):
-        n = int(value)
-        if n < 1:
-            raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-        return n
-
-    def whole(value):
-        n = int(value)
-        if n < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
-        return n
-
-    def rate(value):
-        x = float(value)
-        if not 0 <= x < 1:
-            raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-        return x
-
-    def nonnegative(value):
-        x = float(value)
-        if not x >= 0 or math.isinf(x):
-            raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
-        return x
-
-    parser.add_argument("text", metavar="TEXT", help="a UTF-8 text file to learn from")
-    parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue training the model in DIR from its last saved state")
-    model = parser.add_argument_group("model (fixed once training starts)")
-    training = parser.add_argument_group("training (--resume keeps the saved values unless given)")
-    for group, flag, metavar, kind, text in [
-        (model, "--n-layer", "N", positive, "transformer blocks"),
-        (model, "--n-head", "N", positive, "attention heads"),
-        (model, "--n-embd", "N", positive, "embedding width"),
-        (model, "--block-size", "N", positive, "context length in characters"),
-        (training, "--batch-size", "N", positive, "windows per step"),
-        (training, "--max-iters", "N", whole, "optimizer steps in all"),
-        (training, "--lr", "LR", nonnegative, "peak learning rate"),
-        (training, "--min-lr", "LR", nonnegative, "final learning rate"),
-        (training, "--warmup-iters", "N", whole, "linear warmup steps"),
-        (training, "--lr-decay-iters", "N", whole, "cosine decay reaches --min-lr here"),
-        (training, "--dropout", "P", rate, "dropout probability"),
-        (training, "--weight-decay", "W", nonnegative, "AdamW weight decay, matrices only"),
-        (training, "--beta1", "B", rate, "AdamW's beta1"),
-        (training, "--beta2", "B", rate, "AdamW's beta2"),
-        (training, "--grad-clip", "NORM", nonnegative, "clip the gradient's norm; 0: off"),
-        (training, "--eval-interval", "N", positive, "evaluate and save every N steps"),
-        (training, "--eval-iters", "N", positive, "batches per loss estimate"),
-        (training, "--log-interval", "N", positive, "steps per progress line (not on a terminal)"),
-        (training, "--seed", "S", int, "initialisation, batches and dropout"),
-    ]:
-        default = DEFAULTS[flag[2:].replace("-", "_")]
-        default = "--max-iters" if default is None else default
-        group.add_argument(flag, metavar=metavar, type=kind, help=f"{text} ({default})")
-
-
-def make_config(args, saved=None):
-    """The training configuration: given flags, else the saved run's values, else DEFAULTS."""
-    config = dict(DEFAULTS)
-    if saved:
-        config.update({k: v for k, v in saved.items() if k in DEFAULTS})
-    for key in DEFAULTS:
-        value = getattr(args, key, None)
-        if value is None:
-            continue
-        if saved and key in SHAPE_KEYS and value != saved.get(key):
-            raise TrainingError(f"--{key.replace('_', '-')} {value}: the model being resumed "
-                                f"has {saved.get(key)}; its shape cannot change")
-        config[key] = value
-    if config["n_embd"] % config["n_head"]:
-        raise TrainingError(f"--n-embd {config['n_embd']} is not divisible by "
-                            f"--n-head {config['n_head']}")
-    if config["min_lr"] > config["lr"]:
-        raise TrainingError(f"--min-lr {config['min_lr']} is above --lr {config['lr']}")
-    return config
-
-
-def read_text(path):
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TrainingError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TrainingError(f"{path}: cannot be read as UTF-8 text: {e}") from None
-    if not text:
-        raise TrainingError(f"{path} is empty")
-    return text
-
-
-def prepare(args):
-    """Check everything that can be wrong before any training: text, flags, --out."""
-    out = Path(args.out)
-    text = read_text(args.text)
-    if out.exists() and not out.is_dir():
-        raise TrainingError(f"--out {out} is a file, not a folder")
-    has_model = (out / "hparams.json").exists() or (out / "resume").exists()
-    if args.resume:
-        if not (out / "resume" / "checkpoint").exists():
-            raise TrainingError(f"{out}: nothing to resume (no resume/ state from a run)")
-        try:
-            saved = json.loads((out / "train_config.json").read_text(encoding="utf-8"))
-            tokenizer = CharTokenizer.load(out)
-        except (OSError, ValueError) as e:
-            raise TrainingError(f"{out}: cannot resume: {e}") from None
-        config = make_config(args, saved)
-    else:
-        if has_model:
-            raise TrainingError(f"{out} already holds a model: --resume continues it, or "
-                                "choose another --out")
-        tokenizer = CharTokenizer.from_text(text)
-        config = make_config(args)
-    try:
-        ids = np.array(tokenizer.encode(text), np.uint16 if tokenizer.n_vocab < 65536 else np.int32)
-    except ValueError as e:  # resuming on a text with characters the model does not know
-        raise TrainingError(f"{args.text}: {e}") from None
-    train_data, val_data = split_data(ids)
-    need = config["block_size"] + 1
-    if len(val_data) < need:
-        raise TrainingError(
-            f"{args.text} is too short for --block-size {config['block_size']}: its last 10% "
-            f"({len(val_data)} characters) must hold a window of {need}")
-    return config, tokenizer, (train_data, val_data)
-
-
-def run(args):
-    """`picogpt train`: exit status 0, 2 for bad input, 130 when interrupted."""
-    try:
-        config, tokenizer, data = prepare(args)
-    except TrainingError as e:
-        print(f"picogpt train: error: {e}", file=sys.stderr)
-        return 2
-    config["command"] = command_line(args.text, args.out, config)
-    trainer = Trainer(config, tokenizer, args.out)
-    if args.resume:
-        try:
-            trainer.load_state()
-        except TrainingError as e:
-            print(f"picogpt train: error: {e}", file=sys.stderr)
-            return 2
-    else:
-        trainer.initialize()
-    n_params = trainer.flat.size
-    print(f"{n_params:,} parameters ({n_params * 4 / 1e6:.1f} MB), {tokenizer.n_vocab} "
-          f"characters, {len(data[0]):,} training and {len(data[1]):,} validation characters"
-          + (f"; resuming at iter {trainer.iter}" if args.resume else ""))  # fmt: skip
-    status = _Status(sys.stdout, config["log_interval"])
-    try:
-        train(trainer, data, report=status.report, status=status.update, resumed=args.resume)
-    except KeyboardInterrupt:
-        status.report(f"interrupted at iter {trainer.iter}")
-        _say_where(trainer, args, interrupted=True)
-        return 130
-    except OSError as e:  # a full disk, a folder made read-only meanwhile
-        status.report(f"picogpt train: error: cannot save to {trainer.out}: {e}")
-        _say_where(trainer, args, interrupted=True)
-        return 1
-    _say_where(trainer, args)
-    return 0
-
-
-def command_line(text, out, config):
-    """The `picogpt train` command that trains this configuration from scratch."""
-    flags = [f"--{key.replace('_', '-')} {config[key]}" for key in DEFAULTS
-             if config[key] is not None and key != "log_interval"]  # fmt: skip
-    where = f"{shlex.quote(str(text))} --out {shlex.quote(str(out))}"
-    return f"picogpt train {where} " + " ".join(flags)
-
-
-def _say_where(trainer, args, interrupted=False):
-    out, text = shlex.quote(str(trainer.out)), shlex.quote(str(args.text))
-    if math.isfinite(trainer.best_val_loss):
-        print(f"best model (val loss {trainer.best_val_loss:.4f}) in {out}; try: "
-              f"picogpt --model {out} \"{_sample_prompt(trainer)}\" --n 200")
-    if trainer.saved_iter is None:
-        return
-    if interrupted:
-        print(f"picogpt train {text} --out {out} --resume   continues from iter "
-              f"{trainer.saved_iter} (the last evaluation)")
-    else:
-        print(f"picogpt train {text} --out {out} --resume --max-iters N   trains it further")
-
-
-def _sample_prompt(trainer):
-    return "ROMEO:" if "R" in trainer.tokenizer.chars and ":" in trainer.tokenizer.chars else ""
-
-
-class _Status:
-    """Progress: on a terminal one line redrawn at most ten times a second; otherwise a line
-    every log_interval steps. Evaluation reports are always whole lines."""
-
-    def __init__(self, stream, log_interval):
-        self.stream, self.log_interval = stream, log_interval
-        self.tty = stream.isatty()
-        self.shown = 0.0
-        self.width = shutil.get_terminal_size().columns if self.tty else 0
-
-    def update(self, it, max_iters, loss, ms):
-        eta = (max_iters - it) * ms / 1e3
-        line = (f"iter {it}/{max_iters}  loss {loss:.4f}  {ms:.1f} ms/iter  "
-                f"ETA {_duration(eta)}")  # fmt: skip
-        if self.tty:
-            now = time.monotonic()
-            if now - self.shown >= 0.1 or it == max_iters:
-                self.shown = now
-                self.stream.write("\r" + line[: self.width - 1] + "\x1b[K")
-                self.stream.flush()
-        elif it % self.log_interval == 0:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-
-    def report(self, line):
-        if self.tty:
-            self.stream.write("\r\x1b[K")
-        self.stream.write(line + "\n")
-        self.stream.flush()
-
-
-def _duration(seconds):
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -1,6 +1,6 @@
-"""Training: every layer's backward against finite differences (float64), the whole model's
-gradients and the optimizer against PyTorch, and the training loop end to end: saving, loading
-in the engine, resuming, and surviving a crash mid-save."""
+"""Training: the model's gradients against finite differences and PyTorch's autograd, the
+optimizer against PyTorch, the schedule and batches, and the training loop end to end: saving,
+loading in the engine, resuming, surviving a crash mid-save, and the command's errors."""
 
 import json
 import math
@@ -11,152 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _gradcheck import assert_close, check_layer, numerical_grad, randn
 from _reference import hf_model, hf_names
 
 import picogpt
 from picogpt import checkpoint
 from picogpt import train as tr
-from picogpt.chars import CharTokenizer
-
-RNG = np.random.default_rng(0)
-
-
-def numerical_grad(f, x, eps=1e-6):
-    """d f / d x by central differences, one element at a time (x is perturbed in place)."""
-    grad = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        up = f()
-        flat[i] = old - eps
-        down = f()
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * eps)
-    return grad
-
-
-def assert_close(analytic, numeric, tol=1e-6):
-    scale = max(np.abs(numeric).max(), 1e-8)
-    assert np.abs(analytic - numeric).max() / scale < tol
-
-
-def randn(*shape):
-    return RNG.standard_normal(shape)
-
-
-def check_layer(forward, backward, inputs, params=(), out_index=None):
-    """Check backward against finite differences of L = sum(forward(...) * R), R random.
-    `forward(*inputs, *params)` returns the output (or a tuple whose [0] is it) and backward
-    `(dout, forward_result, param_grads)` returns the input gradients (a tuple)."""
-    inputs, params = list(inputs), list(params)
-
-    def out():
-        result = forward(*[a.copy() for a in inputs], *params)
-        return result[0] if isinstance(result, tuple) else result
-
-    R = randn(*out().shape)
-
-    def loss():
-        return float((out() * R).sum())
-
-    result = forward(*[a.copy() for a in inputs], *params)
-    param_grads = [np.zeros_like(p) for p in params]
-    input_grads = backward(R, result, param_grads)
-    for x, dx in zip(inputs, input_grads):
-        assert_close(dx, numerical_grad(loss, x))
-    for p, dp in zip(params, param_grads):
-        assert_close(dp, numerical_grad(loss, p))
-
-
-# --- each layer ---------------------------------------------------------------------------------
-
-
-def test_linear_backward():
-    x, w = randn(6, 4), randn(4, 5)
-    check_layer(tr.linear_forward, lambda d, out, grads: (tr.linear_backward(d, x, w, *grads),),
-                [x], [w, randn(5)])  # fmt: skip
-
-
-def test_layer_norm_backward():
-    x, g = randn(5, 8) * 3 + 1, randn(8)
-    check_layer(tr.layer_norm_forward,
-                lambda d, res, grads: (tr.layer_norm_backward(d, res[1], g, *grads),),
-                [x], [g, randn(8)])  # fmt: skip
-
-
-def test_softmax_backward():
-    check_layer(tr.softmax_forward,
-                lambda d, y, grads: (tr.softmax_backward(d, y),), [randn(3, 4, 7)])  # fmt: skip
-
-
-@pytest.mark.parametrize("n_head", [1, 3])
-def test_causal_attention_backward(n_head):
-    B, T, C = 2, 5, 6
-    y, _ = tr.attention_forward(randn(B * T, 3 * C), B, T, n_head)
-    assert y.shape == (B * T, C)
-    check_layer(lambda qkv: tr.attention_forward(qkv, B, T, n_head),
-                lambda d, res, grads: (tr.attention_backward(d, res[1]),),
-                [randn(B * T, 3 * C)])  # fmt: skip
-
-
-def test_attention_is_causal():
-    B, T, C, n_head = 1, 6, 4, 2
-    qkv = randn(B * T, 3 * C)
-    y, _ = tr.attention_forward(qkv.copy(), B, T, n_head)
-    later = qkv.copy()
-    later[3:] += randn(T - 3, 3 * C)  # change positions 3.. only
-    y2, _ = tr.attention_forward(later, B, T, n_head)
-    np.testing.assert_array_equal(y[:3], y2[:3])
-    assert not np.allclose(y[3:], y2[3:])
-
-
-def test_gelu_backward():
-    x = randn(4, 9) * 2
-    check_layer(tr.gelu_forward, lambda d, res, grads: (tr.gelu_backward(d, x, res[1]),), [x])
-
-
-def test_dropout_backward_with_its_mask():
-    x = randn(50, 40)
-    out, mask = tr.dropout_forward(x, 0.25, np.random.default_rng(1))
-    dropped = out == 0
-    assert 0.2 < dropped.mean() < 0.3
-    np.testing.assert_allclose(out[~dropped], x[~dropped] / 0.75)
-    dout = randn(50, 40)
-    np.testing.assert_allclose(tr.dropout_backward(dout, mask), np.where(dropped, 0, dout / 0.75),
-                               rtol=1e-6)  # fmt: skip
-    assert tr.dropout_forward(x, 0.0, None)[0] is x
-
-
-def test_dropout_keeps_the_expectation():
-    x = np.ones((1000, 1000), np.float32)
-    out, _ = tr.dropout_forward(x, 0.1, np.random.default_rng(2))
-    assert out.dtype == np.float32
-    assert abs((out == 0).mean() - 0.1) < 0.002
-    assert abs(out.mean() - 1.0) < 0.003  # 1/(1-p) makes up for what was dropped
-
-
-def test_embedding_backward():
-    idx = np.array([[1, 3, 1], [0, 1, 2]])
-    wte, wpe = randn(4, 5), randn(6, 5)
-
-    def backward(d, out, grads):
-        grads[0][...] = 0  # embedding_backward adds into dwte
-        tr.embedding_backward(d, idx, *grads)
-        return ()
-
-    check_layer(lambda *p: tr.embedding_forward(*p, idx), backward, [], [wte, wpe])
-
-
-def test_cross_entropy_backward():
-    targets = np.array([2, 0, 4, 4])
-    logits = randn(4, 5)
-    loss, probs = tr.cross_entropy_forward(logits.copy(), targets)
-    expected = -np.mean(np.log(np.exp(logits) / np.exp(logits).sum(1, keepdims=True))[
-        np.arange(4), targets])  # fmt: skip
-    assert loss == pytest.approx(expected, rel=1e-12)
-    numeric = numerical_grad(lambda: tr.cross_entropy_forward(logits.copy(), targets)[0], logits)
-    assert_close(tr.cross_entropy_backward(probs, targets), numeric)
 
 
 def tiny_hparams(**overrides):
@@ -182,7 +42,8 @@ def test_block_backward_with_its_residuals(dropout):
     def forward(x, *values):
         p = dict(zip(names, values))
         rng = np.random.default_rng(5)  # the same dropout masks every time
-        return tr.block_forward(x, tr.block_params({**params, **p}, 0), B, T, 2, dropout, rng)
+        p = tr.block_params({**params, **p}, 0)
+        return tr.block_forward(x, p, B, T, 2, dropout, rng)
 
     def backward(d, res, grads):
         return (tr.block_backward(d, res[1], tr.block_params(dict(zip(names, values)), 0),
@@ -197,7 +58,7 @@ def test_block_backward_with_its_residuals(dropout):
 
 def model_gradients(params, hparams, idx, targets):
     grads = {name: np.zeros_like(p) for name, p in params.items()}
-    loss, cache = tr.gpt_forward(params, hparams, idx, targets)
+    loss, cache = tr.gpt_forward(params, hparams, idx, targets, grads=grads)
     tr.gpt_backward(cache, params, hparams, grads)
     return loss, grads
 
@@ -352,12 +213,11 @@ def test_train_saves_a_model_the_engine_runs(text_file, tmp_path):
     # The engine's forward pass and training's give the same logits for the saved weights.
     params = checkpoint.read(out_dir)
     ids = model.encode("ROMEO: But soft, what light")
-    _, cache = tr.gpt_forward(params, model.hparams, np.array([ids]), np.array([ids]))
-    probs = cache[-1]
-    engine = model.logits(ids).astype(np.float64)
-    engine_probs = np.exp(engine - engine.max(1, keepdims=True))
-    engine_probs /= engine_probs.sum(1, keepdims=True)
-    np.testing.assert_allclose(probs, engine_probs, atol=1e-5)
+    loss, _ = tr.gpt_forward(params, model.hparams, np.array([ids[:-1]]), np.array([ids[1:]]))
+    engine = model.logits(ids[:-1]).astype(np.float64)
+    log_probs = engine - engine.max(1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
+    assert loss == pytest.approx(-log_probs[np.arange(len(ids) - 1), ids[1:]].mean(), rel=1e-5)
     text = model.generate("ROMEO:", n=80, seed=1)
     assert len(text) == 80 and set(text) <= set(TEXT)
 
@@ -395,14 +255,12 @@ def test_resume_continues_exactly_where_it_stopped(text_file, tmp_path):
 def test_a_crash_while_saving_leaves_the_last_good_model(text_file, tmp_path, monkeypatch):
     """Fault injection: the second save dies just before its last rename (the `checkpoint` file
     that names the new weights); the folder must still load the first save, bit for bit."""
-    tok = CharTokenizer.from_text(TEXT)
-    config = tr.make_config(tr_args(SMALL, max_iters=20))
-    trainer = tr.Trainer(config, tok, tmp_path / "model")
+    plan = tr.prepare(text_file, tmp_path / "model", small_options(max_iters=20))
+    trainer = tr.Trainer(plan.config, plan.hparams, plan.tokenizer, plan.folder, plan.vocabulary)
     trainer.initialize()
-    trainer.save_model()
+    trainer.save_model(3.0)
     saved = {k: v.copy() for k, v in trainer.params.items()}
-    data = tr.split_data(np.array(tok.encode(TEXT), np.uint16))
-    trainer.step(*tr.get_batch(data[0], 32, 8, np.random.default_rng(0)), 1e-2, None)
+    trainer.step(*tr.get_batch(plan.data[0], 32, 8, np.random.default_rng(0)), 1e-2, None)
     trainer.iter = 20
 
     real_replace = os.replace
@@ -414,7 +272,7 @@ def test_a_crash_while_saving_leaves_the_last_good_model(text_file, tmp_path, mo
 
     monkeypatch.setattr(os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
-        trainer.save_model()
+        trainer.save_model(2.0)
     monkeypatch.undo()
     model = picogpt.load(tmp_path / "model")
     params = checkpoint.read(tmp_path / "model")
@@ -424,15 +282,11 @@ def test_a_crash_while_saving_leaves_the_last_good_model(text_file, tmp_path, mo
     assert model.generate("ROMEO:", n=5, seed=0)
 
 
-def tr_args(flags, **extra):
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    tr.add_arguments(parser)
-    args = parser.parse_args(["unused.txt", "--out", "unused", *flags])
-    for key, value in extra.items():
-        setattr(args, key, value)
-    return args
+def small_options(**extra):
+    """SMALL as the options make_config takes: key -> value."""
+    keys = [flag[2:].replace("-", "_") for flag in SMALL[::2]]
+    values = [float(v) if "e" in v or "." in v else int(v) for v in SMALL[1::2]]
+    return {**dict(zip(keys, values)), **extra}
 
 
 # --- the command's errors -------------------------------------------------------------------------
@@ -468,18 +322,30 @@ def test_resume_refuses_a_new_shape_and_unknown_characters(text_file, tmp_path):
     assert chars.returncode == 2 and "'☃'" in chars.stderr and "'Z'" in chars.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["missing.txt"], "no such file"),
-    (["{text}", "--n-embd", "30", "--n-head", "4"], "not divisible"),
-    (["{text}", "--block-size", "1000"], "too short"),
-    (["{text}", "--dropout", "1.5"], "[0, 1)"),
-    (["{text}", "--resume"], "nothing to resume"),
-    (["{text}", "--out", "{text}"], "is a file"),
+@pytest.mark.parametrize("args, message, status", [
+    (["missing.txt"], "training text does not exist", 1),
+    (["{empty}"], "the training text is empty", 2),
+    (["{latin1}"], "is not UTF-8 text (byte offset 9)", 1),
+    (["/dev/zero"], "is not a regular file", 1),
+    (["{text}", "--n-embd", "30", "--n-head", "4"], "not divisible", 2),
+    (["{text}", "--block-size", "1000"], "too short", 2),
+    (["{text}", "--dropout", "1.5"], "[0, 1)", 2),
+    (["{text}", "--seed", "-1"], "--seed: must be >= 0, got -1", 2),
+    (["{text}", "--grad-accum", "0"], "--grad-accum: must be at least 1, got 0", 2),
+    (["{text}", "--lr", "nan"], "--lr: expected a finite number", 2),
+    (["{text}", "--resume"], "nothing to resume", 2),
+    (["{text}", "--out", "{text}"], "is a file", 2),
+    (["{text}", "--init", "no-such-model"], "no model 'no-such-model': not a folder", 2),
+    (["{text}", "--tokenizer", "gpt3"], "no model 'gpt3': not a folder", 2),
+    (["{text}", "--init", "shakespeare-char", "--resume"], "give one of them", 2),
 ])  # fmt: skip
-def test_bad_input_is_one_line_and_exit_2(text_file, tmp_path, args, message):
-    args = [a.format(text=text_file) for a in args]
+def test_bad_input_is_one_line_and_exit_2_or_1(text_file, tmp_path, args, message, status):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "latin1.txt").write_bytes("Hello caf\xe9 world".encode("latin-1") * 50)
+    args = [a.format(text=text_file, empty=tmp_path / "empty.txt", latin1=tmp_path / "latin1.txt")
+            for a in args]  # fmt: skip
     result = train_cli(*args, *([] if "--out" in args else ["--out", tmp_path / "m"]), check=False)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert result.returncode == status and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "m" / "hparams.json").exists()
 

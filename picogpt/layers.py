@@ -1,0 +1,272 @@
+"""GPT-2's layers for training: each forward beside its backward, as in llm.c.
+
+A forward returns its output and what its backward needs, as a named tuple (a `...Cache`); the
+backward takes the gradient of the output and that cache, writes the parameters' gradients into
+the buffers it is given and returns the gradient of the input. The tests check every pair
+against finite differences (float64) and the whole network against PyTorch's autograd.
+
+Activations are [N, C] matrices, N = batch * block_size rows, so every product is one 2-D BLAS
+call; attention alone works on [B, n_head, T, head_dim]. `params` and `grads` are dicts keyed by
+OpenAI's tensor names (model.param_shapes), weights as the checkpoint stores them ([1, nx, nf]).
+"""
+
+import math
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from picogpt import model
+from picogpt.model import GELU_C, LN_EPS, causal_mask
+
+GELU_A = 0.044715
+
+
+# --- embedding ---------------------------------------------------------------------------------
+
+
+def embedding_forward(wte, wpe, idx):
+    """Token plus position embedding: idx [B, T] ints -> x [B*T, C]."""
+    B, T = idx.shape
+    return (wte[idx] + wpe[:T]).reshape(B * T, -1)
+
+
+def embedding_backward(dx, idx, dwte, dwpe):
+    """Adds into dwte (the output projection shares it and has written its part); sets dwpe."""
+    B, T = idx.shape
+    dx = dx.reshape(B, T, -1)
+    dwpe[:T] = dx.sum(axis=0)
+    dwpe[T:] = 0
+    np.add.at(dwte, idx.reshape(-1), dx.reshape(B * T, -1))
+
+
+# --- layer norm --------------------------------------------------------------------------------
+
+
+class LayerNormCache(NamedTuple):
+    xhat: np.ndarray  # [N, C]: the input normalised, before the gain and bias
+    rstd: np.ndarray  # [N, 1]: 1 / sqrt(var + eps) per row
+
+
+def layer_norm_forward(x, g, b):
+    """(x - mean) / sqrt(var + eps) * g + b over the last axis of x [N, C]."""
+    xhat = x - x.mean(axis=-1, keepdims=True)
+    var = np.einsum("ij,ij->i", xhat, xhat)[:, None] / x.shape[-1]
+    rstd = 1.0 / np.sqrt(var + LN_EPS)  # [N, 1]
+    xhat *= rstd
+    return xhat * g + b, LayerNormCache(xhat, rstd)
+
+
+def layer_norm_output(cache, g, b):
+    """The forward's output again, from its cache: cheaper to recompute than to keep."""
+    return cache.xhat * g + b
+
+
+def layer_norm_backward(dout, cache, g, dg, db):
+    xhat, rstd = cache
+    np.einsum("ij,ij->j", dout, xhat, out=dg)
+    np.sum(dout, axis=0, out=db)
+    dxhat = dout * g
+    # The mean and the variance depend on every x of the row: the gradient loses its row mean
+    # and its component along xhat.
+    C = dout.shape[-1]
+    mean_dxhat = dxhat.sum(axis=-1, keepdims=True) / C
+    mean_dxhat_xhat = np.einsum("ij,ij->i", dxhat, xhat)[:, None] / C
+    dxhat -= mean_dxhat
+    dxhat -= xhat * mean_dxhat_xhat
+    dxhat *= rstd
+    return dxhat
+
+
+# --- linear ------------------------------------------------------------------------------------
+
+
+def linear_forward(x, w, b):
+    """x [N, nx] @ w [nx, nf] + b."""
+    out = x @ w
+    out += b
+    return out
+
+
+def linear_backward(dout, x, w, dw, db):
+    np.matmul(x.T, dout, out=dw)
+    np.sum(dout, axis=0, out=db)
+    return dout @ w.T
+
+
+# --- softmax and attention ---------------------------------------------------------------------
+
+softmax_forward = model.softmax_  # the engine's: softmax over the last axis, in place
+
+
+def softmax_backward(dout, y, out=None):
+    """dx = y * (dout - sum(dout * y)): the Jacobian diag(y) - y y^T applied to dout, per row.
+    Three passes (the row sums, the subtraction, the product), into `out` if given (which may
+    be dout)."""
+    dx = np.subtract(dout, np.einsum("...i,...i->...", dout, y)[..., None], out=out)
+    dx *= y
+    return dx
+
+
+class AttentionCache(NamedTuple):
+    q: np.ndarray  # [B, H, T, hd], already scaled by 1 / sqrt(hd)
+    k: np.ndarray  # [B, H, T, hd]
+    v: np.ndarray  # [B, H, T, hd]
+    att: np.ndarray  # [B, H, T, T]: the attention probabilities
+    att_dropped: np.ndarray  # att after dropout (att itself without it)
+    mask: Optional[np.ndarray]  # the dropout mask, None without dropout
+    scale: float  # 1 / sqrt(hd)
+
+
+def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None):
+    """Causal multi-head self-attention: qkv [B*T, 3C] -> y [B*T, C].
+
+    softmax(q k^T / sqrt(hd) + mask) v, with the mask -inf on future positions. The scale goes
+    on q ([T, hd]) rather than on the scores ([T, T]); the scores' exp is the engine's (floored
+    at the row's max - 48: no subnormal weights, see model.SOFTMAX_FLOOR), and the future's
+    weights are then multiplied by 0, so their probabilities are exactly 0, and so are the
+    gradients flowing to them."""
+    C = qkv.shape[-1] // 3
+    hd = C // n_head
+    q, k, v = qkv.reshape(B, T, 3, n_head, hd).transpose(2, 0, 3, 1, 4)  # each [B, H, T, hd]
+    scale = np.float32(1.0 / math.sqrt(hd))
+    q = q * scale
+    att = q @ k.swapaxes(-1, -2)  # [B, H, T, T]
+    att += causal_mask(T)  # the engine's: 0, and -inf on the future (the max is over the past)
+    model.shifted_exp_(att)
+    att *= past_mask(T)
+    sums = att.sum(axis=-1, keepdims=True)  # [B, H, T, 1]
+    att *= np.reciprocal(sums, out=sums)
+    att_dropped, mask = dropout_forward(att, dropout, rng)
+    y = att_dropped @ v  # [B, H, T, hd]
+    y = y.transpose(0, 2, 1, 3).reshape(B * T, C)
+    return y, AttentionCache(q, k, v, att, att_dropped, mask, scale)
+
+
+def past_mask(n):
+    """[n, n] float32: 1 on and below the diagonal, 0 above (the future)."""
+    return np.tril(np.ones((n, n), np.float32))
+
+
+def attention_backward(dy, cache):
+    q, k, v, att, att_dropped, mask, scale = cache
+    B, H, T, hd = q.shape
+    dy = dy.reshape(B, T, H, hd).transpose(0, 2, 1, 3)  # [B, H, T, hd]
+    dqkv = np.empty((3, B, H, T, hd), dy.dtype)
+    np.matmul(att_dropped.swapaxes(-1, -2), dy, out=dqkv[2])  # dv
+    datt = dy @ v.swapaxes(-1, -2)  # [B, H, T, T]
+    if mask is not None:
+        datt *= mask  # dropout's backward, in place
+    dscores = softmax_backward(datt, att, out=datt)
+    np.matmul(dscores, k, out=dqkv[0])  # dq, of the scaled q: times the scale again
+    dqkv[0] *= scale
+    np.matmul(dscores.swapaxes(-1, -2), q, out=dqkv[1])  # dk (q is scaled already)
+    return dqkv.transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * H * hd)
+
+
+# --- GELU --------------------------------------------------------------------------------------
+
+
+class GeluCache(NamedTuple):
+    x: np.ndarray  # the input
+    gate: np.ndarray  # 0.5 (1 + tanh(c (x + a x^3))), the factor x is multiplied by
+
+
+def gelu_forward(x):
+    """GPT-2's tanh GELU: 0.5 x (1 + tanh(c (x + a x^3))) = x * gate, written as 8 passes over
+    [N, 4C]: u = x (c + c a x^2), gate = 0.5 tanh(u) + 0.5, out = x gate. In float32 the gate is
+    0 or at least 2^-25 (tanh near -1 steps by 2^-24), so no subnormal comes out of it."""
+    gate = x * x  # x*x*x, never x**3 (a slow generic power)
+    gate *= GELU_C * GELU_A
+    gate += GELU_C
+    gate *= x
+    np.tanh(gate, out=gate)
+    gate *= 0.5
+    gate += 0.5
+    return x * gate, GeluCache(x, gate)
+
+
+def gelu_output(cache):
+    """The forward's output again, x gate, from its cache: one pass, cheaper than keeping it."""
+    return cache.x * cache.gate
+
+
+def gelu_backward(dout, cache):
+    """d/dx = gate + x dgate/dx = gate (1 + (1 - gate) 2 c x (1 + 3 a x^2)), since
+    d tanh(u)/du = 1 - tanh^2 = 4 gate (1 - gate): 9 passes over [N, 4C]."""
+    x, gate = cache
+    dx = x * x
+    dx *= 6 * GELU_C * GELU_A
+    dx += 2 * GELU_C
+    dx *= x  # 2 c x (1 + 3 a x^2)
+    dx *= 1.0 - gate
+    dx += 1.0
+    dx *= gate
+    dx *= dout
+    return dx
+
+
+# --- dropout -----------------------------------------------------------------------------------
+
+
+def dropout_forward(x, p, rng):
+    """Zero each element with probability p (rounded to a multiple of 2^-16) and scale the rest by
+    1/(1-p); identity at p=0. Returns the output and the mask (None at p=0). The mask is drawn as
+    16-bit integers, not floats: on the bundled model's recipe that cut dropout's cost from about
+    45 to 35 ms of a 320 ms step."""
+    if not p:
+        return x, None
+    cut = round(p * (1 << 16))
+    keep = rng.integers(0, 1 << 16, x.shape, dtype=np.uint16) >= cut  # P(keep) = 1 - p
+    mask = np.multiply(keep, np.float32((1 << 16) / ((1 << 16) - cut)), dtype=np.float32)
+    return x * mask, mask
+
+
+def dropout_backward(dout, mask):
+    return dout if mask is None else dout * mask
+
+
+# --- the output layer and the loss --------------------------------------------------------------
+
+LOSS_ROWS = 256  # rows of logits [rows, n_vocab] alive at a time: 51 MB for GPT-2's vocabulary
+# Logits more than this far below their row's maximum are raised to it before exp: exp(-60) is
+# about 1e-26, so probabilities and their gradient (divided by up to 10^7 rows) stay normal
+# floats. Below about exp(-87) float32 goes subnormal, which Intel CPUs compute many times
+# slower, and a 50,257-way softmax has thousands of such entries per row. The raised entries
+# change a probability by less than 1e-26 absolute (the sum of a row by less than 1e-21).
+EXP_FLOOR = -60.0
+
+
+def classifier_forward(h, wte, targets, dwte=None, rows=LOSS_ROWS):
+    """Mean cross-entropy of targets [N] under softmax(h [N, C] @ wte.T); with `dwte`, also the
+    backward, in the same pass: dwte is set to d loss / d wte (the output projection's part) and
+    d loss / d h [N, C] is returned, else None.
+
+    The logits go `rows` rows at a time, each block becoming its probabilities and then its
+    gradient (softmax - one_hot(targets)) / N in place: [N, n_vocab] is never whole, and the
+    logits are never recomputed for the backward."""
+    N = len(targets)
+    total = 0.0
+    dh = None if dwte is None else np.empty_like(h)
+    partial = None  # dwte's contribution of one block, after the first
+    for start in range(0, N, rows):
+        stop = min(N, start + rows)
+        block = h[start:stop] @ wte.T  # [r, C] -> [r, V]
+        block -= block.max(axis=-1, keepdims=True)
+        picked = block[np.arange(stop - start), targets[start:stop]]  # the targets' shifted logits
+        np.maximum(block, EXP_FLOOR, out=block)
+        np.exp(block, out=block)
+        sums = block.sum(axis=-1, keepdims=True)  # [r, 1]
+        total += float(np.sum(np.log(sums[:, 0]) - picked, dtype=np.float64))
+        if dwte is None:
+            continue
+        block *= 1.0 / (sums * N)  # the probabilities / N
+        block[np.arange(stop - start), targets[start:stop]] -= 1.0 / N  # -> d loss / d logits
+        np.matmul(block, wte, out=dh[start:stop])  # [r, V] -> [r, C]
+        if start == 0:
+            np.matmul(block.T, h[start:stop], out=dwte)  # [V, r] @ [r, C] -> [V, C]
+        else:
+            if partial is None:
+                partial = np.empty_like(dwte)
+            np.matmul(block.T, h[start:stop], out=partial)
+            dwte += partial
+    return total / N, dh
