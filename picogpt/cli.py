@@ -1,4 +1,5 @@
-"""The picogpt command line: generate (the default), chat, download, eval, train, export.
+"""The picogpt command line: generate (the default), chat, download, eval, serve, train,
+export.
 
 Bad input gets a one-line message and exit status 2; failures that are not the user's typing
 (no network, a corrupt download) exit 1; Ctrl-C exits 130. Never a traceback for either.
@@ -17,7 +18,7 @@ from picogpt import download, files
 from picogpt.chat import REPLY_STOP, Conversation
 from picogpt.errors import OutputExistsError, PicogptError, UnknownModelError
 
-COMMANDS = ("generate", "chat", "download", "eval", "train", "export")
+COMMANDS = ("generate", "chat", "download", "eval", "serve", "train", "export")
 
 EXAMPLES = """\
 examples:
@@ -28,6 +29,7 @@ examples:
   picogpt chat                              talk with GPT-2 (Ctrl-D to leave)
   picogpt download 774M                     fetch a model ahead of time
   picogpt eval essay.txt                    cross-entropy, perplexity, bits per byte
+  picogpt serve                             OpenAI's API and a page at http://127.0.0.1:8080/
   picogpt train input.txt --out my-model    train a GPT on a text (picogpt train --help)
   picogpt "ROMEO:" -m shakespeare-char      the bundled model trained on Tiny Shakespeare
   picogpt export my-model my-model-hf       a model folder for transformers (HuggingFace's layout)
@@ -176,6 +178,13 @@ def _add_download_options(p):
                         "HuggingFace hub ($PICOGPT_SOURCE)")
 
 
+def _port(value):
+    n = _whole_number("must be in [0, 65535]")(value)
+    if n > 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535] (0: any free port), got {n}")
+    return n
+
+
 def _add_model_options(p, default="124M"):
     p.add_argument("--model", "-m", default=default,
                    help=f"GPT-2 size, bundled model name or model folder (default {default})")
@@ -209,7 +218,7 @@ def build_parser():
     parser = Parser(
         prog="picogpt",
         usage="picogpt [generate] PROMPT [options]\n"
-              "       picogpt {chat,download,eval,train,export} ...",
+              "       picogpt {chat,download,eval,serve,train,export} ...",
         description="GPT-2 in plain Python and NumPy: run OpenAI's checkpoints on a laptop CPU,\n"
                     "chat with them, evaluate them, or train a small model of your own.\n"
                     "Without a command, picogpt continues PROMPT (the `generate` command).",
@@ -220,7 +229,7 @@ def build_parser():
 
     parser.add_argument("--version", action="version", version=f"picogpt {__version__}")
     sub = parser.add_subparsers(dest="command",
-                                metavar="{generate,chat,download,eval,train,export}",
+                                metavar="{generate,chat,download,eval,serve,train,export}",
                                 parser_class=Parser)
 
     g = sub.add_parser(
@@ -280,6 +289,26 @@ def build_parser():
     e.add_argument("--stride", type=_positive_int, default=None, metavar="S",
                    help="tokens scored per window (default half the context)")
     _add_model_options(e)
+
+    v = sub.add_parser(
+        "serve", prog="picogpt serve", help="OpenAI's API and a page that shows the tokens",
+        description="Serve the model over HTTP with OpenAI's API (GET /v1/models, POST "
+                    "/v1/completions, POST /v1/chat/completions; streaming, logprobs, stop, "
+                    "penalties, seed) and, at /, a page that streams text with each token shaded "
+                    "by its probability. One generation runs at a time; the others wait in turn. "
+                    "Binds 127.0.0.1 unless --host says otherwise; Ctrl-C stops.",
+        epilog="example: picogpt serve --model shakespeare-char --port 8080, then open "
+               "http://127.0.0.1:8080/ or point an OpenAI client at http://127.0.0.1:8080/v1",
+    )
+    v.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0: any free)")
+    v.add_argument("--api-key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default $PICOGPT_API_KEY, "
+                        "else none)")
+    v.add_argument("--cors", action="store_true",
+                   help="let pages from other origins call the API (Access-Control-Allow-Origin)")
+    _add_model_options(v)
 
     from picogpt import hf
 
@@ -341,7 +370,7 @@ def _main(argv):
         argv = ["generate", *argv]
     args = parser.parse_args(argv)
     command = {"generate": _generate, "chat": _chat, "download": _download, "eval": _eval,
-               "export": _export}
+               "serve": _serve, "export": _export}
     try:
         return command[args.command](args)
     except UsageError as e:
@@ -633,6 +662,34 @@ class _EvalProgress:
 
     def close(self):
         sys.stderr.write("\n")
+
+
+# --- serve ----------------------------------------------------------------------------------------
+
+def _serve(args):
+    from picogpt import server
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("PICOGPT_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise UsageError("--api-key must not be empty")
+    model = _open_model(args)
+    size = download.canonical_size(args.model)  # a GPT-2 size goes by its usual name: gpt2, ...
+    names = {v: k for k, v in download.ALIASES.items()}
+    name = names[size] if size else Path(args.model).name
+    try:
+        s = server.Server(model, name, args.host, args.port, api_key, args.cors)
+    except OSError as e:
+        raise PicogptError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
+    if not s.loopback and api_key is None:
+        print(f"picogpt serve: warning: listening on {args.host} without --api-key: anyone who "
+              "can reach this address can use the model", file=sys.stderr)
+    print(f"picogpt serve: {name} at {s.url}/ (the page) and {s.url}/v1 (OpenAI's API); "
+          "Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        s.serve_forever()
+    finally:
+        s.close()
+    return 0
 
 
 # --- export ---------------------------------------------------------------------------------------
