@@ -114,7 +114,7 @@ def check_tokenizer(tokenizer, n_vocab, folder):
     encoder = getattr(tokenizer, "encoder", None)  # a BPE's token -> id
     hint = " (no <|endoftext|>)" if encoder is not None and "<|endoftext|>" not in encoder else ""
     raise ModelError(f"{source}: {tokenizer.n_vocab} tokens{hint}, but the model's vocabulary "
-                     f"(n_vocab in hparams.json, the rows of model/wte) has {n_vocab}")
+                     f"(n_vocab, the rows of its token embedding) has {n_vocab}")
 
 
 def read_tokenizer(folder):
