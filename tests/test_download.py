@@ -776,7 +776,7 @@ def assert_one_line(out, status, prefix="picogpt: "):
 @pytest.mark.parametrize("url", ["ftp://example.com/x", "127.0.0.1:1/x", "http://[::1/x",
                                  "http://127.0.0.1:99999"])
 @pytest.mark.parametrize("command", [["download", "124M"], ["Hello"], ["chat"],
-                                     ["eval", "text.txt"], ["export", "124M", "out"],
+                                     ["eval", "text.txt"], ["export", "124M", "out"], ["serve"],
                                      ["train", "text.txt", "--out", "out", "--init", "124M"]])
 def test_cli_a_bad_base_url_is_exit_2(command, url, tmp_path, capsys, monkeypatch):
     from picogpt import cli
