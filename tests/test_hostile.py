@@ -319,6 +319,16 @@ def test_eval_file_is_bounded(tmp_path, kind):
     assert "essay.txt" in assert_one_line_error(out, 2)
 
 
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+@pytest.mark.parametrize("args", [["-"], ["chat"]])
+def test_stdin_that_never_ends_is_bounded(args):
+    with open("/dev/zero", "rb") as zero, deadline(60):
+        out = subprocess.run([sys.executable, "-m", "picogpt", *args, "--model", str(TINY)],
+                             stdin=zero, capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert "stdin" in assert_one_line_error(out, 2)
+
+
 def test_chars_json_via_the_tokenizer_itself_is_bounded(tmp_path):
     make_sparse(tmp_path / "chars.json")
     with bounded(), pytest.raises(VocabularyError, match="chars.json"):
