@@ -1,4 +1,5 @@
-"""The picogpt command line: generate (the default), chat, download, eval, train, export.
+"""The picogpt command line: generate (the default), chat, download, eval, serve, train,
+export.
 
 Bad input gets a one-line message and exit status 2; failures that are not the user's typing
 (no network, a corrupt download) exit 1; Ctrl-C exits 130. Never a traceback for either.
@@ -17,7 +18,7 @@ from picogpt import download, files
 from picogpt.chat import REPLY_STOP, Conversation
 from picogpt.errors import OutputExistsError, PicogptError, UnknownModelError
 
-COMMANDS = ("generate", "chat", "download", "eval", "train", "export")
+COMMANDS = ("generate", "chat", "download", "eval", "serve", "train", "export")
 
 EXAMPLES = """\
 examples:
@@ -28,6 +29,7 @@ examples:
   picogpt chat                              talk with GPT-2 (Ctrl-D to leave)
   picogpt download 774M                     fetch a model ahead of time
   picogpt eval essay.txt                    cross-entropy, perplexity, bits per byte
+  picogpt serve                             OpenAI's API and a page at http://127.0.0.1:8080/
   picogpt train input.txt --out my-model    train a GPT on a text (picogpt train --help)
   picogpt "ROMEO:" -m shakespeare-char      the bundled model trained on Tiny Shakespeare
   picogpt export my-model my-model-hf       a model folder for transformers (HuggingFace's layout)
@@ -116,6 +118,36 @@ def _temperature(value):
 
 
 _top_p = _in_range(0, 1, low_open=True)
+_penalty = _in_range(-2, 2)  # OpenAI's range for frequency and presence penalties
+
+
+def _int_in_range(low, high):
+    """A validator for whole numbers in low..high."""
+    def parse(value):
+        n = _whole_number(f"must be in {low}..{high}")(value)
+        if not low <= n <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {n}")
+        return n
+    return parse
+
+
+_logprobs = _int_in_range(0, 20)
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def _stop(value):
+    """A stop string as typed: \\n, \\t and \\\\ read as a newline, a tab and a backslash."""
+    out, i = [], 0
+    while i < len(value):
+        if value[i] == "\\" and value[i + 1 : i + 2] in _ESCAPES:
+            out.append(_ESCAPES[value[i + 1]])
+            i += 2
+        else:
+            out.append(value[i])
+            i += 1
+    if not out:
+        raise argparse.ArgumentTypeError("a stop string must not be empty")
+    return "".join(out)
 
 
 def _base_url(value):
@@ -146,6 +178,13 @@ def _add_download_options(p):
                         "HuggingFace hub ($PICOGPT_SOURCE)")
 
 
+def _port(value):
+    n = _whole_number("must be in [0, 65535]")(value)
+    if n > 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535] (0: any free port), got {n}")
+    return n
+
+
 def _add_model_options(p, default="124M"):
     p.add_argument("--model", "-m", default=default,
                    help=f"GPT-2 size, bundled model name or model folder (default {default})")
@@ -164,13 +203,22 @@ def _add_sampling_options(p, n, temperature=1.0, unit="sample"):
                    help="nucleus sampling: the fewest tokens whose probability sums to P (0, 1]")
     p.add_argument("--seed", type=_seed, default=None, metavar="S",
                    help=f"make sampling repeatable ({unit} k uses seed S+k-1)")
+    most = "up to 16" if unit == "sample" else "up to 15; a reply also ends at its line end"
+    p.add_argument("--stop", type=_stop, action="append", default=[], metavar="STR",
+                   help=f"end the text before STR (repeatable, {most}; \\n is a newline)")
+    p.add_argument("--frequency-penalty", type=_penalty, default=0.0, metavar="F",
+                   help="lower each token's logit by F per time it was generated: less "
+                        "repetition ([-2, 2], default 0)")
+    p.add_argument("--presence-penalty", type=_penalty, default=0.0, metavar="P",
+                   help="lower the logit of every token generated so far by P: new topics "
+                        "([-2, 2], default 0)")
 
 
 def build_parser():
     parser = Parser(
         prog="picogpt",
         usage="picogpt [generate] PROMPT [options]\n"
-              "       picogpt {chat,download,eval,train,export} ...",
+              "       picogpt {chat,download,eval,serve,train,export} ...",
         description="GPT-2 in plain Python and NumPy: run OpenAI's checkpoints on a laptop CPU,\n"
                     "chat with them, evaluate them, or train a small model of your own.\n"
                     "Without a command, picogpt continues PROMPT (the `generate` command).",
@@ -181,7 +229,7 @@ def build_parser():
 
     parser.add_argument("--version", action="version", version=f"picogpt {__version__}")
     sub = parser.add_subparsers(dest="command",
-                                metavar="{generate,chat,download,eval,train,export}",
+                                metavar="{generate,chat,download,eval,serve,train,export}",
                                 parser_class=Parser)
 
     g = sub.add_parser(
@@ -197,6 +245,9 @@ def build_parser():
     g.add_argument("--samples", type=_positive_int, default=1, metavar="K",
                    help="how many continuations to write (default 1)")
     g.add_argument("--no-echo", action="store_true", help="do not print the prompt first")
+    g.add_argument("--logprobs", type=_logprobs, default=None, metavar="K",
+                   help="show each token's probability and its K likeliest alternatives "
+                        "(0..20): shaded on a terminal, a tab-separated table when piped")
     _add_sampling_options(g, n=40)
     _add_model_options(g)
     # `picogpt --help` is where people look for --n and friends: show generate's options there.
@@ -238,6 +289,26 @@ def build_parser():
     e.add_argument("--stride", type=_positive_int, default=None, metavar="S",
                    help="tokens scored per window (default half the context)")
     _add_model_options(e)
+
+    v = sub.add_parser(
+        "serve", prog="picogpt serve", help="OpenAI's API and a page that shows the tokens",
+        description="Serve the model over HTTP with OpenAI's API (GET /v1/models, POST "
+                    "/v1/completions, POST /v1/chat/completions; streaming, logprobs, stop, "
+                    "penalties, seed) and, at /, a page that streams text with each token shaded "
+                    "by its probability. One generation runs at a time; the others wait in turn. "
+                    "Binds 127.0.0.1 unless --host says otherwise; Ctrl-C stops.",
+        epilog="example: picogpt serve --model shakespeare-char --port 8080, then open "
+               "http://127.0.0.1:8080/ or point an OpenAI client at http://127.0.0.1:8080/v1",
+    )
+    v.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0: any free)")
+    v.add_argument("--api-key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default $PICOGPT_API_KEY, "
+                        "else none)")
+    v.add_argument("--cors", action="store_true",
+                   help="let pages from other origins call the API (Access-Control-Allow-Origin)")
+    _add_model_options(v)
 
     from picogpt import hf
 
@@ -299,7 +370,7 @@ def _main(argv):
         argv = ["generate", *argv]
     args = parser.parse_args(argv)
     command = {"generate": _generate, "chat": _chat, "download": _download, "eval": _eval,
-               "export": _export}
+               "serve": _serve, "export": _export}
     try:
         return command[args.command](args)
     except UsageError as e:
@@ -325,7 +396,21 @@ def _open_model(args):
 
 
 def _sampling(args):
-    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty)
+
+
+def _check_stops(stops, reserved=()):
+    """The --stop strings, checked as the API checks them (before any model is loaded)."""
+    from picogpt.api import MAX_STOPS, check_stop
+
+    try:
+        return list(check_stop([*reserved, *stops]))[len(reserved):]
+    except ValueError as e:
+        if len(set([*reserved, *stops])) > MAX_STOPS and reserved:
+            raise UsageError(f"--stop: at most {MAX_STOPS - len(reserved)} strings here (the "
+                             f"reply's line end is one of the {MAX_STOPS})") from None
+        raise UsageError(f"--stop: {e}") from None
 
 
 # --- generate -------------------------------------------------------------------------------------
@@ -360,32 +445,107 @@ def _read_prompt(args):
 
 def _generate(args):
     prompt = _read_prompt(args)
+    stop = _check_stops(args.stop)
     model = _open_model(args)
     out = sys.stdout
+    terminal = out.isatty()
     for k in range(args.samples):
+        seed = None if args.seed is None else args.seed + k
+        options = dict(n=args.n, seed=seed, stop=stop, **_sampling(args))
+        try:
+            if args.logprobs is not None:
+                _write_logprobs(model, prompt, out, k, args, terminal, options)
+            else:
+                _write_sample(model, prompt, out, k, args, options)
+        except ValueError as e:  # e.g. a prompt longer than the context, unknown characters
+            raise UsageError(str(e)) from None
+    return 0
+
+
+def _write_sample(model, prompt, out, k, args, options):
+    """One continuation, streamed after the prompt (unless --no-echo)."""
+    if args.samples > 1:
+        out.write(f"{'' if k == 0 else chr(10)}--- sample {k + 1} of {args.samples} ---\n")
+    if not args.no_echo:
+        out.write(prompt)
+    out.flush()
+    text = prompt
+    for piece in model.stream(prompt, **options):
+        out.write(piece)
+        out.flush()  # each piece as it comes: this is the point of streaming
+        text += piece
+    if text and not text.endswith("\n"):
+        out.write("\n")
+    out.flush()
+
+
+def _write_logprobs(model, prompt, out, k, args, terminal, options):
+    """One continuation with --logprobs. On a terminal: the text streamed, each piece shaded by
+    the probability of its least likely token, then a table of the tokens. Piped: the table
+    alone, tab-separated (sample, position, token, probability, then K alternatives and theirs)."""
+    color = terminal and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+    if terminal:
         if args.samples > 1:
             out.write(f"{'' if k == 0 else chr(10)}--- sample {k + 1} of {args.samples} ---\n")
         if not args.no_echo:
             out.write(prompt)
         out.flush()
-        seed = None if args.seed is None else args.seed + k
-        text = prompt
-        try:
-            for piece in model.stream(prompt, n=args.n, seed=seed, **_sampling(args)):
-                out.write(piece)
-                out.flush()  # each piece as it comes: this is the point of streaming
-                text += piece
-        except ValueError as e:  # e.g. a prompt longer than the context, unknown characters
-            raise UsageError(str(e)) from None
-        if text and not text.endswith("\n"):
-            out.write("\n")
-        out.flush()
-    return 0
+    elif k == 0:
+        out.write("sample\tposition\ttoken\tprobability\talternatives\n")
+    rows, pending, text = [], [], ""
+    for chunk in model.stream_completion(prompt, logprobs=args.logprobs, **options):
+        rows += zip(chunk.tokens, chunk.token_logprobs, chunk.top_logprobs)
+        pending += chunk.token_logprobs
+        if terminal and chunk.text:
+            out.write(_shade(chunk.text, math.exp(min(pending, default=0.0)), color))
+            out.flush()
+            pending, text = [], text + chunk.text
+    if terminal:
+        out.write("\n" if text and not text.endswith("\n") else "")
+        out.write(f"\n{'#':>4}  {'token':<16} {'prob':>7}  alternatives\n")
+    for i, (token, lp, top) in enumerate(rows, 1):
+        shown = _token_label(model.token_text(token))
+        alternatives = [(_token_label(t), v) for t, v in top.items()]
+        if terminal:
+            cell = _shade(f"{shown:<16}", math.exp(lp), color)
+            alts = "  ".join(_shade(f"{t} {_percent(v)}", math.exp(v), color)
+                             for t, v in alternatives)
+            out.write(f"{i:>4}  {cell} {_percent(lp):>7}  {alts}\n")
+        else:
+            cells = [str(k + 1), str(i), shown, _percent(lp)]
+            cells += [f"{t}\t{_percent(v)}" for t, v in alternatives]
+            out.write("\t".join(cells) + "\n")
+    out.flush()
+
+
+def _token_label(text):
+    """A token as the table shows it: quoted with escapes, so spaces and newlines are seen."""
+    return text if text.startswith("bytes:") else json.dumps(text, ensure_ascii=False)
+
+
+def _percent(logprob):
+    p = 100 * math.exp(logprob)
+    return f"{p:.2f}%" if p >= 0.005 else f"{p:.0e}%"
+
+
+# Background colours (xterm's 256) from unlikely to likely, black text on each.
+_SHADES = ((0.8, 114), (0.5, 150), (0.3, 186), (0.1, 216), (0.03, 210), (0.0, 203))
+
+
+def _shade(text, p, color):
+    """`text` on a background that says how likely it was (each line apart: no colour bleeds
+    past a line's end)."""
+    if not color:
+        return text
+    code = next(c for limit, c in _SHADES if p >= limit)
+    return "\n".join(f"\x1b[48;5;{code}m\x1b[38;5;16m{line}\x1b[0m" if line else ""
+                     for line in text.split("\n"))
 
 
 # --- chat -----------------------------------------------------------------------------------------
 
 def _chat(args):
+    stop = _check_stops(args.stop, reserved=(REPLY_STOP,))
     model = _open_model(args)
     n_ctx = model.hparams["n_ctx"]
     if args.n >= n_ctx:
@@ -435,7 +595,7 @@ def _chat(args):
         out.write(f"{name}> ")
         out.flush()
         seed = None if args.seed is None else args.seed + turn
-        reply = _reply(model, prompt, out, n=args.n, seed=seed, **_sampling(args))
+        reply = _reply(model, prompt, out, stop=stop, n=args.n, seed=seed, **_sampling(args))
         chat.add(message, reply)
         turn += 1
 
@@ -505,6 +665,34 @@ class _EvalProgress:
 
     def close(self):
         sys.stderr.write("\n")
+
+
+# --- serve ----------------------------------------------------------------------------------------
+
+def _serve(args):
+    from picogpt import server
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("PICOGPT_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise UsageError("--api-key must not be empty")
+    model = _open_model(args)
+    size = download.canonical_size(args.model)  # a GPT-2 size goes by its usual name: gpt2, ...
+    names = {v: k for k, v in download.ALIASES.items()}
+    name = names[size] if size else Path(args.model).name
+    try:
+        s = server.Server(model, name, args.host, args.port, api_key, args.cors)
+    except OSError as e:
+        raise PicogptError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
+    if not s.loopback and api_key is None:
+        print(f"picogpt serve: warning: listening on {args.host} without --api-key: anyone who "
+              "can reach this address can use the model", file=sys.stderr)
+    print(f"picogpt serve: {name} at {s.url}/ (the page) and {s.url}/v1 (OpenAI's API); "
+          "Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        s.serve_forever()
+    finally:
+        s.close()
+    return 0
 
 
 # --- export ---------------------------------------------------------------------------------------

@@ -408,8 +408,9 @@ def _fetch_once(session, url, part, limit, source, limits):
             requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema) as e:
         raise DownloadError(f"{url}: the server's answer is unusable ({_reason(e)})") from None
     except requests.ConnectionError as e:
-        if not limits.answered and _is_connect_error(e):
-            raise _Offline(f"cannot connect to {url} ({_reason(e)})") from None
+        if not limits.answered and _is_connect_error(e):  # where it failed: maybe a redirect's
+            failed = getattr(e.request, "url", None) or url
+            raise _Offline(f"cannot connect to {failed} ({_reason(e)})") from None
         raise _Retry(f"connection lost ({_reason(e)})") from None
     except (requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
         raise _Retry(f"connection lost ({_reason(e)})") from None
@@ -461,8 +462,8 @@ def _check_answer(r, url, part, have, limit, linked=None):
     if total is not None and total > limit:
         raise DownloadError(f"{url}: the server says the file is {_human(total)}; such a file "
                             f"is at most {_human(limit)}")
-    if total is not None:
-        free = shutil.disk_usage(part.parent).free
+    if total is not None:  # a whole answer replaces what the .part holds
+        free = shutil.disk_usage(part.parent).free + (have if start == 0 else 0)
         if total - start > free:
             raise DownloadError(f"{part.parent}: {part.name[:-5]} needs {_human(total - start)} "
                                 f"more, the device has {_human(free)} free; free some space or "
@@ -487,7 +488,7 @@ def _stream(r, part, start, total, limit, decode, limits):
                     raw = r.raw.read1(CHUNK, decode_content=False)
                 except (urllib3.exceptions.HTTPError, OSError) as e:
                     raise _Retry(f"connection lost ({_reason(e)})") from None
-                data = decode(raw) if decode else raw
+                data = decode(raw, limit - done + 1) if decode else raw
                 if done + len(data) > limit:
                     raise DownloadError(f"{r.url}: the server sends more than the "
                                         f"{_human(limit)} such a file can be")
@@ -613,11 +614,13 @@ class _Decoder:
         self.url = url
         self.z = zlib.decompressobj(32 + zlib.MAX_WBITS if "gzip" in encoding else zlib.MAX_WBITS)
 
-    def __call__(self, data):
-        out = []
+    def __call__(self, data, most):
+        """The bytes `data` decodes to, stopping once there are more than `most`."""
+        out, n = [], 0
         try:
-            while data:
+            while data and n <= most:
                 out.append(self.z.decompress(data, CHUNK))
+                n += len(out[-1])
                 data = self.z.unconsumed_tail
         except zlib.error as e:
             raise _Retry(f"the server's compressed data is corrupt ({e})") from None

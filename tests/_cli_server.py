@@ -236,15 +236,17 @@ class HubServer(FaultyServer):
         self.cdn.requests, self.cdn.headers_seen = self.requests, self.headers_seen
         self.redirect_faults = {}
         self._names = {}  # path (hub's or CDN's) -> file name
+        self._ids = {}  # path -> ETag (git blob id, CDN's md5) or sha256 of a large file
         for repo, repo_files in repos.items():
             for name, data in repo_files.items():
                 path = f"/{repo}/resolve/main/{name}"
                 self.files[path] = data
                 self._names[path] = name
                 if name in self.LFS:
-                    blob = f"/blobs/{hashlib.sha256(data).hexdigest()}"
-                    self.cdn.files[blob] = data
-                    self._names[blob] = name
+                    sha = hashlib.sha256(data).hexdigest()
+                    self.cdn.files[f"/blobs/{sha}"] = data
+                    self._names[f"/blobs/{sha}"] = name
+                    self._ids[path], self._ids[f"/blobs/{sha}"] = sha, hashlib.md5(data).hexdigest()
         self.cdn.name_of = self.name_of
         self.cdn.route = self._cdn_route
 
@@ -261,7 +263,7 @@ class HubServer(FaultyServer):
         name = self.name_of(path)
         if name not in self.LFS:
             return "file", data, {"ETag": f'"{git_blob_id(data)}"', "X-Repo-Commit": "0" * 40}
-        sha = hashlib.sha256(data).hexdigest()
+        sha = self._ids[path]
         fault = self.redirect_faults.get(name, ("none",))
         announced = fault[1] if fault[0] == "digest" else sha
         headers = {"X-Repo-Commit": "0" * 40}
@@ -276,7 +278,7 @@ class HubServer(FaultyServer):
         data = self.cdn.files.get(path)
         if data is None:
             return None
-        return "file", data, {"ETag": f'"{hashlib.md5(data).hexdigest()}"'}
+        return "file", data, {"ETag": f'"{self._ids[path]}"'}
 
     def start(self):
         self.cdn.start()

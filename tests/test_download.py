@@ -16,6 +16,7 @@ from picogpt import download as dl
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gpt2-tiny"
 DATA = "model.ckpt.data-00000-of-00001"
+MB = 1 << 20
 FAST = dict(progress=False, retries=3, backoff=0.01, timeout=(2, 5))
 
 
@@ -272,6 +273,21 @@ def test_identity_is_asked_for_and_a_gzip_body_is_decoded(server, tmp_path):
     folder = dl.download("124M", tmp_path, server.url, **FAST)
     assert_complete(server, folder)
     assert all(h.get("Accept-Encoding") == "identity" for h in server.headers_seen)
+
+
+def test_a_gzip_bomb_is_refused_without_inflating_it(server, tmp_path):
+    import tracemalloc
+
+    server.files["/124M/hparams.json"] = bytes(64 * MB)  # about 64 kB compressed
+    server.always["hparams.json"] = ("gzip",)
+    tracemalloc.start()
+    try:
+        with pytest.raises(dl.DownloadError, match="sends more than the 65.5 kB such a file"):
+            dl.download("124M", tmp_path, server.url, **FAST)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * MB
 
 
 def test_a_gzip_body_after_a_range_request_starts_the_file_over(server, tmp_path):
@@ -666,6 +682,25 @@ def test_weights_cut_short_without_a_digest_fail_verification(hub, tmp_path):
         dl.download("124M", tmp_path, hub.url, source="huggingface", **FAST)
     assert not (tmp_path / "124M" / "model.safetensors").exists()
     assert not dl.verified_source(tmp_path / "124M")
+
+
+@pytest.mark.slow
+def test_weights_of_gpt2s_real_size_come_through_a_drop(hub_files, tmp_path):
+    import numpy as np
+    from safetensors.numpy import load, save
+
+    n = 548_105_171  # the hub's model.safetensors for gpt2, in bytes
+    tensors = load(hub_files["model.safetensors"])
+    tensors["padding"] = np.zeros((n - len(hub_files["model.safetensors"])) // 4, np.float32)
+    weights = save(tensors)
+    assert abs(len(weights) - n) < 1000
+    with HubServer({REPO: dict(hub_files, **{"model.safetensors": weights})}) as s:
+        s.add_fault("model.safetensors", ("drop", n // 3))
+        folder = dl.download("124M", tmp_path, s.url, source="huggingface", **FAST)
+        ranges = [r for p, r in s.requests if p.startswith("/blobs/")]
+    assert ranges[0] is None and ranges[1].startswith("bytes=")
+    assert (folder / "model.safetensors").stat().st_size == len(weights)
+    assert dl.verified_source(folder) == "huggingface"
 
 
 def test_a_redirect_loop_at_the_hub_is_one_error(hub, tmp_path):

@@ -526,3 +526,14 @@ def _cached_tokenizer(transformers, folder):
     if folder not in _TOKENIZERS:
         _TOKENIZERS[folder] = transformers.GPT2TokenizerFast.from_pretrained(folder)
     return _TOKENIZERS[folder]
+
+
+def test_cli_train_init_from_an_hf_folder(tmp_path):
+    (tmp_path / "text.txt").write_text("Hello there, how are you? I am fine, thank you. " * 100)
+    out = picogpt_cmd("train", str(tmp_path / "text.txt"), "--out", str(tmp_path / "ft"),
+                      "--init", str(HF16), "--max-iters", "1", "--block-size", "16",
+                      "--batch-size", "2", "--eval-iters", "1", tmp_path=tmp_path)
+    assert out.returncode == 0, out.stderr
+    tuned = picogpt.load(tmp_path / "ft")
+    assert tuned.hparams == picogpt.load(HF16).hparams
+    assert tuned.encode(TEXT) == picogpt.load(HF16).encode(TEXT)
