@@ -444,6 +444,19 @@ def test_a_duplicate_tensor_in_a_real_model_folder(tmp_path):
     assert isinstance(error.__cause__, CheckpointError) and "twice" in str(error)
 
 
+HF_FOLDER = ROOT / "tests" / "fixtures" / "gpt2-tiny-hf16"  # HuggingFace's layout, 2 layers
+
+
+@pytest.mark.skipif(not HF_FOLDER.is_dir(), reason="needs the HF fixture")
+@pytest.mark.parametrize("n_layer", [10**7, 10**18])
+def test_an_hf_config_with_another_n_layer_is_rejected_at_once(tmp_path, n_layer):
+    folder = copy_model(tmp_path, HF_FOLDER)
+    config = json.loads((folder / "config.json").read_text())
+    write_json(folder / "config.json", dict(config, n_layer=n_layer))
+    error = load_error(folder, seconds=2, megabytes=16)
+    assert "config.json" in str(error) and f"n_layer is {n_layer}" in str(error)
+
+
 def test_the_engine_itself_checks_before_it_builds():
     params = checkpoint.read(TINY)
     hparams = json.loads((TINY / "hparams.json").read_text())
