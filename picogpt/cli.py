@@ -416,6 +416,7 @@ def _check_stops(stops, reserved=()):
 # --- generate -------------------------------------------------------------------------------------
 
 PROMPT_LIMIT = 16 * files.MB  # far more than any context holds
+MESSAGE_LIMIT = files.MB  # characters of one chat message read from stdin
 EVAL_LIMIT = 256 * files.MB  # minutes of tokenizing; larger texts are better sampled
 
 
@@ -569,9 +570,11 @@ def _chat(args):
                 print(file=sys.stderr)
                 return 0
         else:
-            line = sys.stdin.readline()
+            line = sys.stdin.readline(MESSAGE_LIMIT + 1)  # bounded: stdin may be /dev/zero
             if not line:  # end of input
                 return 0
+            if len(line) > MESSAGE_LIMIT:
+                raise UsageError(f"a message on stdin longer than {MESSAGE_LIMIT:,} characters")
         message = line.strip()
         if not message:
             continue
