@@ -547,3 +547,26 @@ def test_export_of_a_folder_missing_a_tokenizer_file(tmp_path):
     with pytest.raises(ModelError, match="merges.txt") as e:
         hf.export(folder, tmp_path / "out")
     assert str(folder) in str(e.value) and not (tmp_path / "out").exists()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzz_hf_folder_files(tmp_path_factory, data):
+    """Byte flips and truncations in any of an HF folder's files: it loads (a flip that changes
+    nothing checked, a weight's value) or it is a PicogptError, never anything else."""
+    folder = copy(HF16, tmp_path_factory.mktemp("fuzz") / "m")
+    name = data.draw(st.sampled_from(["config.json", "tokenizer.json", "model.safetensors"]))
+    path = folder / name
+    raw = bytearray(path.read_bytes())
+    if data.draw(st.booleans(), label="truncate"):
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1), label="length")]
+    limit = len(raw) if name != "model.safetensors" else min(len(raw), 4096)  # the header
+    for _ in range(data.draw(st.integers(1, 3), label="flips")):
+        if limit:
+            raw[data.draw(st.integers(0, limit - 1), label="at")] = data.draw(
+                st.integers(0, 255), label="byte")
+    path.write_bytes(bytes(raw))
+    try:
+        picogpt.load(folder)
+    except PicogptError:
+        pass
