@@ -7,20 +7,44 @@
         print(piece, end="", flush=True)
 """
 
-from picogpt.api import LogLikelihood, Model
+import importlib
+
 from picogpt.errors import ModelError, PicogptError
-from picogpt.loading import BUNDLED, load, resolve
 
 __version__ = "0.1.0"
-__all__ = ["load", "resolve", "generate", "Model", "LogLikelihood", "BUNDLED",
-           "ModelError", "PicogptError"]
+
+# Public names and the modules that define them, imported on first use: `import picogpt` (and so
+# the command line, before it can catch Ctrl-C) does not wait for NumPy.
+_LAZY = {
+    "load": "picogpt.loading", "resolve": "picogpt.loading", "BUNDLED": "picogpt.loading",
+    "Model": "picogpt.api", "LogLikelihood": "picogpt.api", "Completion": "picogpt.api",
+    "Chunk": "picogpt.api",
+}  # fmt: skip
+__all__ = ["load", "resolve", "generate", "Model", "Completion", "Chunk", "LogLikelihood",
+           "BUNDLED", "ModelError", "PicogptError"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'picogpt' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 _loaded = {}
 
 
 def generate(prompt, n=40, model="124M", **options):
     """The continuation of `prompt` by `model` (loaded once, then kept); options as
-    Model.generate: temperature, top_k, top_p, seed, stop_at_eos, samples."""
+    Model.generate: temperature, top_k, top_p, seed, stop_at_eos, samples, stop,
+    frequency_penalty, presence_penalty."""
+    from picogpt.loading import load
+
     key = str(model)
     if key not in _loaded:
         _loaded[key] = load(model)

@@ -1,14 +1,206 @@
 """`Model`: a GPT-2 engine tied to its tokenizer, with a KV cache it remembers between calls.
 
 `picogpt.load(name)` builds one (picogpt/loading.py); this module is what it can do: logits,
-generation (batched, streamed), and the sliding-window log-likelihood of a text."""
+generation (batched, streamed, with stop strings, penalties and log-probabilities, as OpenAI's
+completions define them), and the sliding-window log-likelihood of a text."""
 
+import contextlib
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 
 from picogpt import sampling
+
+MAX_STOPS = 16
+MAX_STOP_CHARS = 1000  # per stop string: the hold-back search costs its length per token
+MAX_LOGPROBS = 20
+# Batched samples run in groups whose KV caches together stay within this many bytes (and at
+# most MAX_GROUP rows): samples=10**4 then needs the memory of one group, not of 10**4 rows.
+SAMPLES_MEMORY = 1 << 30
+MAX_GROUP = 256
+
+
+class Completion(NamedTuple):
+    """One sample of `Model.complete`.
+
+    text: the generated text, ending before the stop string that ended it (if one did).
+    tokens: the generated ids, through the one that completed the stop string (<|endoftext|>
+      itself is not included).
+    token_logprobs: each token's log-probability (with logprobs=K), else None.
+    top_logprobs: per token, the K likeliest tokens' text -> log-probability, else None.
+    finish_reason: "stop" (a stop string or <|endoftext|>) or "length" (n tokens).
+    prompt_tokens: how many ids the prompt was."""
+
+    text: str
+    tokens: list
+    token_logprobs: Optional[list]
+    top_logprobs: Optional[list]
+    finish_reason: str
+    prompt_tokens: int
+
+
+class Chunk(NamedTuple):
+    """One piece of `Model.stream_completion`: sample `index`'s text released at this step
+    ("" while held back), the token(s) of this step with their log-probabilities (lists, empty
+    in a sample's last chunk; None without logprobs), and finish_reason in its last chunk."""
+
+    index: int
+    text: str
+    tokens: list
+    token_logprobs: Optional[list]
+    top_logprobs: Optional[list]
+    finish_reason: Optional[str]
+
+
+class Sampling(NamedTuple):
+    """How one token is drawn from a row of logits (checked by check_sampling)."""
+
+    temperature: float
+    top_k: Optional[int]
+    top_p: Optional[float]
+    frequency_penalty: float
+    presence_penalty: float
+
+
+class _Options(NamedTuple):
+    sampling: Sampling
+    stop: tuple
+    logprobs: Optional[int]
+    stop_at_eos: bool
+
+
+def check_sampling(temperature, top_k, top_p, frequency_penalty=0.0, presence_penalty=0.0):
+    """The sampling options, or ValueError naming the one that means nothing."""
+    sampling.check_options(temperature, top_k, top_p)
+    sampling.check_penalties(frequency_penalty, presence_penalty)
+    return Sampling(temperature, top_k, top_p, float(frequency_penalty), float(presence_penalty))
+
+
+def check_stop(stop):
+    """`stop` as a tuple of strings: None (none), one string, or a list of up to 16 non-empty
+    strings; anything else is a ValueError naming `stop`."""
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)):
+        raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+    if len(stops) > MAX_STOPS:
+        raise ValueError(f"stop takes at most {MAX_STOPS} strings, got {len(stops)}")
+    for s in stops:
+        if not isinstance(s, str):
+            raise ValueError(f"stop must be a string or a list of strings, got {s!r} in it")
+        if not 0 < len(s) <= MAX_STOP_CHARS:
+            raise ValueError(f"a stop string must have 1 to {MAX_STOP_CHARS} characters, "
+                             f"got {len(s)}")
+    return tuple(dict.fromkeys(stops))
+
+
+def check_logprobs(logprobs):
+    """None, or an integer K in 0..20 (how many alternatives to report)."""
+    if logprobs is None:
+        return None
+    if not isinstance(logprobs, (int, np.integer)) or isinstance(logprobs, bool) or \
+            not 0 <= logprobs <= MAX_LOGPROBS:
+        raise ValueError(f"logprobs must be None or an integer in 0..{MAX_LOGPROBS}, "
+                         f"got {logprobs!r}")
+    return int(logprobs)
+
+
+def check_seed(seed):
+    """The base seed: an integer >= 0 as given; None draws one from the OS."""
+    if seed is None:
+        return int(np.random.SeedSequence().entropy)
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
+    return int(seed)
+
+
+class StopText:
+    """A sample's text as it grows, cut before the first stop string, and how much of it is safe
+    to show: never a tail that may turn out to be the start of a stop string."""
+
+    def __init__(self, stops):
+        self.stops = stops
+        self.longest = max(map(len, stops), default=0)
+        self.text = ""
+        self.released = 0  # text[:released] has been shown
+        self.stopped = False
+
+    def add(self, piece):
+        """Append `piece`; return the text that became safe to show (maybe "")."""
+        if self.stopped or not piece:
+            return ""
+        start = max(0, len(self.text) - self.longest + 1)  # a new match ends inside `piece`
+        self.text += piece
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+            return self.release_all()
+        return self._release(len(self.text) - self._held())
+
+    def release_all(self):
+        """The rest of the text: there is no more to come."""
+        return self._release(len(self.text))
+
+    def _held(self):
+        """The length of the longest end of the text that is the beginning of a stop string."""
+        for k in range(min(self.longest - 1, len(self.text)), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self.stops):
+                return k
+        return 0
+
+    def _release(self, end):
+        piece = self.text[self.released : end]
+        self.released = max(self.released, end)
+        return piece
+
+
+def _texts(chunks):
+    """The non-empty texts of a sample's chunks; closing this closes the generation."""
+    with contextlib.closing(chunks):
+        for chunk in chunks:
+            if chunk.text:
+                yield chunk.text
+
+
+class _Row:
+    """One sample being generated: its random draws, its penalty counts, its text."""
+
+    def __init__(self, index, rng, model, options):
+        self.index, self.rng = index, rng
+        s = options.sampling
+        penalized = s.frequency_penalty != 0 or s.presence_penalty != 0
+        self.counts = np.zeros(model.gpt.hparams["n_vocab"], np.int64) if penalized else None
+        self.decoder = model.tokenizer.decoder()
+        self.stop = StopText(options.stop)
+        self.finish = None  # "stop" or "length" once the row has ended
+
+    def choose(self, logits, s):
+        """The next token from this row's raw logits: penalties, then temperature/top-k/top-p."""
+        if self.counts is not None:
+            logits = sampling.penalize(logits, self.counts, s.frequency_penalty,
+                                       s.presence_penalty)
+        token = int(sampling.sample(logits[None], self.rng, s.temperature, s.top_k, s.top_p)[0])
+        if self.counts is not None:
+            self.counts[token] += 1
+        return token
+
+    def add(self, token):
+        """Take a generated token; the text now safe to show. A stop string ends the row."""
+        piece = self.stop.add(self.decoder.feed(token))
+        if self.stop.stopped:
+            self.finish = "stop"
+        return piece
+
+    def last_chunk(self, reason, with_logprobs):
+        """End the row: the rest of its text (a held-back tail, an unfinished character)."""
+        text = "" if self.stop.stopped else self.stop.add(self.decoder.flush())
+        text += self.stop.release_all()
+        self.finish = "stop" if self.stop.stopped else reason
+        return Chunk(self.index, text, [], [] if with_logprobs else None,
+                     [] if with_logprobs else None, self.finish)
 
 
 class LogLikelihood(NamedTuple):
@@ -55,6 +247,11 @@ class Model:
         self._context = []
 
     @property
+    def context(self):
+        """The ids whose keys and values the KV cache holds (what the last logits followed)."""
+        return tuple(self._context)
+
+    @property
     def hparams(self):
         return dict(self.gpt.hparams)
 
@@ -73,37 +270,87 @@ class Model:
         return self.gpt.forward(np.array([ids]), cache, all_logits=True)[0]
 
     def generate_tokens(self, ids, n, temperature=1.0, top_k=40, top_p=None, seed=None,
-                        stop_at_eos=True, samples=1):
+                        stop_at_eos=True, samples=1, *, frequency_penalty=0.0,
+                        presence_penalty=0.0):
         """The n new ids (fewer if <|endoftext|> ends them); a list of such lists if samples > 1."""
-        rows = [[] for _ in range(samples if isinstance(samples, int) else 1)]
-        for step in self._steps(ids, n, temperature, top_k, top_p, seed, stop_at_eos, samples):
-            for row, token in zip(rows, step):
-                if token is not None:
-                    row.append(token)
-        return rows[0] if samples == 1 else rows
+        out = self.complete(ids, n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                            frequency_penalty=frequency_penalty,
+                            presence_penalty=presence_penalty, samples=samples,
+                            stop_at_eos=stop_at_eos)  # fmt: skip
+        return out.tokens if samples == 1 else [c.tokens for c in out]
 
     def generate(self, prompt, n=40, temperature=1.0, top_k=40, top_p=None, seed=None,
-                 stop_at_eos=True, samples=1):
-        """The continuation of `prompt` (the prompt itself not included); a list if samples > 1."""
-        out = self.generate_tokens(self._prompt_ids(prompt), n, temperature, top_k, top_p, seed,
-                                   stop_at_eos, samples)  # fmt: skip
-        return self.decode(out) if samples == 1 else [self.decode(row) for row in out]
+                 stop_at_eos=True, samples=1, *, stop=None, frequency_penalty=0.0,
+                 presence_penalty=0.0):
+        """The continuation of `prompt` (the prompt itself not included), ending before the first
+        stop string; a list if samples > 1."""
+        out = self.complete(self._prompt_ids(prompt), n, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=seed, stop=stop,
+                            frequency_penalty=frequency_penalty,
+                            presence_penalty=presence_penalty, samples=samples,
+                            stop_at_eos=stop_at_eos)  # fmt: skip
+        return out.text if samples == 1 else [c.text for c in out]
 
     def stream(self, prompt, n=40, temperature=1.0, top_k=40, top_p=None, seed=None,
-               stop_at_eos=True):
+               stop_at_eos=True, *, stop=None, frequency_penalty=0.0, presence_penalty=0.0):
         """Yield the continuation of `prompt` as text pieces, as each token is generated.
-        A character split across tokens is held back until complete."""
-        decoder = self.tokenizer.decoder()
-        steps = self._steps(self._prompt_ids(prompt), n, temperature, top_k, top_p, seed,
-                            stop_at_eos, 1)  # fmt: skip
-        for (token,) in steps:
-            if token is not None:
-                piece = decoder.feed(token)
-                if piece:
-                    yield piece
-        tail = decoder.flush()
-        if tail:
-            yield tail
+        A character split across tokens is held back until complete, and so is text that may
+        be the beginning of a stop string, until it is certain that it is not."""
+        chunks = self.stream_completion(
+            self._prompt_ids(prompt), n, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed, stop=stop, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty, stop_at_eos=stop_at_eos)  # fmt: skip
+        return _texts(chunks)
+
+    def complete(self, prompt, n=16, *, temperature=1.0, top_k=40, top_p=None, seed=None,
+                 stop=None, frequency_penalty=0.0, presence_penalty=0.0, logprobs=None,
+                 samples=1, stop_at_eos=True):
+        """Up to n new tokens after `prompt` (a str, or a list of ids), as a `Completion`; a list
+        of `samples` Completions if samples > 1.
+
+        stop: a string or up to 16 strings; the text ends before the first occurrence of any
+        (found in the text, also across tokens), and finish_reason is then "stop".
+        frequency_penalty, presence_penalty: OpenAI's penalties in [-2, 2] (see
+        sampling.penalize), each sample counting its own tokens.
+        logprobs: None, or K in 0..20: each token's log-probability and the K likeliest
+        alternatives', from log-softmax of the raw logits (temperature 1, no penalties).
+        seed: sample k (from 0) draws from seed + k, so the samples of one call are independent
+        and repeatable, and `complete(p, samples=4, seed=s)[k]` is `complete(p, seed=s + k)`.
+        Batched samples run in groups whose cache fits SAMPLES_MEMORY (see `sample_groups`)."""
+        job = self._prepare(prompt, n, temperature, top_k, top_p, seed, stop, frequency_penalty,
+                            presence_penalty, logprobs, samples, stop_at_eos)  # fmt: skip
+        completions, parts = [None] * samples, {}
+        for chunk in self._chunks(*job):
+            text, tokens, lps, tops = parts.setdefault(chunk.index, ([], [], [], []))
+            text.append(chunk.text)
+            tokens.extend(chunk.tokens)
+            if logprobs is not None:
+                lps.extend(chunk.token_logprobs)
+                tops.extend(chunk.top_logprobs)
+            if chunk.finish_reason is not None:
+                completions[chunk.index] = Completion(
+                    "".join(text), tokens, lps if logprobs is not None else None,
+                    tops if logprobs is not None else None, chunk.finish_reason, len(job[0]))
+        return completions[0] if samples == 1 else completions
+
+    def stream_completion(self, prompt, n=16, *, temperature=1.0, top_k=40, top_p=None,
+                          seed=None, stop=None, frequency_penalty=0.0, presence_penalty=0.0,
+                          logprobs=None, samples=1, stop_at_eos=True):
+        """`complete` as it happens: a generator of `Chunk`s, one per generated token and sample
+        (its text "" while held back: an unfinished character, or what may begin a stop string),
+        then for each sample a last chunk with its finish_reason and the rest of its text.
+        Closing the generator stops the generation. Options are checked before it starts."""
+        return self._chunks(*self._prepare(prompt, n, temperature, top_k, top_p, seed, stop,
+                                           frequency_penalty, presence_penalty, logprobs, samples,
+                                           stop_at_eos))  # fmt: skip
+
+    def sample_groups(self, samples, positions):
+        """How many samples run together in one batch: as many as keep their KV cache within
+        SAMPLES_MEMORY bytes (for `positions` positions each) and MAX_GROUP rows; at least one.
+        A larger `samples` runs group after group, so memory stays bounded."""
+        per_row = 2 * self.gpt.hparams["n_layer"] * positions * self.gpt.hparams["n_embd"] * 4
+        per_row += 8 * self.gpt.hparams["n_vocab"] * 8  # logits, penalties, probabilities
+        return max(1, min(samples, MAX_GROUP, SAMPLES_MEMORY // per_row))
 
     def log_likelihood(self, text, stride=None, progress=None):
         """The negative log-likelihood of `text` under the model, as a `LogLikelihood`.
@@ -144,6 +391,20 @@ class Model:
 
     # --- generation ------------------------------------------------------------------------
 
+    def _prepare(self, prompt, n, temperature, top_k, top_p, seed, stop, frequency_penalty,
+                 presence_penalty, logprobs, samples, stop_at_eos):
+        """Check every option before any work: (prompt ids, n, options, base seed, samples)."""
+        options = _Options(
+            check_sampling(temperature, top_k, top_p, frequency_penalty, presence_penalty),
+            check_stop(stop), check_logprobs(logprobs), bool(stop_at_eos))  # fmt: skip
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"n must be an integer >= 0, got {n!r}")
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+            raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+        base = check_seed(seed)
+        ids = self._prompt_ids(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
+        return ids or self._start_ids(), n, options, base, samples
+
     def _prompt_ids(self, prompt):
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
@@ -182,46 +443,89 @@ class Model:
         self._context = list(ids)
         return logits
 
-    def _steps(self, ids, n, temperature, top_k, top_p, seed, stop_at_eos, samples):
-        """Yield, per step, a tuple with each row's new id (None once a row has ended)."""
-        sampling.check_options(temperature, top_k, top_p)
-        if not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be an integer >= 0, got {n!r}")
-        if not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
-        ids = self._check_ids(ids) or self._start_ids()
+    def _chunks(self, ids, n, options, base, samples):
+        """Every sample's chunks, running the samples in groups of bounded memory."""
+        group = self.sample_groups(samples, min(self.n_ctx, len(ids) + n))
+        for first in range(0, samples, group):
+            rows = [_Row(k, np.random.default_rng(base + k), self, options)
+                    for k in range(first, min(first + group, samples))]
+            yield from self._group_chunks(ids, n, options, rows)
+
+    def _group_chunks(self, ids, n, options, rows):
+        """The chunks of one group of samples generated together."""
+        with_logprobs = options.logprobs is not None
+        for step in self._steps(ids, n, options, rows):
+            for row, token, logits in step:
+                if token is None:  # <|endoftext|>
+                    yield row.last_chunk("stop", with_logprobs)
+                    continue
+                lp = top = None
+                if with_logprobs:
+                    lp, top = self._logprobs(logits, token, options.logprobs)
+                text = row.add(token)
+                yield Chunk(row.index, text, [token], None if lp is None else [lp],
+                            None if top is None else [top], None)
+                if row.stop.stopped:
+                    yield row.last_chunk("stop", with_logprobs)
+        for row in rows:
+            if row.finish is None:
+                yield row.last_chunk("length", with_logprobs)
+
+    def _logprobs(self, logits, token, k):
+        """The chosen token's log-probability and the k likeliest tokens' text -> log-probability,
+        from the raw logits (temperature 1, no penalties)."""
+        lp = sampling.log_softmax(logits)
+        return float(lp[token]), {self.token_text(int(j)): float(lp[j])
+                                  for j in sampling.top_ids(lp, k)}
+
+    def token_text(self, token):
+        """One token's text; a token that is not whole UTF-8 (part of a character) as
+        "bytes:\\xe2\\x80" (OpenAI's convention), so every token has a distinct text."""
+        decode_bytes = getattr(self.tokenizer, "decode_bytes", None)
+        if decode_bytes is None:
+            return self.decode([token])
+        raw = decode_bytes([token])
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+    def _steps(self, ids, n, options, rows):
+        """Generate up to n tokens for each row, all rows in one batch. Yield per step a list of
+        (row, token, raw logits [n_vocab]) for the rows that drew a token, or (row, None, None)
+        for a row that drew <|endoftext|> (it ends there). A row whose .finish is set (here, or
+        by the caller for a stop string) draws no more."""
+        eot = getattr(self.tokenizer, "eot_id", None) if options.stop_at_eos else None
         if n == 0:
             return
-        rng = np.random.default_rng(seed)
-        eot = getattr(self.tokenizer, "eot_id", None) if stop_at_eos else None
-        logits = self._prefill(ids)
-        if samples == 1:
-            for step in range(n):
-                token = int(sampling.sample(logits, rng, temperature, top_k, top_p)[0])
-                if token == eot:
-                    return
-                yield (token,)
-                if step == n - 1:
-                    return
-                logits = self._advance(token)
-            return
-        # Batched: the prompt ran once; its cache is copied into one row per sample, and every
-        # step then runs all rows together, sharing each read of the weights.
-        cache = self._cache.expand(samples)
-        logits = np.repeat(logits, samples, axis=0)
-        contexts = [list(self._context) for _ in range(samples)]
-        live = [True] * samples
+        logits = self._prefill(ids)  # [1, V]
+        if len(rows) > 1:
+            # The prompt ran once; its cache is copied into one row per sample, and every step
+            # then runs all rows together, sharing each read of the weights.
+            cache = self._cache.expand(len(rows))
+            logits = np.repeat(logits, len(rows), axis=0)  # [B, V]
+            contexts = [list(self._context) for _ in rows]
         for step in range(n):
-            tokens = sampling.sample(logits, rng, temperature, top_k, top_p)
-            for r, token in enumerate(tokens):
+            events, tokens = [], np.zeros(len(rows), dtype=np.int64)
+            for r, row in enumerate(rows):
+                if row.finish is not None:
+                    continue  # an ended row still runs (its slot in the batch); output ignored
+                token = row.choose(logits[r], options.sampling)
                 if token == eot:
-                    live[r] = False
-            yield tuple(int(t) if alive else None for t, alive in zip(tokens, live))
-            if step == n - 1 or not any(live):
+                    row.finish = "stop"
+                    events.append((row, None, None))
+                    continue
+                tokens[r] = token
+                events.append((row, token, logits[r]))
+            yield events
+            if step == n - 1 or all(row.finish is not None for row in rows):
                 return
+            if len(rows) == 1:
+                logits = self._advance(int(tokens[0]))
+                continue
             for context, token in zip(contexts, tokens):
                 context.append(int(token))
-            if cache.length == self.n_ctx:
+            if cache.length == self.n_ctx:  # slide every row's window, as _advance does
                 kept = np.array([c[-self.window_keep :] for c in contexts])
                 cache.length = 0
                 logits = self.gpt.forward(kept, cache)

@@ -19,13 +19,13 @@ import codecs
 import errno
 import functools
 import heapq
-import json
 import re
 from itertools import filterfalse, repeat
 from pathlib import Path
 
 import regex
 
+from picogpt import files
 from picogpt.errors import VocabularyError
 
 # GPT-2's pre-tokenizer (OpenAI's encoder.py; tiktoken's r50k/gpt2 pattern is the same language).
@@ -61,6 +61,9 @@ _LONG_PIECE = 64
 _CACHE_LIMIT = 500_000
 
 ENDOFTEXT = "<|endoftext|>"
+# GPT-2's encoder.json is 1.0 MB and vocab.bpe 0.5 MB; vocabularies four times as large fit.
+ENCODER_LIMIT = 32 * files.MB
+MERGES_LIMIT = 32 * files.MB
 _NEVER = 1 << 62  # the "rank" of a pair that does not merge: above every real rank
 
 
@@ -90,12 +93,15 @@ _BYTE_TO_CHAR = bytes_to_unicode()
 # str.translate tables between the Latin-1 character of a byte (chr(b)) and its GPT-2 character.
 _LATIN1_TO_GPT2 = {b: c for b, c in _BYTE_TO_CHAR.items()}
 _GPT2_TO_LATIN1 = {ord(c): b for b, c in _BYTE_TO_CHAR.items()}
+_ALPHABET = frozenset(_BYTE_TO_CHAR.values())
 # Joins token strings for one-call conversion: in neither GPT-2's alphabet nor Latin-1.
 _SEPARATOR = "\uffff"
 
 
 class BPE:
     """GPT-2 byte-level BPE: `encode(text) -> ids`, `decode(ids) -> text`, streaming decoder."""
+
+    path = None  # the file of the vocabulary, when loaded from one (for messages)
 
     def __init__(self, encoder, merges):
         """`encoder` maps token strings (in GPT-2's byte alphabet, as in encoder.json) to ids;
@@ -109,6 +115,10 @@ class BPE:
         if set(map(type, ids)) - {int} or min(ids, default=0) < 0 or len(set(ids)) != len(ids):
             raise VocabularyError("encoder ids must be distinct non-negative integers")
         self.n_vocab = max(ids, default=-1) + 1
+        if len(ids) != self.n_vocab:  # a model may produce any id below n_vocab
+            gap = min(set(range(self.n_vocab)).difference(ids))
+            raise VocabularyError(f"the encoder has no token for id {gap} (ids must run from 0 "
+                                  f"to {self.n_vocab - 1} without gaps)")
         self.eot_id = encoder.get(ENDOFTEXT)
 
         if set(map(len, merges)) - {2}:
@@ -131,6 +141,12 @@ class BPE:
 
         # Special tokens are matched whole in the text (allow_special=True), never merged into.
         specials = list(filterfalse(mergeable.__contains__, encoder))
+        for token in filterfalse(_could_be_special, specials):
+            raise VocabularyError(
+                f"encoder token {token!r} (id {encoder[token]}) is neither a byte nor made by any "
+                f"of the {len(merges)} merges, and it is not a special token: are merges missing "
+                "(a vocab.bpe cut short)?"
+            )
         self.special_tokens = {token: encoder[token] for token in specials}
         self._mergeable = dict(encoder)  # token -> id, without the special tokens
         for token in specials:
@@ -152,32 +168,30 @@ class BPE:
         raise AssertionError("unreachable")
 
     @classmethod
-    def load(cls, folder):
-        """Read OpenAI's `encoder.json` and `vocab.bpe` from a model folder."""
+    def load(cls, folder, names=("encoder.json", "vocab.bpe")):
+        """Read OpenAI's `encoder.json` and `vocab.bpe` from a model folder, or the same two files
+        under other `names` (HuggingFace's vocab.json and merges.txt). Each is a regular file of
+        bounded size; a missing one is a FileNotFoundError, anything else a VocabularyError
+        naming the file."""
         folder = Path(folder)
-        encoder_path, merges_path = folder / "encoder.json", folder / "vocab.bpe"
+        encoder_path, merges_path = (folder / name for name in names)
         for path in (encoder_path, merges_path):
-            if not path.is_file():
+            if not path.exists():
                 raise FileNotFoundError(
                     errno.ENOENT, f"GPT-2 vocabulary file {path.name} not found", str(path)
                 )
-        try:
-            with open(encoder_path, encoding="utf-8") as f:
-                encoder = json.load(f)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise VocabularyError(f"{encoder_path}: not a valid JSON file: {e}") from None
+        encoder = files.load_json(encoder_path, ENCODER_LIMIT, encoder_path.name,
+                                  error=VocabularyError)
         if not isinstance(encoder, dict):
             raise VocabularyError(f"{encoder_path}: expected a JSON object of token -> id")
-        try:
-            with open(merges_path, encoding="utf-8", newline="") as f:
-                text = f.read()
-        except UnicodeDecodeError as e:
-            raise VocabularyError(f"{merges_path}: not UTF-8 text: {e}") from None
+        text = files.read_text(merges_path, MERGES_LIMIT, merges_path.name, error=VocabularyError)
         merges = _parse_merges(text, merges_path)
         try:
-            return cls(encoder, merges)
+            bpe = cls(encoder, merges)
         except VocabularyError as e:
-            raise VocabularyError(f"{folder}: {e}") from None
+            raise VocabularyError(f"{folder}: {e}") from e
+        bpe.path = encoder_path
+        return bpe
 
     # -- encoding ---------------------------------------------------------------------------------
 
@@ -307,6 +321,20 @@ class _PieceCache(dict):
                 self.clear()
             self[piece] = ids
         return ids
+
+
+def _could_be_special(token):
+    """Whether `token`, which no merge makes, can be a special token such as <|endoftext|>: text
+    that ordinary encoding never turns into one token, because it has characters outside GPT-2's
+    byte alphabet or because GPT-2's pre-tokenizer cuts it into pieces ('<|', 'endoftext', '|>').
+    A token of one piece that no merge makes is what a vocab.bpe with missing merges leaves."""
+    if not _ALPHABET.issuperset(token):
+        return True
+    try:
+        text = token.translate(_GPT2_TO_LATIN1).encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:  # part of a character: an ordinary token's bytes
+        return False
+    return len(_GPT2_RE.findall(text)) > 1
 
 
 def _parse_merges(text, path):

@@ -4,26 +4,32 @@ The vocabulary is the sorted set of characters of the training text (65 for Tiny
 saved in the model folder as `chars.json`, a JSON list of one-character strings.
 """
 
+import errno
 import json
-import os
 from pathlib import Path
 
+from picogpt import files
+from picogpt.errors import VocabularyError
+
 FILENAME = "chars.json"
+# One entry per character: at most Unicode's 1,114,112, about 20 bytes each as escaped JSON.
+LIMIT = 32 * files.MB
 
 
 class CharTokenizer:
     """Characters <-> ids, with the interface the engine expects of a tokenizer."""
 
     eot_id = None  # a character model has no <|endoftext|>
+    path = None  # the file of the vocabulary, when loaded from one (for messages)
 
     def __init__(self, chars):
         chars = list(chars)
         if not all(isinstance(c, str) and len(c) == 1 for c in chars):
-            raise ValueError("a character vocabulary holds single characters")
+            raise VocabularyError("a character vocabulary holds single characters")
         if len(set(chars)) != len(chars):
-            raise ValueError("a character vocabulary holds each character once")
+            raise VocabularyError("a character vocabulary holds each character once")
         if not chars:
-            raise ValueError("a character vocabulary cannot be empty")
+            raise VocabularyError("a character vocabulary cannot be empty")
         self.chars = chars
         self.n_vocab = len(chars)
         self._ids = {c: i for i, c in enumerate(chars)}
@@ -35,23 +41,25 @@ class CharTokenizer:
 
     @classmethod
     def load(cls, folder):
+        """Read `chars.json` from a model folder (a regular file of bounded size; a missing one
+        is a FileNotFoundError, anything else a VocabularyError naming the file)."""
         path = Path(folder) / FILENAME
+        if not path.exists():
+            raise FileNotFoundError(errno.ENOENT, "no character vocabulary", str(path))
+        chars = files.load_json(path, LIMIT, FILENAME, error=VocabularyError)
+        if not isinstance(chars, list):
+            raise VocabularyError(f"{path}: expected a JSON list of characters")
         try:
-            chars = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(chars, list):
-                raise ValueError("expected a JSON list of characters")
-            return cls(chars)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no character vocabulary") from None
-        except ValueError as e:  # also json's JSONDecodeError
-            raise ValueError(f"{path}: not a character vocabulary: {e}") from None
+            tokenizer = cls(chars)
+        except VocabularyError as e:
+            raise VocabularyError(f"{path}: not a character vocabulary: {e}") from e
+        tokenizer.path = path
+        return tokenizer
 
     def save(self, folder):
         """Write chars.json into `folder`, atomically (a reader never sees half a file)."""
         path = Path(folder) / FILENAME
-        tmp = path.with_name(f"{FILENAME}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.chars, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        files.atomic_write(path, json.dumps(self.chars, ensure_ascii=False) + "\n")
         return path
 
     def encode(self, text):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from picogpt import files
 from picogpt.errors import CheckpointError
 
 __all__ = ["CheckpointError", "read", "release", "verify", "write", "resolve_prefix", "crc32c"]
@@ -32,6 +33,17 @@ TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48
 BLOCK_TRAILER_SIZE = 5  # compression type byte + masked CRC32C
 MAX_DIMS = 64
+
+# Bounds on what an index may make the reader do, so that work and memory follow the file's size.
+# GPT-2 1558M's index is about 50 KB with 580 entries; a training state with Adam's moments, 3x.
+INDEX_LIMIT = 16 * files.MB
+STATE_FILE_LIMIT = files.MB  # the `checkpoint` text file: a few paths
+SHARD_LIMIT = 1 << 48  # data shards are mapped, never read whole: any real size will do
+MAX_ENTRIES = 100_000
+MAX_KEY_BYTES = 1 << 16
+# Keys are prefix-compressed (each entry stores only what differs from the previous key), so the
+# keys rebuilt from an index can be longer than the index; TensorFlow's own run below 2x.
+KEY_BYTES_PER_INDEX_BYTE = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,24 +263,25 @@ def _proto_fields(data, where):
 
 
 def _read_block(index, handle, where):
-    """The entries of the SSTable block at `handle` = (offset, size), after checking its trailer."""
+    """The body of the SSTable block at `handle` = (offset, size), after checking its trailer."""
     offset, size = handle
     if offset + size + BLOCK_TRAILER_SIZE > len(index) - FOOTER_SIZE:
         raise CheckpointError(f"{where}: block at offset {offset} of size {size} is past the end")
     raw = index[offset : offset + size + BLOCK_TRAILER_SIZE]
     compression = raw[size]
     stored = int.from_bytes(raw[size + 1 :], "little")
-    if unmask_crc(stored) != _crc32c_bytes(0xFFFFFFFF, raw[: size + 1]) ^ 0xFFFFFFFF:
+    if unmask_crc(stored) != crc32c(raw[: size + 1]):
         raise CheckpointError(f"{where}: block at offset {offset} fails its CRC32C check")
     if compression != 0:
         raise CheckpointError(
             f"{where}: block at offset {offset} is compressed (type {compression}); "
             "TensorFlow writes tensor-bundle indexes uncompressed"
         )
-    return _block_entries(raw[:size], where)
+    return raw[:size]
 
 
-def _block_entries(block, where):
+def _block_entries(block, where, budget):
+    """Yield (key, value) of a block's entries; `budget` bounds the key bytes rebuilt in all."""
     if len(block) < 4:
         raise CheckpointError(f"{where}: block too small")
     num_restarts = int.from_bytes(block[-4:], "little")
@@ -281,8 +294,31 @@ def _block_entries(block, where):
         shared, non_shared, value_len = buf.varint(32), buf.varint(32), buf.varint(32)
         if shared > len(key):
             buf.fail(f"entry shares {shared} bytes of a {len(key)}-byte key")
+        if shared + non_shared > MAX_KEY_BYTES:
+            buf.fail(f"a key of {shared + non_shared} bytes (at most {MAX_KEY_BYTES})")
+        budget.spend(shared + non_shared)
         key = key[:shared] + buf.take(non_shared)
         yield key, buf.take(value_len)
+
+
+class _Budget:
+    """What an index may still cost: rebuilt key bytes and entries, both fixed by its size."""
+
+    def __init__(self, index_size, where):
+        self.key_bytes = KEY_BYTES_PER_INDEX_BYTE * index_size
+        self.entries = MAX_ENTRIES + 1  # + the bundle header
+        self.where = where
+
+    def spend(self, key_bytes):
+        self.key_bytes -= key_bytes
+        self.entries -= 1
+        if self.entries < 0:
+            raise CheckpointError(f"{self.where}: more than {MAX_ENTRIES:,} entries")
+        if self.key_bytes < 0:
+            raise CheckpointError(
+                f"{self.where}: its keys rebuild to more than {KEY_BYTES_PER_INDEX_BYTE}x the "
+                "size of the index (prefix compression gone wrong)"
+            )
 
 
 def _handle(value, where):
@@ -291,7 +327,11 @@ def _handle(value, where):
 
 
 def _index_entries(index, where):
-    """Yield (key, value) of every entry of the SSTable `index`, in order."""
+    """Yield (key, value) of every entry of the SSTable `index`, in order.
+
+    Each data block is read (and its CRC checked) once: the index block must name them in file
+    order without overlaps, as every SSTable writer lays them out. With that, and the budget on
+    rebuilt keys, the work and memory are proportional to the size of the index."""
     if len(index) < FOOTER_SIZE:
         raise CheckpointError(f"{where}: file is too short ({len(index)} bytes) to be an index")
     footer = index[-FOOTER_SIZE:]
@@ -301,8 +341,18 @@ def _index_entries(index, where):
     buf = _Buffer(footer[:40], where)
     _metaindex = (buf.varint(), buf.varint())
     index_handle = (buf.varint(), buf.varint())
-    for _, handle_value in _read_block(index, index_handle, where):
-        yield from _read_block(index, _handle(handle_value, where), where)
+    budget = _Budget(len(index), where)
+    index_block = _read_block(index, index_handle, where)
+    next_free = 0  # data blocks start at or after the end of the previous one
+    for _, handle_value in _block_entries(index_block, where, _Budget(len(index), where)):
+        offset, size = _handle(handle_value, where)
+        if offset < next_free:
+            raise CheckpointError(
+                f"{where}: data block at offset {offset} overlaps the block before it "
+                "(the index names blocks out of order or more than once)"
+            )
+        next_free = offset + size + BLOCK_TRAILER_SIZE
+        yield from _block_entries(_read_block(index, (offset, size), where), where, budget)
 
 
 def _parse_header(value, where):
@@ -364,17 +414,18 @@ def resolve_prefix(path):
     """The checkpoint prefix for `path`: a prefix itself, or a folder holding one."""
     path = Path(path)
     if not path.is_dir():
-        if Path(str(path) + ".index").is_file():
+        if Path(str(path) + ".index").exists():
             return path
         raise CheckpointError(f"{path}: no checkpoint here (no {path.name}.index)")
     state = path / "checkpoint"
-    if state.is_file():
-        text = state.read_text(errors="replace")
+    if state.exists():
+        text = files.read_bytes(state, STATE_FILE_LIMIT, "checkpoint state file",
+                                error=CheckpointError).decode("utf-8", errors="replace")
         match = re.search(r'^model_checkpoint_path:\s*"(.*)"', text, re.M)
         if match:
             # The recorded path may be absolute and stale (written on another machine).
             prefix = path / Path(match.group(1).replace("\\", "/")).name
-            if Path(str(prefix) + ".index").is_file():
+            if Path(str(prefix) + ".index").exists():
                 return prefix
             raise CheckpointError(f"{state}: names {match.group(1)!r}; {prefix}.index is absent")
     indexes = sorted(path.glob("*.index"))
@@ -387,19 +438,26 @@ def resolve_prefix(path):
 
 
 def _read_entries(prefix):
-    """Parse the index of `prefix`: (header, {name: entry}) with every entry checked for sanity."""
+    """Parse the index of `prefix`: (header, {name: entry}) with every entry checked for sanity.
+    Keys must be strictly increasing, as in every SSTable: a tensor named twice is an error."""
     index_path = Path(str(prefix) + ".index")
     where = str(index_path)
-    try:
-        index = index_path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{where}: cannot read: {e.strerror or e}") from None
-    header, entries = None, {}
+    index = files.read_bytes(index_path, INDEX_LIMIT, "checkpoint index", error=CheckpointError)
+    header, entries, previous = None, {}, None
     for key, value in _index_entries(index, where):
+        if previous is not None and key <= previous:
+            name = key.decode("utf-8", errors="replace")
+            if key == previous:
+                raise CheckpointError(f"{where}: tensor {name!r} is in the index twice")
+            raise CheckpointError(f"{where}: keys out of order at tensor {name!r}")
+        previous = key
         if key == b"":
             header = _parse_header(value, where)
             continue
-        name = key.decode("utf-8", errors="replace")
+        try:
+            name = key.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{where}: tensor name {key[:80]!r} is not UTF-8") from e
         entries[name] = _parse_entry(value, f"{where}: tensor {name!r}")
     if header is None:
         raise CheckpointError(f"{where}: no bundle header (empty key)")
@@ -417,14 +475,14 @@ def _map_shards(prefix, num_shards, needed):
     maps = {}
     for shard in sorted(needed):
         path = _shard_path(prefix, shard, num_shards)
-        try:
-            size = path.stat().st_size
-        except OSError:
-            raise CheckpointError(f"{path}: data shard is missing") from None
+        size = files.check_regular(path, SHARD_LIMIT, "data shard", error=CheckpointError)
         if size == 0:
             maps[shard] = np.zeros(0, dtype=np.uint8)
-        else:
+            continue
+        try:
             maps[shard] = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot map data shard: {e}") from e
     return maps
 
 
@@ -473,13 +531,29 @@ def _open(path):
     return prefix, header, entries, maps
 
 
+def _views(prefix, header, entries, maps):
+    """{name: read-only array} after checking each tensor and that no two share bytes: so what
+    reading and verifying do is bounded by the size of the data, whatever the index says."""
+    views = {name: _tensor_view(name, e, maps, header, prefix) for name, e in entries.items()}
+    placed = sorted((e["shard_id"], e["offset"], e["size"], name)
+                    for name, e in entries.items() if e["size"])
+    for (shard, offset, _, name), (shard_before, start, size, name_before) in zip(
+        placed[1:], placed
+    ):
+        if shard == shard_before and offset < start + size:
+            raise CheckpointError(
+                f"{prefix}.index: tensors {name_before!r} and {name!r} overlap in "
+                f"{_shard_path(prefix, shard, header['num_shards']).name}"
+            )
+    return views
+
+
 def read(path):
     """All tensors of the checkpoint at `path` (a prefix or a folder): {name: read-only array}.
 
     Arrays are views into a memory map of the data shards, so nothing is copied until used
     (except bfloat16, widened to float32, and big-endian data, swapped to native order)."""
-    prefix, header, entries, maps = _open(path)
-    return {name: _tensor_view(name, e, maps, header, prefix) for name, e in entries.items()}
+    return _views(*_open(path))
 
 
 def release(array):
@@ -503,8 +577,8 @@ def verify(path):
     """Check every tensor's CRC32C against its bytes; raise CheckpointError naming the tensor.
     (Index block CRCs are checked on every read.)"""
     prefix, header, entries, maps = _open(path)
+    _views(prefix, header, entries, maps)  # checks dtype, shape, bounds, overlaps
     for name, entry in entries.items():
-        _tensor_view(name, entry, maps, header, prefix)  # checks dtype, shape, bounds
         if entry["crc32c"] is None:
             raise CheckpointError(f"{prefix}.index: tensor {name!r} has no checksum")
         data = maps[entry["shard_id"]][entry["offset"] : entry["offset"] + entry["size"]]
@@ -563,7 +637,7 @@ def _block(entries):
 
 def _with_trailer(block, compression=0):
     trailer_type = bytes([compression])
-    crc = _crc32c_bytes(0xFFFFFFFF, block + trailer_type) ^ 0xFFFFFFFF
+    crc = crc32c(block + trailer_type)
     return block + trailer_type + struct.pack("<I", mask_crc(crc))
 
 

@@ -1,20 +1,24 @@
-"""The picogpt command line: generate (the default), chat, download, eval, train.
+"""The picogpt command line: generate (the default), chat, download, eval, serve, train,
+export.
 
 Bad input gets a one-line message and exit status 2; failures that are not the user's typing
 (no network, a corrupt download) exit 1; Ctrl-C exits 130. Never a traceback for either.
 """
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 from picogpt import download, files
-from picogpt.errors import PicogptError, UnknownModelError
+from picogpt.chat import REPLY_STOP, Conversation
+from picogpt.errors import OutputExistsError, PicogptError, UnknownModelError
 
-COMMANDS = ("generate", "chat", "download", "eval", "train")
+COMMANDS = ("generate", "chat", "download", "eval", "serve", "train", "export")
 
 EXAMPLES = """\
 examples:
@@ -25,31 +29,32 @@ examples:
   picogpt chat                              talk with GPT-2 (Ctrl-D to leave)
   picogpt download 774M                     fetch a model ahead of time
   picogpt eval essay.txt                    cross-entropy, perplexity, bits per byte
+  picogpt serve                             OpenAI's API and a page at http://127.0.0.1:8080/
   picogpt train input.txt --out my-model    train a GPT on a text (picogpt train --help)
   picogpt "ROMEO:" -m shakespeare-char      the bundled model trained on Tiny Shakespeare
+  picogpt export my-model my-model-hf       a model folder for transformers (HuggingFace's layout)
 
 models (--model): a GPT-2 size (124M, 355M, 774M, 1558M, or gpt2, gpt2-medium, gpt2-large,
-gpt2-xl), a bundled model name (shakespeare-char), or the path of a model folder.
+gpt2-xl), a bundled model name (shakespeare-char), or the path of a model folder, in OpenAI's
+layout (hparams.json, a TF checkpoint) or HuggingFace's (config.json, model.safetensors; a hub
+cache snapshot works as it is).
 
 weights folder, where sizes are downloaded to and looked for: --weights-dir, else $PICOGPT_WEIGHTS,
 else ./weights when it exists in the current directory, else ~/.cache/picogpt. A model lives in
-<folder>/<size>/; files placed there by hand are used as they are. --base-url (or
-$PICOGPT_BASE_URL) replaces OpenAI's download address.
+<folder>/<size>/; files placed there by hand are used as they are. --source huggingface (or
+$PICOGPT_SOURCE) fetches sizes from the HuggingFace hub instead of OpenAI; --base-url (or
+$PICOGPT_BASE_URL) replaces the download address.
 """
-
-CHAT_PREAMBLE = (
-    "The following is a conversation between a curious person and a friendly, knowledgeable "
-    "assistant. The assistant answers in a sentence or two.\n\n"
-    "User: Hi! Who are you?\n"
-    "Assistant: Hello! I'm an assistant. Ask me anything and I'll do my best to help.\n"
-)
-
 
 class UsageError(PicogptError):
     """Bad input from the user: reported on one line, exit status 2."""
 
 
 class Parser(argparse.ArgumentParser):
+    def _print_message(self, message, file=None):  # argparse ignores a failed write: we do not
+        if message:
+            (file or sys.stderr).write(message)
+
     def error(self, message):  # one line instead of argparse's usage + error
         command = self.prog.replace(" [generate]", "")
         print(f"picogpt: error: {message} (see {command} --help)", file=sys.stderr)
@@ -113,13 +118,78 @@ def _temperature(value):
 
 
 _top_p = _in_range(0, 1, low_open=True)
+_penalty = _in_range(-2, 2)  # OpenAI's range for frequency and presence penalties
+
+
+def _int_in_range(low, high):
+    """A validator for whole numbers in low..high."""
+    def parse(value):
+        n = _whole_number(f"must be in {low}..{high}")(value)
+        if not low <= n <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {n}")
+        return n
+    return parse
+
+
+_logprobs = _int_in_range(0, 20)
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def _stop(value):
+    """A stop string as typed: \\n, \\t and \\\\ read as a newline, a tab and a backslash."""
+    out, i = [], 0
+    while i < len(value):
+        if value[i] == "\\" and value[i + 1 : i + 2] in _ESCAPES:
+            out.append(_ESCAPES[value[i + 1]])
+            i += 2
+        else:
+            out.append(value[i])
+            i += 1
+    if not out:
+        raise argparse.ArgumentTypeError("a stop string must not be empty")
+    return "".join(out)
+
+
+def _base_url(value):
+    """An http(s) URL with a host and a valid port (what --base-url and $PICOGPT_BASE_URL
+    replace the download address with)."""
+    try:
+        return download.check_base_url(value)
+    except download.DownloadError as e:
+        raise argparse.ArgumentTypeError(f"{e} (--base-url or $PICOGPT_BASE_URL)") from None
+
+
+def _source(value):
+    if value not in download.SOURCES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(download.SOURCES)} "
+                                         f"(--source or $PICOGPT_SOURCE), got {value!r}")
+    return value
+
+
+def _add_download_options(p):
+    """--base-url and --source, for every command that may download a GPT-2 size. Their
+    environment variables are the defaults, checked like the options."""
+    p.add_argument("--base-url", metavar="URL", type=_base_url,
+                   default=os.environ.get("PICOGPT_BASE_URL") or None,
+                   help="download from here instead of the source's own address")
+    p.add_argument("--source", metavar="{openai,huggingface}", type=_source,
+                   default=os.environ.get("PICOGPT_SOURCE") or None,
+                   help="where GPT-2 sizes are downloaded from: OpenAI (the default) or the "
+                        "HuggingFace hub ($PICOGPT_SOURCE)")
+
+
+def _port(value):
+    n = _whole_number("must be in [0, 65535]")(value)
+    if n > 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535] (0: any free port), got {n}")
+    return n
 
 
 def _add_model_options(p, default="124M"):
     p.add_argument("--model", "-m", default=default,
                    help=f"GPT-2 size, bundled model name or model folder (default {default})")
     p.add_argument("--weights-dir", metavar="DIR", help="where GPT-2 sizes are downloaded to")
-    p.add_argument("--base-url", metavar="URL", help="download from here instead of OpenAI")
+    _add_download_options(p)
 
 
 def _add_sampling_options(p, n, temperature=1.0, unit="sample"):
@@ -133,12 +203,22 @@ def _add_sampling_options(p, n, temperature=1.0, unit="sample"):
                    help="nucleus sampling: the fewest tokens whose probability sums to P (0, 1]")
     p.add_argument("--seed", type=_seed, default=None, metavar="S",
                    help=f"make sampling repeatable ({unit} k uses seed S+k-1)")
+    most = "up to 16" if unit == "sample" else "up to 15; a reply also ends at its line end"
+    p.add_argument("--stop", type=_stop, action="append", default=[], metavar="STR",
+                   help=f"end the text before STR (repeatable, {most}; \\n is a newline)")
+    p.add_argument("--frequency-penalty", type=_penalty, default=0.0, metavar="F",
+                   help="lower each token's logit by F per time it was generated: less "
+                        "repetition ([-2, 2], default 0)")
+    p.add_argument("--presence-penalty", type=_penalty, default=0.0, metavar="P",
+                   help="lower the logit of every token generated so far by P: new topics "
+                        "([-2, 2], default 0)")
 
 
 def build_parser():
     parser = Parser(
         prog="picogpt",
-        usage="picogpt [generate] PROMPT [options]\n       picogpt {chat,download,eval,train} ...",
+        usage="picogpt [generate] PROMPT [options]\n"
+              "       picogpt {chat,download,eval,serve,train,export} ...",
         description="GPT-2 in plain Python and NumPy: run OpenAI's checkpoints on a laptop CPU,\n"
                     "chat with them, evaluate them, or train a small model of your own.\n"
                     "Without a command, picogpt continues PROMPT (the `generate` command).",
@@ -148,7 +228,8 @@ def build_parser():
     from picogpt import __version__
 
     parser.add_argument("--version", action="version", version=f"picogpt {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{generate,chat,download,eval,train}",
+    sub = parser.add_subparsers(dest="command",
+                                metavar="{generate,chat,download,eval,serve,train,export}",
                                 parser_class=Parser)
 
     g = sub.add_parser(
@@ -164,6 +245,9 @@ def build_parser():
     g.add_argument("--samples", type=_positive_int, default=1, metavar="K",
                    help="how many continuations to write (default 1)")
     g.add_argument("--no-echo", action="store_true", help="do not print the prompt first")
+    g.add_argument("--logprobs", type=_logprobs, default=None, metavar="K",
+                   help="show each token's probability and its K likeliest alternatives "
+                        "(0..20): shaded on a terminal, a tab-separated table when piped")
     _add_sampling_options(g, n=40)
     _add_model_options(g)
     # `picogpt --help` is where people look for --n and friends: show generate's options there.
@@ -185,13 +269,14 @@ def build_parser():
     _add_model_options(c)
 
     d = sub.add_parser("download", prog="picogpt download", help="fetch a GPT-2 size ahead of time",
-                       description="Download OpenAI's files for a GPT-2 size (resumable), verify "
-                                   "the checkpoint and keep it in the weights folder.",
+                       description="Download a GPT-2 size (resumable) from OpenAI, or with "
+                                   "--source huggingface from the HuggingFace hub, verify it and "
+                                   "keep it in the weights folder.",
                        epilog="example: picogpt download 355M --weights-dir ~/models")
     d.add_argument("size", metavar="SIZE", help="124M, 355M, 774M, 1558M (or gpt2, gpt2-medium, "
                                                 "gpt2-large, gpt2-xl)")
     d.add_argument("--weights-dir", metavar="DIR", help="download into DIR/SIZE")
-    d.add_argument("--base-url", metavar="URL", help="download from here instead of OpenAI")
+    _add_download_options(d)
 
     e = sub.add_parser(
         "eval", prog="picogpt eval", help="measure how well a model predicts a text file",
@@ -205,6 +290,46 @@ def build_parser():
                    help="tokens scored per window (default half the context)")
     _add_model_options(e)
 
+    v = sub.add_parser(
+        "serve", prog="picogpt serve", help="OpenAI's API and a page that shows the tokens",
+        description="Serve the model over HTTP with OpenAI's API (GET /v1/models, POST "
+                    "/v1/completions, POST /v1/chat/completions; streaming, logprobs, stop, "
+                    "penalties, seed) and, at /, a page that streams text with each token shaded "
+                    "by its probability. One generation runs at a time; the others wait in turn. "
+                    "Binds 127.0.0.1 unless --host says otherwise; Ctrl-C stops.",
+        epilog="example: picogpt serve --model shakespeare-char --port 8080, then open "
+               "http://127.0.0.1:8080/ or point an OpenAI client at http://127.0.0.1:8080/v1",
+    )
+    v.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0: any free)")
+    v.add_argument("--api-key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default $PICOGPT_API_KEY, "
+                        "else none)")
+    v.add_argument("--cors", action="store_true",
+                   help="let pages from other origins call the API (Access-Control-Allow-Origin)")
+    _add_model_options(v)
+
+    from picogpt import hf
+
+    x = sub.add_parser(
+        "export", prog="picogpt export", help="write a model in HuggingFace's or OpenAI's layout",
+        description="Write MODEL (anything --model takes) to OUT, a new folder: in HuggingFace's "
+                    "layout (config.json, model.safetensors, vocab.json + merges.txt: "
+                    "transformers' from_pretrained(OUT) loads it) or OpenAI's (hparams.json, a "
+                    "TensorFlow checkpoint, encoder.json + vocab.bpe). OUT must not exist or be "
+                    "empty: export never overwrites files.",
+        epilog="example: picogpt export 124M gpt2-hf --dtype float16",
+    )
+    x.add_argument("model", metavar="MODEL", help="GPT-2 size, bundled model name or model folder")
+    x.add_argument("out", metavar="OUT", help="the new folder to write")
+    x.add_argument("--format", choices=hf.FORMATS, default="hf",
+                   help="hf: HuggingFace's layout (default); openai: OpenAI's")
+    x.add_argument("--dtype", choices=hf.DTYPES, default="float32",
+                   help="the weights' type (default float32; float16 halves the size, hf only)")
+    x.add_argument("--weights-dir", metavar="DIR", help="where GPT-2 sizes are downloaded to")
+    _add_download_options(x)
+
     # Listed here for --help; the real `train` parser is built by _train below, which imports
     # picogpt.train only when training is asked for (the only command that needs it).
     sub.add_parser("train", prog="picogpt train", help="train or fine-tune a GPT on a text file",
@@ -216,13 +341,22 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     _tolerant_stdout()
     try:
-        return _main(argv)
+        try:
+            return _main(argv)
+        finally:
+            if sys.stdout is not None:  # a full device under stdout fails here, not at exit
+                sys.stdout.flush()
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `picogpt ... | head`: the reader left; not an error of ours
         _silence_stdout()
         return 0
+    except OSError as e:  # `picogpt ... > /dev/full`: errors about files are PicogptErrors
+        _silence_stdout()  # else Python's own flush at exit fails again, with a traceback
+        where = e.filename or "cannot write the output"
+        print(f"picogpt: error: {where}: {e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 def _main(argv):
@@ -235,7 +369,8 @@ def _main(argv):
     if argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
         argv = ["generate", *argv]
     args = parser.parse_args(argv)
-    command = {"generate": _generate, "chat": _chat, "download": _download, "eval": _eval}
+    command = {"generate": _generate, "chat": _chat, "download": _download, "eval": _eval,
+               "serve": _serve, "export": _export}
     try:
         return command[args.command](args)
     except UsageError as e:
@@ -254,13 +389,28 @@ def _open_model(args):
     from picogpt import loading
 
     try:
-        return loading.load(args.model, args.weights_dir, getattr(args, "base_url", None))
+        return loading.load(args.model, args.weights_dir, getattr(args, "base_url", None),
+                            source=getattr(args, "source", None))
     except UnknownModelError as e:
         raise UsageError(str(e)) from e
 
 
 def _sampling(args):
-    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty)
+
+
+def _check_stops(stops, reserved=()):
+    """The --stop strings, checked as the API checks them (before any model is loaded)."""
+    from picogpt.api import MAX_STOPS, check_stop
+
+    try:
+        return list(check_stop([*reserved, *stops]))[len(reserved):]
+    except ValueError as e:
+        if len(set([*reserved, *stops])) > MAX_STOPS and reserved:
+            raise UsageError(f"--stop: at most {MAX_STOPS - len(reserved)} strings here (the "
+                             f"reply's line end is one of the {MAX_STOPS})") from None
+        raise UsageError(f"--stop: {e}") from None
 
 
 # --- generate -------------------------------------------------------------------------------------
@@ -294,76 +444,107 @@ def _read_prompt(args):
 
 def _generate(args):
     prompt = _read_prompt(args)
+    stop = _check_stops(args.stop)
     model = _open_model(args)
     out = sys.stdout
+    terminal = out.isatty()
     for k in range(args.samples):
+        seed = None if args.seed is None else args.seed + k
+        options = dict(n=args.n, seed=seed, stop=stop, **_sampling(args))
+        try:
+            if args.logprobs is not None:
+                _write_logprobs(model, prompt, out, k, args, terminal, options)
+            else:
+                _write_sample(model, prompt, out, k, args, options)
+        except ValueError as e:  # e.g. a prompt longer than the context, unknown characters
+            raise UsageError(str(e)) from None
+    return 0
+
+
+def _write_sample(model, prompt, out, k, args, options):
+    """One continuation, streamed after the prompt (unless --no-echo)."""
+    if args.samples > 1:
+        out.write(f"{'' if k == 0 else chr(10)}--- sample {k + 1} of {args.samples} ---\n")
+    if not args.no_echo:
+        out.write(prompt)
+    out.flush()
+    text = prompt
+    for piece in model.stream(prompt, **options):
+        out.write(piece)
+        out.flush()  # each piece as it comes: this is the point of streaming
+        text += piece
+    if text and not text.endswith("\n"):
+        out.write("\n")
+    out.flush()
+
+
+def _write_logprobs(model, prompt, out, k, args, terminal, options):
+    """One continuation with --logprobs. On a terminal: the text streamed, each piece shaded by
+    the probability of its least likely token, then a table of the tokens. Piped: the table
+    alone, tab-separated (sample, position, token, probability, then K alternatives and theirs)."""
+    color = terminal and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+    if terminal:
         if args.samples > 1:
             out.write(f"{'' if k == 0 else chr(10)}--- sample {k + 1} of {args.samples} ---\n")
         if not args.no_echo:
             out.write(prompt)
         out.flush()
-        seed = None if args.seed is None else args.seed + k
-        text = prompt
-        try:
-            for piece in model.stream(prompt, n=args.n, seed=seed, **_sampling(args)):
-                out.write(piece)
-                out.flush()  # each piece as it comes: this is the point of streaming
-                text += piece
-        except ValueError as e:  # e.g. a prompt longer than the context, unknown characters
-            raise UsageError(str(e)) from None
-        if text and not text.endswith("\n"):
-            out.write("\n")
-        out.flush()
-    return 0
+    elif k == 0:
+        out.write("sample\tposition\ttoken\tprobability\talternatives\n")
+    rows, pending, text = [], [], ""
+    for chunk in model.stream_completion(prompt, logprobs=args.logprobs, **options):
+        rows += zip(chunk.tokens, chunk.token_logprobs, chunk.top_logprobs)
+        pending += chunk.token_logprobs
+        if terminal and chunk.text:
+            out.write(_shade(chunk.text, math.exp(min(pending, default=0.0)), color))
+            out.flush()
+            pending, text = [], text + chunk.text
+    if terminal:
+        out.write("\n" if text and not text.endswith("\n") else "")
+        out.write(f"\n{'#':>4}  {'token':<16} {'prob':>7}  alternatives\n")
+    for i, (token, lp, top) in enumerate(rows, 1):
+        shown = _token_label(model.token_text(token))
+        alternatives = [(_token_label(t), v) for t, v in top.items()]
+        if terminal:
+            cell = _shade(f"{shown:<16}", math.exp(lp), color)
+            alts = "  ".join(_shade(f"{t} {_percent(v)}", math.exp(v), color)
+                             for t, v in alternatives)
+            out.write(f"{i:>4}  {cell} {_percent(lp):>7}  {alts}\n")
+        else:
+            cells = [str(k + 1), str(i), shown, _percent(lp)]
+            cells += [f"{t}\t{_percent(v)}" for t, v in alternatives]
+            out.write("\t".join(cells) + "\n")
+    out.flush()
+
+
+def _token_label(text):
+    """A token as the table shows it: quoted with escapes, so spaces and newlines are seen."""
+    return text if text.startswith("bytes:") else json.dumps(text, ensure_ascii=False)
+
+
+def _percent(logprob):
+    p = 100 * math.exp(logprob)
+    return f"{p:.2f}%" if p >= 0.005 else f"{p:.0e}%"
+
+
+# Background colours (xterm's 256) from unlikely to likely, black text on each.
+_SHADES = ((0.8, 114), (0.5, 150), (0.3, 186), (0.1, 216), (0.03, 210), (0.0, 203))
+
+
+def _shade(text, p, color):
+    """`text` on a background that says how likely it was (each line apart: no colour bleeds
+    past a line's end)."""
+    if not color:
+        return text
+    code = next(c for limit, c in _SHADES if p >= limit)
+    return "\n".join(f"\x1b[48;5;{code}m\x1b[38;5;16m{line}\x1b[0m" if line else ""
+                     for line in text.split("\n"))
 
 
 # --- chat -----------------------------------------------------------------------------------------
 
-class Conversation:
-    """The chat prompt: preamble + the turns so far + the new message, kept within the context.
-
-    Each turn the whole conversation is handed to the model, which reuses its KV cache for the
-    longest prefix it has already seen, so only the new message and the reply cost compute. The
-    prefix stays put (the preamble, then turns that are only ever appended), except when the
-    context is full and the oldest turns are dropped."""
-
-    def __init__(self, model, reply_tokens, preamble=CHAT_PREAMBLE):
-        self.model = model
-        try:
-            model.encode(preamble)
-        except ValueError:  # a character-level model that never saw some of its characters
-            preamble = ""
-        self.preamble = preamble
-        self.turns = []  # (message, reply) pairs, reply as generated (with its leading space)
-        self.budget = model.hparams["n_ctx"] - reply_tokens  # prompt tokens we can afford
-
-    def prompt(self, message):
-        current = f"User: {message}\nAssistant:"
-        while True:
-            history = "".join(f"User: {m}\nAssistant:{r}\n" for m, r in self.turns)
-            text = self.preamble + history + current
-            if len(self.model.encode(text)) <= self.budget:
-                return text
-            if self.turns:
-                self.turns.pop(0)  # forget the oldest turn
-            elif self.preamble:
-                self.preamble = ""  # a tiny context: even the preamble does not fit
-            else:
-                return self._keep_end(current)
-
-    def _keep_end(self, text):
-        """The longest end of `text` that fits the budget (a very long message)."""
-        ids = self.model.encode(text)[-max(self.budget, 1):]
-        text = self.model.decode(ids)
-        while len(self.model.encode(text)) > self.budget and text:
-            text = text[1:]
-        return text
-
-    def add(self, message, reply):
-        self.turns.append((message, reply))
-
-
 def _chat(args):
+    stop = _check_stops(args.stop, reserved=(REPLY_STOP,))
     model = _open_model(args)
     n_ctx = model.hparams["n_ctx"]
     if args.n >= n_ctx:
@@ -411,27 +592,20 @@ def _chat(args):
         out.write(f"{name}> ")
         out.flush()
         seed = None if args.seed is None else args.seed + turn
-        reply = _reply(model, prompt, out, n=args.n, seed=seed, **_sampling(args))
+        reply = _reply(model, prompt, out, stop=stop, n=args.n, seed=seed, **_sampling(args))
         chat.add(message, reply)
         turn += 1
 
 
-def _reply(model, prompt, out, **options):
-    """Stream the model's turn to `out`, stopping where it ends its line; return it as generated."""
+def _reply(model, prompt, out, stop=(), **options):
+    """Stream the model's turn to `out`, up to where it ends its line (or a `stop` string);
+    return it as generated."""
     reply = ""
-    stream = model.stream(prompt, **options)
-    try:
+    with contextlib.closing(model.stream(prompt, stop=[REPLY_STOP, *stop], **options)) as stream:
         for piece in stream:
-            end = piece.find("\n")  # the reply ends with its line: the next turn is the user's
-            if end >= 0:
-                piece = piece[:end]
             out.write(piece.lstrip() if not reply.strip() else piece)
             out.flush()
             reply += piece
-            if end >= 0:
-                break
-    finally:
-        stream.close()
     out.write("\n" if reply.strip() else "...\n")
     out.flush()
     return reply
@@ -444,7 +618,7 @@ def _download(args):
     if size is None:
         raise UsageError(f"unknown GPT-2 size {args.size!r}: expected one of "
                          f"{', '.join(download.SIZES)} (or {', '.join(download.ALIASES)})")
-    folder = download.download(size, args.weights_dir, args.base_url)
+    folder = download.download(size, args.weights_dir, args.base_url, source=args.source)
     print(f"GPT-2 {size} is ready in {folder}", file=sys.stderr)
     return 0
 
@@ -488,6 +662,53 @@ class _EvalProgress:
 
     def close(self):
         sys.stderr.write("\n")
+
+
+# --- serve ----------------------------------------------------------------------------------------
+
+def _serve(args):
+    from picogpt import server
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("PICOGPT_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise UsageError("--api-key must not be empty")
+    model = _open_model(args)
+    size = download.canonical_size(args.model)  # a GPT-2 size goes by its usual name: gpt2, ...
+    names = {v: k for k, v in download.ALIASES.items()}
+    name = names[size] if size else Path(args.model).name
+    try:
+        s = server.Server(model, name, args.host, args.port, api_key, args.cors)
+    except OSError as e:
+        raise PicogptError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
+    if not s.loopback and api_key is None:
+        print(f"picogpt serve: warning: listening on {args.host} without --api-key: anyone who "
+              "can reach this address can use the model", file=sys.stderr)
+    print(f"picogpt serve: {name} at {s.url}/ (the page) and {s.url}/v1 (OpenAI's API); "
+          "Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        s.serve_forever()
+    finally:
+        s.close()
+    return 0
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+def _export(args):
+    from picogpt import hf, loading
+
+    if args.format == "openai" and args.dtype != "float32":
+        raise UsageError("--format openai writes float32 weights (as OpenAI published GPT-2)")
+    out = Path(args.out).expanduser()
+    try:
+        hf.check_new_folder(out)
+        folder = loading.resolve(args.model, args.weights_dir, args.base_url, args.source)
+    except (UnknownModelError, OutputExistsError) as e:
+        raise UsageError(str(e)) from e
+    hf.export(folder, out, args.format, args.dtype)
+    layout = "HuggingFace's" if args.format == "hf" else "OpenAI's"
+    print(f"{args.model} written to {out} in {layout} layout ({args.dtype})", file=sys.stderr)
+    return 0
 
 
 # --- train ----------------------------------------------------------------------------------------

@@ -38,5 +38,10 @@ class TrainingError(PicogptError):
     """A training run that cannot start or continue: bad data, a folder that is not ours, ..."""
 
 
+class OutputExistsError(PicogptError, FileExistsError):
+    """A folder or file to be written that is already there: picogpt never overwrites a user's
+    files."""
+
+
 class FileReadError(PicogptError, OSError):
     """A file that cannot be read safely: missing, not a regular file, too large, not UTF-8."""

@@ -4,6 +4,7 @@ A path given by a user or named in a folder may be a FIFO, /dev/zero, a sparse 3
 JSON bomb; nothing here reads more than the caller's limit, and nothing is replaced half-written.
 """
 
+import contextlib
 import json
 import os
 import stat
@@ -39,10 +40,12 @@ def check_regular(path, limit, what="file", error=FileReadError):
 
 def read_bytes(path, limit, what="file", error=FileReadError):
     """The bytes of a regular file of at most `limit` bytes (checked before and while reading)."""
-    check_regular(path, limit, what, error)
+    size = check_regular(path, limit, what, error)
     try:
         with open(path, "rb") as f:
-            data = f.read(limit + 1)  # the file may have grown since the check
+            data = f.read(size + 1)  # not f.read(limit + 1): that allocates the whole limit
+            if len(data) > size:  # the file has grown since the check
+                data += f.read(limit + 1 - len(data))
     except OSError as e:
         raise error(f"{path}: cannot read {what}: {e.strerror or e}") from e
     if len(data) > limit:
@@ -66,7 +69,12 @@ def read_text(path, limit, what="file", error=FileReadError):
 def load_json(path, limit, what="JSON file", error=FileReadError):
     """The JSON value in a regular file of at most `limit` bytes; a malformed or too deeply
     nested document (a JSON bomb) is `error` naming the file."""
-    text = read_text(path, limit, what, error)
+    return parse_json(read_text(path, limit, what, error), path, what, error)
+
+
+def parse_json(text, path, what="JSON file", error=FileReadError):
+    """The JSON value in `text` (already bounded by its reader) that came from `path`; malformed
+    or too deeply nested JSON is `error` naming the file."""
     try:
         return json.loads(text)
     except RecursionError as e:
@@ -78,13 +86,22 @@ def load_json(path, limit, what="JSON file", error=FileReadError):
 def atomic_write(path, data):
     """Write `data` (bytes or str) to `path` so that a reader, or a kill at any moment, sees the
     old file or the new one, never half of one: write a temporary file, fsync, rename."""
-    path = Path(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """An open binary file that replaces `path` when the `with` block ends without an error, for
+    data written piece by piece (a large checkpoint): written under `temporary_name(path)`,
+    fsynced, renamed into place; deleted instead if anything fails."""
+    path = Path(path)
     tmp = temporary_name(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

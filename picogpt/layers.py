@@ -49,7 +49,7 @@ class LayerNormCache(NamedTuple):
 
 def layer_norm_forward(x, g, b):
     """(x - mean) / sqrt(var + eps) * g + b over the last axis of x [N, C]."""
-    xhat = x - x.mean(axis=-1, keepdims=True)
+    xhat = x - model.row_sums(x) / x.shape[-1]
     var = np.einsum("ij,ij->i", xhat, xhat)[:, None] / x.shape[-1]
     rstd = 1.0 / np.sqrt(var + LN_EPS)  # [N, 1]
     xhat *= rstd
@@ -69,7 +69,7 @@ def layer_norm_backward(dout, cache, g, dg, db):
     # The mean and the variance depend on every x of the row: the gradient loses its row mean
     # and its component along xhat.
     C = dout.shape[-1]
-    mean_dxhat = dxhat.sum(axis=-1, keepdims=True) / C
+    mean_dxhat = model.row_sums(dxhat) / C
     mean_dxhat_xhat = np.einsum("ij,ij->i", dxhat, xhat)[:, None] / C
     dxhat -= mean_dxhat
     dxhat -= xhat * mean_dxhat_xhat
@@ -98,15 +98,17 @@ def linear_backward(dout, x, w, dw, db):
 softmax_forward = model.softmax_  # the engine's: softmax over the last axis, in place
 
 
-def softmax_backward(dout, y):
-    """dx = y * (dout - sum(dout * y)): the Jacobian diag(y) - y y^T applied to dout, per row."""
-    dx = dout * y
-    dx -= y * dx.sum(axis=-1, keepdims=True)
+def softmax_backward(dout, y, out=None):
+    """dx = y * (dout - sum(dout * y)): the Jacobian diag(y) - y y^T applied to dout, per row.
+    Three passes (the row sums, the subtraction, the product), into `out` if given (which may
+    be dout)."""
+    dx = np.subtract(dout, np.einsum("...i,...i->...", dout, y)[..., None], out=out)
+    dx *= y
     return dx
 
 
 class AttentionCache(NamedTuple):
-    q: np.ndarray  # [B, H, T, hd], contiguous
+    q: np.ndarray  # [B, H, T, hd], contiguous, already scaled by 1 / sqrt(hd)
     k: np.ndarray  # [B, H, T, hd], contiguous
     v: np.ndarray  # [B, H, T, hd], contiguous
     att: np.ndarray  # [B, H, T, T]: the attention probabilities
@@ -118,22 +120,33 @@ class AttentionCache(NamedTuple):
 def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None):
     """Causal multi-head self-attention: qkv [B*T, 3C] -> y [B*T, C].
 
-    The mask adds -inf to the scores of future positions, so their probabilities are exactly 0,
-    and so are the gradients flowing to them."""
+    softmax(q k^T / sqrt(hd) + mask) v, with the mask -inf on future positions. The scale goes
+    on q ([T, hd]) rather than on the scores ([T, T]); the scores' exp is the engine's (floored
+    at the row's max - 48: no subnormal weights, see model.SOFTMAX_FLOOR), and the future's
+    weights are then multiplied by 0, so their probabilities are exactly 0, and so are the
+    gradients flowing to them."""
     C = qkv.shape[-1] // 3
     hd = C // n_head
     # Each [B, H, T, hd], copied contiguous: NumPy multiplies stacks of strided matrices (views
     # into qkv) without BLAS, 7x slower at GPT-2 124M's shapes.
     q, k, v = np.ascontiguousarray(qkv.reshape(B, T, 3, n_head, hd).transpose(2, 0, 3, 1, 4))
-    scale = 1.0 / math.sqrt(hd)
+    scale = np.float32(1.0 / math.sqrt(hd))
+    q *= scale  # in the copy: [T, hd] multiplies instead of [T, T]
     att = q @ k.swapaxes(-1, -2)  # [B, H, T, T]
-    att *= scale
-    att += causal_mask(T)  # the engine's: 0, and -inf on the future
-    softmax_forward(att)
+    att += causal_mask(T)  # the engine's: 0, and -inf on the future (the max is over the past)
+    model.shifted_exp_(att)
+    att *= past_mask(T)
+    sums = model.row_sums(att)  # [B, H, T, 1]
+    att *= np.reciprocal(sums, out=sums)
     att_dropped, mask = dropout_forward(att, dropout, rng)
     y = att_dropped @ v  # [B, H, T, hd]
     y = y.transpose(0, 2, 1, 3).reshape(B * T, C)
     return y, AttentionCache(q, k, v, att, att_dropped, mask, scale)
+
+
+def past_mask(n):
+    """[n, n] float32: 1 on and below the diagonal, 0 above (the future)."""
+    return np.tril(np.ones((n, n), np.float32))
 
 
 def attention_backward(dy, cache):
@@ -142,11 +155,13 @@ def attention_backward(dy, cache):
     dy = np.ascontiguousarray(dy.reshape(B, T, H, hd).transpose(0, 2, 1, 3))  # [B, H, T, hd]
     dqkv = np.empty((3, B, H, T, hd), dy.dtype)
     np.matmul(att_dropped.swapaxes(-1, -2), dy, out=dqkv[2])  # dv
-    datt = dropout_backward(dy @ v.swapaxes(-1, -2), mask)
-    dscores = softmax_backward(datt, att)
-    dscores *= scale
-    np.matmul(dscores, k, out=dqkv[0])  # dq
-    np.matmul(dscores.swapaxes(-1, -2), q, out=dqkv[1])  # dk
+    datt = dy @ v.swapaxes(-1, -2)  # [B, H, T, T]
+    if mask is not None:
+        datt *= mask  # dropout's backward, in place
+    dscores = softmax_backward(datt, att, out=datt)
+    np.matmul(dscores, k, out=dqkv[0])  # dq, of the scaled q: times the scale again
+    dqkv[0] *= scale
+    np.matmul(dscores.swapaxes(-1, -2), q, out=dqkv[1])  # dk (q is scaled already)
     return dqkv.transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * H * hd)
 
 
@@ -155,45 +170,39 @@ def attention_backward(dy, cache):
 
 class GeluCache(NamedTuple):
     x: np.ndarray  # the input
-    tanh: np.ndarray  # tanh(c (x + a x^3)), which the derivative reuses
+    gate: np.ndarray  # 0.5 (1 + tanh(c (x + a x^3))), the factor x is multiplied by
 
 
 def gelu_forward(x):
-    """GPT-2's tanh GELU: 0.5 x (1 + tanh(c (x + a x^3)))."""
-    t = x * x  # x*x*x, never x**3 (a slow generic power)
-    t *= GELU_A
-    t += 1.0
-    t *= x
-    t *= GELU_C
-    np.tanh(t, out=t)
-    out = t + 1.0
-    out *= x
-    out *= 0.5
-    return out, GeluCache(x, t)
+    """GPT-2's tanh GELU: 0.5 x (1 + tanh(c (x + a x^3))) = x * gate, written as 8 passes over
+    [N, 4C]: u = x (c + c a x^2), gate = 0.5 tanh(u) + 0.5, out = x gate. In float32 the gate is
+    0 or at least 2^-25 (tanh near -1 steps by 2^-24), so no subnormal comes out of it."""
+    gate = x * x  # x*x*x, never x**3 (a slow generic power)
+    gate *= GELU_C * GELU_A
+    gate += GELU_C
+    gate *= x
+    np.tanh(gate, out=gate)
+    gate *= 0.5
+    gate += 0.5
+    return x * gate, GeluCache(x, gate)
 
 
 def gelu_output(cache):
-    """The forward's output again, 0.5 x (1 + t), from its cache: cheaper than keeping it."""
-    out = cache.tanh + 1.0
-    out *= cache.x
-    out *= 0.5
-    return out
+    """The forward's output again, x gate, from its cache: one pass, cheaper than keeping it."""
+    return cache.x * cache.gate
 
 
 def gelu_backward(dout, cache):
-    """d/dx = 0.5 (1 + t + x (1 - t^2) c (1 + 3 a x^2)), t the forward's tanh."""
-    x, t = cache
-    inner = x * x
-    inner *= 3 * GELU_A
-    inner += 1.0
-    inner *= GELU_C
-    inner *= x
-    dx = t * t
-    np.subtract(1.0, dx, out=dx)
-    dx *= inner
-    dx += t
+    """d/dx = gate + x dgate/dx = gate (1 + (1 - gate) 2 c x (1 + 3 a x^2)), since
+    d tanh(u)/du = 1 - tanh^2 = 4 gate (1 - gate): 9 passes over [N, 4C]."""
+    x, gate = cache
+    dx = x * x
+    dx *= 6 * GELU_C * GELU_A
+    dx += 2 * GELU_C
+    dx *= x  # 2 c x (1 + 3 a x^2)
+    dx *= 1.0 - gate
     dx += 1.0
-    dx *= 0.5
+    dx *= gate
     dx *= dout
     return dx
 

@@ -13,6 +13,7 @@ an 8 GB laptop. The embeddings, biases and LayerNorm parameters stay as they are
 import math
 import mmap
 import os
+import re
 
 import numpy as np
 
@@ -20,8 +21,9 @@ from .checkpoint import release
 
 LN_EPS = 1e-5
 # Row blocks bound the temporaries of the two products that grow with the input: attention scores
-# ([B, n_head, block, T] instead of [B, n_head, T, T]) and the vocabulary projection.
-ATTN_BLOCK_BYTES = 16 << 20
+# ([B, n_head, block, T] instead of [B, n_head, T, T]) and the vocabulary projection. A block of
+# scores is small enough to stay in a core's L2 cache (1-2 MB) across softmax's passes over it.
+ATTN_BLOCK_BYTES = 1 << 20
 ATTN_MAX_ROWS = 128
 LOGITS_BLOCK_ROWS = 256
 SMALL_BATCH = 8  # up to this many rows, products run row by row (see matmul)
@@ -31,16 +33,28 @@ SMALL_BATCH = 8  # up to this many rows, products run row by row (see matmul)
 MATVEC_CHUNK_BYTES = 3 << 20
 TRANSPOSE_ROWS = 16  # rows per band when copying weights into [n_out, n_in] order
 GELU_C = math.sqrt(2 / math.pi)
+# Softmax weights exp(s - max) below e^-87.3 are subnormal floats, which Intel cores compute with
+# dozens of times slower (AMD's barely slow down); in long attention rows a sixth of them are. So
+# scores more than 48 below their row's maximum are raised to that floor before exp. It is exact
+# to float32 rounding: each such probability changes by less than e^-48 = 1.4e-21 absolute, so a
+# row's sum (at least 1, the max's own weight) moves by under n x 1.4e-21, far below its half-ulp
+# of 6e-8, and an output sum(p v) by under n x 1.4e-21 x max|v|, 1e-13 of float32's resolution.
+# A floor this high (not -80) also keeps the products the weights enter, p v and the backward's
+# p dp, out of the subnormal range for any |v|, |dp| above 1e-17.
+SOFTMAX_FLOOR = np.float32(-48.0)
+FLOOR_CUT = np.float32(np.exp(-48.0) * (1 + 2**-20))  # just above e^-48 in float32 (see softmax_)
 
 
 def layer_norm(x, g, b, eps=LN_EPS):
     """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * g + b."""
-    xc = x - x.mean(axis=-1, keepdims=True)
+    mean = row_sums(x)
+    mean *= 1.0 / x.shape[-1]
+    xc = x - mean
     var = np.einsum("...i,...i->...", xc, xc)[..., None]
     var *= 1.0 / x.shape[-1]
     var += eps
-    np.sqrt(var, out=var)
-    xc /= var
+    rstd = np.reciprocal(np.sqrt(var, out=var), out=var)  # per row: a product, not a division
+    xc *= rstd
     xc *= g
     xc += b
     return xc
@@ -89,11 +103,36 @@ def linear(x, wt, b):
     return out.reshape(*x.shape[:-1], wt.shape[0])
 
 
-def softmax_(x):
-    """Softmax over the last axis, in place."""
+def shifted_exp_(x):
+    """exp(x - rowmax(x)) over the last axis, in place, with every weight below e^SOFTMAX_FLOOR
+    raised to it (see SOFTMAX_FLOOR): entries in [e^-48, 1], never subnormal. A -inf (masked)
+    score's weight is e^-48 too: a caller zeroes those again (attention multiplies them by 0,
+    softmax_ subtracts e^-48)."""
     x -= x.max(axis=-1, keepdims=True)
+    # Clip, not np.maximum: with a scalar bound NumPy's maximum takes a path 3x slower than clip.
+    np.clip(x, SOFTMAX_FLOOR, np.float32(0.0), out=x)  # x <= 0 already: the upper bound is moot
     np.exp(x, out=x)
-    x /= x.sum(axis=-1, keepdims=True)
+    return x
+
+
+def row_sums(x):
+    """x.sum(axis=-1, keepdims=True), through einsum: 2.5-4x faster on short rows (64-512)."""
+    return np.einsum("...i->...", x)[..., None]
+
+
+def softmax_(x):
+    """Softmax over the last axis, in place: exp(x - max) / sum(exp(x - max)), with probabilities
+    below about e^SOFTMAX_FLOOR / sum flushed to exactly 0 (-inf, masked, entries among them).
+
+    The weights shifted_exp_ raised to e^-48 go back to exactly 0 by subtracting a cut a few
+    ulps above e^-48 (whatever exp's last bit) and flooring at 0. Every other weight w loses the
+    cut too, which changes nothing for w > 2^26 e^-48 (about 1e-13: less than half an ulp), and
+    what is left is 0 or at least ulp(e^-48) = 2^-93 (Sterbenz: w - cut is exact for w < 2 cut),
+    so no subnormal comes out of the division by the sum (at most n) either."""
+    shifted_exp_(x)
+    x -= FLOOR_CUT
+    np.clip(x, np.float32(0.0), np.float32(1.0), out=x)  # negatives (what was floored) to 0
+    x /= row_sums(x)
     return x
 
 
@@ -106,21 +145,34 @@ def attention(q, k, v, offset):
     """Causal attention. q: [B, H, Tq, hd] holds positions offset..offset+Tq-1 (already scaled by
     1/sqrt(hd)); k, v: [B, H, offset+Tq, hd]. Query rows go in blocks, each seeing only the keys up
     to its last row's position: no [Tq, Tk] score matrix is ever whole, and the blocks skip most
-    of the masked upper triangle instead of computing it."""
+    of the masked upper triangle instead of computing it.
+
+    softmax(s) v = (exp(s - max) v) / sum(exp(s - max)): the division is done on the [rows, hd]
+    output, not on the [rows, n_keys] weights, a pass over memory fewer. The future keys' scores
+    are -inf before the max (so it is over the past), and their weights, e^SOFTMAX_FLOOR after
+    the floor, are multiplied by 0 (so they are exactly 0)."""
     B, H, Tq, hd = q.shape
     out = np.empty_like(q)
     per_row = B * H * k.shape[2] * 4
     block = max(1, min(Tq, ATTN_BLOCK_BYTES // per_row, ATTN_MAX_ROWS))
-    mask = causal_mask(block) if Tq > 1 else None
+    mask = past = None  # one query (decoding) sees every key
+    if Tq > 1:
+        mask = causal_mask(block)
+        past = np.tril(np.ones((block, block), np.float32))  # 1 on and below the diagonal, else 0
     for start in range(0, Tq, block):
         stop = min(Tq, start + block)
         n_keys = offset + stop
+        rows = stop - start
         scores = q[:, :, start:stop] @ k[:, :, :n_keys].swapaxes(-1, -2)  # [B, H, rows, n_keys]
+        own = scores[..., n_keys - rows :]  # this block's own keys, where the future is
         if mask is not None:
-            rows = stop - start
-            scores[..., n_keys - rows :] += mask[:rows, :rows]  # only this block's own keys
-        softmax_(scores)
-        np.matmul(scores, v[:, :, :n_keys], out=out[:, :, start:stop])
+            own += mask[:rows, :rows]
+        shifted_exp_(scores)
+        if mask is not None:
+            own *= past[:rows, :rows]
+        sums = row_sums(scores)  # [B, H, rows, 1]
+        o = np.matmul(scores, v[:, :, :n_keys], out=out[:, :, start:stop])
+        o /= sums
     return out
 
 
@@ -208,27 +260,64 @@ class KVCache:
         return new
 
 
+HPARAMS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
+
+
+def check_hparams(hparams):
+    """Raise ValueError unless `hparams` gives GPT-2's five sizes as positive integers, with
+    n_embd a multiple of n_head."""
+    for key in HPARAMS:
+        if key not in hparams:
+            raise ValueError(f"{key} is missing")
+        value = hparams[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if hparams["n_embd"] % hparams["n_head"]:
+        raise ValueError(f"n_embd {hparams['n_embd']} is not divisible by n_head "
+                         f"{hparams['n_head']}")
+
+
+def check_params(params, hparams):
+    """Raise ValueError unless `params` are exactly the float32 tensors `hparams` describe.
+
+    Nothing is built from hparams before it is compared with the tensors: n_layer is checked
+    against the layers the names show first, so the table of shapes is never longer than the
+    checkpoint, and every other size is a tensor's shape the file holds."""
+    check_hparams(hparams)
+    layers = {m.group(1) for m in map(_LAYER.match, params) if m}
+    if hparams["n_layer"] != len(layers):
+        raise ValueError(f"n_layer is {hparams['n_layer']} but the checkpoint's tensors are those "
+                         f"of {len(layers)} layer(s)")
+    expected = param_shapes(hparams)
+    for name, shape in expected.items():
+        if name not in params:
+            raise ValueError(f"the checkpoint has no tensor {name!r}")
+        if tuple(params[name].shape) != shape:
+            raise ValueError(f"tensor {name!r} has shape {tuple(params[name].shape)}; these "
+                             f"hparams need {shape}")
+        if params[name].dtype != np.float32:
+            raise ValueError(f"tensor {name!r} is {params[name].dtype}, expected float32")
+    extra = sorted(set(params) - expected.keys())
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        shown = ", ".join(map(repr, extra[:3])) + more
+        raise ValueError(f"the checkpoint has {len(extra)} tensor(s) that GPT-2 with these "
+                         f"hparams does not use: {shown}")
+
+
+_LAYER = re.compile(r"model/h(\d+)/")
+
+
 class GPT:
     """GPT-2 over a params dict; `forward` runs new tokens through it, extending a KV cache."""
 
     def __init__(self, params, hparams):
         self.hparams = dict(hparams)
-        for key in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer"):
-            if not isinstance(self.hparams.get(key), int) or self.hparams[key] <= 0:
-                raise ValueError(f"hparams: {key} must be a positive integer")
+        check_params(params, self.hparams)
         self.n_ctx, self.n_head = self.hparams["n_ctx"], self.hparams["n_head"]
         n_embd, n_layer = self.hparams["n_embd"], self.hparams["n_layer"]
-        if n_embd % self.n_head:
-            raise ValueError(f"hparams: n_embd {n_embd} is not divisible by n_head {self.n_head}")
         self.head_dim = n_embd // self.n_head
         expected = param_shapes(self.hparams)
-        for name, shape in expected.items():
-            if name not in params:
-                raise ValueError(f"the checkpoint has no tensor {name!r}")
-            if tuple(params[name].shape) != shape:
-                raise ValueError(f"tensor {name!r}: shape {params[name].shape}, expected {shape}")
-            if params[name].dtype != np.float32:
-                raise ValueError(f"tensor {name!r} is {params[name].dtype}, expected float32")
 
         matrices = [name for name in expected if name.startswith("model/h") and name.endswith("/w")]
         ram = physical_memory()

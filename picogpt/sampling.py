@@ -2,6 +2,8 @@
 
 import numpy as np
 
+FLUSH_BELOW = -690.0
+
 
 def check_options(temperature, top_k, top_p):
     """Raise ValueError for options that mean nothing, before any work is done."""
@@ -23,8 +25,11 @@ def candidates(logits, temperature=1.0, top_k=None, top_p=None):
         keep = np.argpartition(-logits, top_k - 1)[:top_k]
     kept = logits[keep]
     # Shift before dividing: a tiny temperature then sends the others to -inf (probability 0)
-    # instead of every logit to inf (NaN probabilities).
-    p = np.exp((kept - kept.max()) / temperature)
+    # instead of every logit to inf (NaN probabilities). Below e^-700 exp's results are subnormal
+    # (slow on Intel cores), and so would e^-690 / n be: those weights are flushed to exactly 0,
+    # probabilities under 1e-299 that no draw can tell from 0.
+    shifted = (kept - kept.max()) / temperature
+    p = np.exp(np.where(shifted < FLUSH_BELOW, -np.inf, shifted))
     p /= p.sum()
     if top_p is not None and top_p < 1:
         order = np.argsort(-p, kind="stable")
@@ -54,3 +59,47 @@ def sample(logits, rng, temperature=1.0, top_k=None, top_p=None):
         keep, p = candidates(row, temperature, top_k, top_p)
         picks.append(keep[rng.choice(len(p), p=p)])
     return np.array(picks)
+
+
+# --- penalties and log-probabilities (OpenAI's semantics) ---------------------------------------
+
+PENALTY_RANGE = (-2.0, 2.0)
+
+
+def check_penalties(frequency_penalty, presence_penalty):
+    """Raise ValueError, naming the option, unless each penalty is a finite number in [-2, 2]."""
+    low, high = PENALTY_RANGE
+    for name, value in (("frequency_penalty", frequency_penalty),
+                        ("presence_penalty", presence_penalty)):
+        number = isinstance(value, (int, float, np.integer, np.floating))
+        if isinstance(value, bool) or not (number and np.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], "
+                             f"got {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
+
+
+def penalize(logits, counts, frequency_penalty=0.0, presence_penalty=0.0):
+    """OpenAI's penalties for one row, in float64: logits[j] - c[j] * frequency_penalty
+    - (c[j] > 0) * presence_penalty, where counts c[j] says how often token j was generated so
+    far. Applied to the raw logits, before temperature, top-k and top-p."""
+    out = np.asarray(logits, dtype=np.float64) - counts * float(frequency_penalty)
+    out -= (counts > 0) * float(presence_penalty)
+    return out
+
+
+def log_softmax(logits):
+    """The model's log-probabilities for one row of raw logits, float64 [n_vocab]:
+    logits - log(sum(exp(logits))), computed after subtracting the peak."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def top_ids(logprobs, k):
+    """The k likeliest ids of one row, likeliest first (ties: the smaller id first)."""
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    k = min(k, len(logprobs))
+    best = np.argpartition(-logprobs, k - 1)[:k]
+    return best[np.lexsort((best, -logprobs[best]))]

@@ -63,7 +63,7 @@ class BlockCache(NamedTuple):
     a: np.ndarray  # the attention's output, c_proj's input [N, C]
     drop_1: Optional[np.ndarray]  # dropout mask of the attention branch
     ln_2: layers.LayerNormCache
-    gelu: layers.GeluCache  # c_fc's output [N, 4C] and its tanh
+    gelu: layers.GeluCache  # c_fc's output [N, 4C] and its GELU gate
     drop_2: Optional[np.ndarray]  # dropout mask of the MLP branch
 
 
@@ -686,7 +686,7 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
     if not resume:
         if init is not None:
             source = loading.resolve(init, weights_dir, base_url)
-            init_params, hparams, tok = loading.read_folder(source)
+            hparams, tok, init_params = loading.read_folder(source)
             _check_model(init_params, hparams, source)
             config = make_config(options, init_hparams=hparams)
             hparams = dict(hparams)

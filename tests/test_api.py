@@ -110,9 +110,13 @@ def test_closing_a_stream_early_leaves_the_cache_consistent(tiny):
     for _ in zip(range(5), stream):
         pass
     stream.close()
-    ids = list(tiny._context)
-    logits = tiny._prefill(ids + [10])
-    assert np.allclose(logits[0], tiny.logits(ids + [10])[-1], atol=1e-4)
+    ids = list(tiny.context)
+    counted = count_positions(tiny)
+    c = tiny.complete(ids + [10], 1, temperature=0, logprobs=20)
+    assert counted == [1]  # the cache held `ids`: only the new token ran
+    lp = tiny.logits(ids + [10])[-1].astype(np.float64)
+    lp -= lp.max() + np.log(np.exp(lp - lp.max()).sum())
+    assert np.allclose(list(c.top_logprobs[0].values()), np.sort(lp)[::-1][:20], atol=1e-5)
 
 
 def test_argument_errors(tiny):

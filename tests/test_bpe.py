@@ -366,3 +366,34 @@ def test_tiny_vocabulary_matches_tiktoken():
         ids = tiny.encode(doc)
         assert ids == ref.encode_ordinary(doc)
         assert tiny.decode(ids) == doc
+
+
+def test_a_vocab_bpe_cut_short_by_a_few_merges_is_refused(tmp_path):
+    _, vocab_bpe = copy_vocab(tmp_path)
+    lines = vocab_bpe.rstrip("\n").split("\n")
+    (tmp_path / "vocab.bpe").write_text("\n".join(lines[:-3]) + "\n", encoding="utf-8")
+    with pytest.raises(VocabularyError, match=r"of the 49997 merges.*cut short"):
+        BPE.load(tmp_path)
+
+
+def test_special_tokens_are_tokens_no_text_could_make(tmp_path, gpt2):
+    encoder_json, _ = copy_vocab(tmp_path)
+    encoder = json.loads(encoder_json)
+    extra = ["<|pad|>", "<|im_start|>", "[PAD]", "<s>", "<|a b|>"]
+    encoder.update((token, 50257 + i) for i, token in enumerate(extra))
+    copy_vocab(tmp_path, encoder_text=json.dumps(encoder))
+    bpe = BPE.load(tmp_path)
+    assert set(bpe.special_tokens) == {"<|endoftext|>", *extra}
+    assert bpe.encode("x<|pad|>", allow_special=True) == [*gpt2.encode("x"), 50257]
+    encoder["Ġzyzzyva"] = 50257 + len(extra)  # one pre-token piece that no merge makes
+    copy_vocab(tmp_path, encoder_text=json.dumps(encoder))
+    with pytest.raises(VocabularyError, match="Ġzyzzyva"):
+        BPE.load(tmp_path)
+
+
+def test_vocabulary_files_are_bounded_reads(tmp_path):
+    copy_vocab(tmp_path)
+    with open(tmp_path / "vocab.bpe", "r+b") as f:
+        f.truncate(3 << 30)  # sparse: costs nothing on disk
+    with pytest.raises(VocabularyError, match="vocab.bpe is 3,072.0 MB"):
+        BPE.load(tmp_path)

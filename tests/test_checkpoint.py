@@ -423,3 +423,19 @@ def test_fuzz_data_flips_and_truncations(tmp_path_factory, data):
     with pytest.raises(CheckpointError):
         checkpoint.read(folder)
         checkpoint.verify(folder)
+
+
+def test_write_then_read_many_tensors_in_several_blocks_keeps_them_all(tmp_path):
+    # The order and overlap checks hold for what picogpt itself writes, across index blocks.
+    tensors = {f"layer{i:03d}/w": np.full((i % 7) + 1, i, np.float32) for i in range(300)}
+    tensors["empty"] = np.zeros((0, 4), np.float32)
+    checkpoint.write(tmp_path / "model.ckpt", tensors)
+    assert_same_tensors(checkpoint.read(tmp_path), tensors)
+    checkpoint.verify(tmp_path)
+
+
+def test_a_state_file_that_is_not_a_regular_file(tiny):
+    (tiny / "checkpoint").unlink()
+    (tiny / "checkpoint").mkdir()
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        checkpoint.read(tiny)

@@ -1,6 +1,7 @@
 """The `picogpt` command end to end: a subprocess against a real HTTP server on 127.0.0.1 that
 serves the TF-written fixture model as GPT-2 "124M"."""
 
+import json
 import math
 import os
 import re
@@ -16,6 +17,7 @@ from _cli_server import ModelServer, closed_port_url
 import picogpt
 from picogpt import cli
 from picogpt import download as dl
+from picogpt.chat import Conversation
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "gpt2-tiny"
@@ -76,6 +78,17 @@ def test_help_explains_with_examples(env):
     ["Hello", "--model", "no-such-model"],
     ["generate"],
     ["chat", "--temperature", "-1"],
+    ["Hello", "--frequency-penalty", "nan"],
+    ["Hello", "--frequency-penalty", "2.5"],
+    ["Hello", "--presence-penalty", "-2.01"],
+    ["Hello", "--presence-penalty", "inf"],
+    ["Hello", "--logprobs", "21"],
+    ["Hello", "--logprobs", "-1"],
+    ["Hello", "--logprobs", "two"],
+    ["Hello", "--stop", ""],
+    ["Hello", *[a for i in range(17) for a in ("--stop", f"s{i}")]],
+    ["chat", *[a for i in range(16) for a in ("--stop", f"s{i}")]],
+    ["chat", "--presence-penalty", "3"],
     ["download", "125M"],
     ["eval", "no-such-file.txt"],
 ])
@@ -225,7 +238,7 @@ def test_chat_prompt_keeps_a_stable_prefix_and_fits_the_context(tmp_path):
     if not (FIXTURE / DATA).is_file() or not hasattr(picogpt, "load"):
         pytest.skip("needs the fixture model and the engine")
     model = picogpt.load(str(FIXTURE))
-    chat = cli.Conversation(model, reply_tokens=8, preamble="Chat.\n")
+    chat = Conversation(model, reply_tokens=8, preamble="Chat.\n")
     first = chat.prompt("hi")
     chat.add("hi", " hello")
     second = chat.prompt("ok")
@@ -305,7 +318,7 @@ def test_chat_turns_reuse_the_kv_cache():
         return forward(ids, *args, **kwargs)
 
     model.gpt.forward = counting_forward
-    chat = cli.Conversation(model, reply_tokens=8, preamble="A chat.\n")
+    chat = Conversation(model, reply_tokens=8, preamble="A chat.\n")
     options = dict(n=8, temperature=1.0, top_k=40, top_p=None)
     first = chat.prompt("hi there")
     reply = cli._reply(model, first, io.StringIO(), seed=1, **options)
@@ -340,3 +353,85 @@ def test_train_command_delegates_to_picogpt_train(env):
     pytest.importorskip("picogpt.train")
     out = picogpt_cmd("train", "--help", env=env)
     assert out.returncode == 0 and "usage: picogpt train" in out.stdout, out.stderr
+
+
+# --- stop strings, penalties, logprobs ------------------------------------------------------------
+
+def test_stop_and_penalties_give_what_the_api_gives(env):
+    args = ["ROMEO:", "-m", "shakespeare-char", "--n", "120", "--seed", "4", "--no-echo",
+            "--frequency-penalty", "0.8", "--presence-penalty", "-0.3"]
+    model = picogpt.load("shakespeare-char")
+    options = dict(n=120, seed=4, frequency_penalty=0.8, presence_penalty=-0.3)
+    full = model.generate("ROMEO:", **options)
+    assert full != model.generate("ROMEO:", n=120, seed=4)  # the penalties change the text
+    out = picogpt_cmd(*args, env=env)
+    assert out.returncode == 0 and out.stdout == full + ("" if full.endswith("\n") else "\n")
+    # `\n` on the command line is a newline; the text ends before the first stop string.
+    assert "\n" in full[1:] and " " in full
+    out = picogpt_cmd(*args, "--stop", "\\n", "--stop", "e ", env=env)
+    expected = model.generate("ROMEO:", stop=["\n", "e "], **options)
+    assert expected == full[: min(full.find(s) for s in ("\n", "e ") if s in full)]
+    assert out.returncode == 0 and out.stdout == expected + "\n", out.stderr
+
+
+def test_logprobs_piped_are_a_table_of_the_api_logprobs(env):
+    out = picogpt_cmd("ROMEO:", "-m", "shakespeare-char", "--n", "15", "--seed", "2",
+                      "--logprobs", "3", "--samples", "2", env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split("\t") == ["sample", "position", "token", "probability",
+                                     "alternatives"]
+    model = picogpt.load("shakespeare-char")
+    rows = [line.split("\t") for line in lines[1:]]
+    assert len(rows) == 30 and "\x1b" not in out.stdout
+    for k in range(2):
+        c = model.complete("ROMEO:", 15, seed=2 + k, logprobs=3)
+        mine = [r for r in rows if r[0] == str(k + 1)]
+        assert [r[1] for r in mine] == [str(i) for i in range(1, 16)]
+        for row, token, lp, top in zip(mine, c.tokens, c.token_logprobs, c.top_logprobs):
+            assert row[2] == json.dumps(model.decode([token]))
+            assert math.isclose(float(row[3].rstrip("%")), 100 * math.exp(lp), abs_tol=0.006)
+            assert row[4::2] == [json.dumps(t) for t in top]
+            for shown, value in zip(row[5::2], top.values()):
+                assert math.isclose(float(shown.rstrip("%")), 100 * math.exp(value),
+                                    rel_tol=0.01, abs_tol=0.006)
+
+
+def test_logprobs_on_a_terminal_shade_the_text_and_the_table(env):
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "picogpt", "ROMEO:", "-m", "shakespeare-char",
+                             "--n", "20", "--seed", "3", "--logprobs", "2"],
+                            stdout=follower, stderr=subprocess.PIPE, env=env)
+    os.close(follower)
+    data = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        data += chunk
+    os.close(leader)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    shown = data.decode("utf-8").replace("\r\n", "\n")
+    assert "\x1b[48;5;" in shown  # shaded
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", shown)
+    text = picogpt.load("shakespeare-char").generate("ROMEO:", n=20, seed=3)
+    assert plain.startswith("ROMEO:" + text)
+    table = plain.split("alternatives\n", 1)[1].splitlines()
+    assert len(table) == 20 and all(re.match(r" +\d+  \S", line) for line in table)
+
+
+def test_chat_stop_strings_end_the_reply(ready_env, tmp_path):
+    out = picogpt_cmd("chat", "--n", "20", "--seed", "5", "--stop", "e", "--stop", "a",
+                      env=ready_env, input="hello there\n")
+    assert out.returncode == 0, out.stderr
+    model = picogpt.load(str(tmp_path / "weights" / "124M"))
+    prompt = Conversation(model, 20).prompt("hello there")
+    reply = model.generate(prompt, n=20, seed=5, temperature=0.7, stop=["\n", "e", "a"])
+    full = model.generate(prompt, n=20, seed=5, temperature=0.7)
+    assert reply != full  # a stop string did end it
+    assert out.stdout.splitlines()[1] == "gpt2> " + (reply.lstrip() or "...")

@@ -94,16 +94,22 @@ def test_greedy_continuation_matches_huggingface(tiny, params, hparams):
 
 def test_kv_cache_equals_full_recompute_at_every_step_across_the_window(tiny, hparams):
     n_ctx = hparams["n_ctx"]
-    logits = tiny._prefill(tiny.encode("Once upon a time"))
-    slid = 0
-    for _ in range(2 * n_ctx + 10):
-        token = int(logits[0].argmax())
-        before = len(tiny._context)
-        logits = tiny._advance(token)
-        slid += len(tiny._context) < before
-        assert len(tiny._context) <= n_ctx
-        full = tiny.logits(tiny._context)[-1]
-        assert relative_error(logits[0], full) < 1e-5
+    chunks = tiny.stream_completion("Once upon a time", 2 * n_ctx + 10, temperature=0,
+                                    logprobs=20, stop_at_eos=False)
+    slid, before = 0, 0
+    for chunk in chunks:
+        if chunk.finish_reason:
+            break
+        # Paused here, the cache holds the context whose logits gave this chunk's token.
+        context = list(tiny.context)
+        slid += len(context) < before
+        before = len(context)
+        assert len(context) <= n_ctx
+        full = tiny.logits(context)[-1].astype(np.float64)
+        full -= full.max() + np.log(np.exp(full - full.max()).sum())  # log-softmax
+        assert chunk.tokens == [int(full.argmax())]
+        got = np.array(list(chunk.top_logprobs[0].values()))
+        assert np.abs(got - np.sort(full)[::-1][:20]).max() < 1e-5
     assert slid >= 2  # the window really moved, more than once
 
 
@@ -123,13 +129,13 @@ def test_row_blocks_give_the_same_logits(tiny, monkeypatch, hparams):
 
 def test_attention_blocks_never_hold_the_whole_score_matrix(monkeypatch):
     seen = []
-    real_softmax = model.softmax_
+    real_exp = model.shifted_exp_
 
-    def recording_softmax(x):
+    def recording_exp(x):
         seen.append(x.shape)
-        return real_softmax(x)
+        return real_exp(x)
 
-    monkeypatch.setattr(model, "softmax_", recording_softmax)
+    monkeypatch.setattr(model, "shifted_exp_", recording_exp)
     monkeypatch.setattr(model, "ATTN_BLOCK_BYTES", 64 * 4 * 4 * 16)  # 16 rows of 64 keys, 4 heads
     rng = np.random.default_rng(3)
     q, k, v = (rng.standard_normal((1, 4, 64, 8)).astype(np.float32) for _ in range(3))
@@ -143,7 +149,7 @@ def test_everything_stays_float32(tiny):
     for value in tiny.gpt.blocks[0].values():
         assert all(v.dtype == np.float32 for v in value)
     assert tiny.logits([1, 2, 3]).dtype == np.float32
-    assert tiny._prefill([1, 2, 3]).dtype == np.float32
+    assert tiny.gpt.forward(np.array([[1, 2, 3]]), tiny.gpt.new_cache()).dtype == np.float32
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 8, 9, 300])
