@@ -529,7 +529,8 @@ def test_grad_accum_is_one_step_over_the_whole_batch(text_file, tmp_path):
     assert loss_four == pytest.approx(loss_one, rel=1e-6)
     scale = np.abs(one.flat_grad).max()
     assert np.abs(four.grad_sum - one.flat_grad).max() <= 1e-5 * scale
-    np.testing.assert_allclose(four.flat, one.flat, rtol=0, atol=1e-6)
+    # (The parameters after the step are not compared: AdamW's first step is about lr * sign(g),
+    # which float32 rounding flips where g is near 0.)
 
 
 def gpt2_vocabulary_folder(tmp_path):
