@@ -419,6 +419,8 @@ class Service:
     def _prompt_logprobs(self, ids, request):
         """The echoed prompt's logprobs: each token's log-probability given the ones before it
         (the first has none), from one forward pass over the prompt."""
+        if not ids:  # an empty prompt has no tokens to score
+            return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         token_lp, top_lp = [None], [None]
         k = request["logprobs"]
         if len(ids) > 1:
@@ -672,16 +674,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self, method):
         self._started, self._status, self._stats = time.monotonic(), None, Stats()
-        self._in_request = True
+        self._in_request, self._body_read = True, False
         try:
             self._route(method, urlsplit(self.path).path)
         except APIError as e:
+            if not self._body_read and self._has_body():
+                self.close_connection = True  # its unread body would be read as a request
             self._send_error(e)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
             self._status = self._status or 499  # the client left
         except Exception:  # a bug of ours: the client gets a 500, the operator the traceback
             self.app.log(f"internal error on {method} {self.path}:\n{traceback.format_exc()}")
+            self.close_connection = True
             self._send_error(APIError(500, "internal server error", code="internal_error"))
         finally:
             self._in_request = False
@@ -758,9 +763,14 @@ class _Handler(BaseHTTPRequestHandler):
                                 "application/json", code="unsupported_media_type")
         return parse_json(body)
 
+    def _has_body(self):
+        length = (self.headers.get("Content-Length") or "0").strip()
+        return length != "0" or "Transfer-Encoding" in self.headers
+
     def _read_body(self):
         """The request body, at most BODY_LIMIT bytes: refused from Content-Length before any of
         it is read, and counted chunk by chunk for a chunked body."""
+        self._body_read = True  # from here on, any error closes the connection or reads it all
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             return self._read_chunked()
         lengths = set(self.headers.get_all("Content-Length") or [])
@@ -898,6 +908,12 @@ class _Handler(BaseHTTPRequestHandler):
                     break
                 except APIError as e:  # mid-stream, the status is sent: an error event
                     write(b"data: " + json.dumps(e.body()).encode() + b"\n\n")
+                    break
+                except Exception:  # a bug of ours, after the 200: an error event, then the end
+                    self.app.log(f"internal error streaming {self.path}:\n"
+                                 f"{traceback.format_exc()}")
+                    error = APIError(500, "internal server error", code="internal_error")
+                    write(b"data: " + json.dumps(error.body()).encode() + b"\n\n")
                     break
                 write(b"data: " + json.dumps(event, ensure_ascii=False).encode("utf-8")
                       + b"\n\n")
