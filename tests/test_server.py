@@ -578,6 +578,28 @@ def test_cors_only_when_asked(tiny):
         assert request(s, "GET", "/v1/models")[1]["access-control-allow-origin"] == "*"
 
 
+def test_connections_beyond_the_limit_get_503(tiny):
+    with srv.Server(tiny, "gpt2-tiny", port=0, log=lambda line: None, max_connections=2) as s:
+        idle = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(2)]
+        time.sleep(0.2)  # both are being served (each thread waits for its request line)
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as third:
+            answer = read_response(third)
+        assert answer.startswith(b"HTTP/1.1 503")
+        error_of(503, answer.split(b"\r\n\r\n", 1)[1])
+        idle.pop().close()  # a slot frees up when its connection ends
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                assert request(s, "GET", "/v1/models")[0] == 200
+                break
+            except (ConnectionError, AssertionError, http.client.HTTPException):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        for sock in idle:
+            sock.close()
+
+
 def test_bind_address_checks():
     assert srv.is_loopback("127.0.0.1") and srv.is_loopback("::1")
     assert srv.is_loopback("localhost") and srv.is_loopback("127.0.0.2")
