@@ -612,6 +612,10 @@ def test_one_log_line_per_request(server):
     request(server, "GET", "/v1/models")
     post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 3, "temperature": 0})
     post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": "x"})
+    deadline = time.monotonic() + 5  # a line is written just after its answer has gone out
+    while len(server.lines) < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
     lines = server.lines[before:]
     assert len(lines) == 3, lines
     assert " GET /v1/models 200 0 tokens " in lines[0]
