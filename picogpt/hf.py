@@ -15,6 +15,7 @@ HF's tensor names map to OpenAI's in one table, `hf_names`. Both store matrices 
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import numpy as np
 from picogpt import files, safetensors
 from picogpt.chars import CharTokenizer
 from picogpt.errors import ModelError, OutputExistsError, VocabularyError
-from picogpt.model import param_shapes
+from picogpt.model import LN_EPS, param_shapes
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -51,6 +52,7 @@ TOP_NAMES = {"model/wte": "wte.weight", "model/wpe": "wpe.weight",
 PREFIX = "transformer."  # GPT2LMHeadModel's names; GPT2Model's have none
 LM_HEAD = "lm_head.weight"  # the output projection: GPT-2 ties it to wte
 BUFFERS = ("attn.bias", "attn.masked_bias")  # causal-mask buffers older versions saved
+_LAYER = re.compile(r"(?:transformer\.)?h\.(\d+)\.")  # a block's tensor: its layer number
 
 
 def hf_names(n_layer, prefix=PREFIX):
@@ -103,12 +105,11 @@ SUPPORTED = {
                             "tanh GELU"),
     "scale_attn_weights": ((True,), "attention scores not scaled by 1/sqrt(head size)"),
     "scale_attn_by_inverse_layer_idx": ((False,), "attention scaled by 1/(layer + 1)"),
-    "reorder_and_upcast_attn": ((False,), "attention reordered and upcast (Mistral's variant)"),
+    "reorder_and_upcast_attn": ((False,), "keys scaled before the product, upcast for "
+                                "mixed-precision training"),
     "add_cross_attention": ((False,), "cross-attention to an encoder"),
     "tie_word_embeddings": ((True,), "an output projection separate from wte"),
 }
-LN_EPS = 1e-5  # the engine's LayerNorm epsilon (model.LN_EPS)
-
 
 def read_config(folder):
     """The hparams (n_vocab, n_ctx, n_embd, n_head, n_layer) of an HF folder's config.json, after
@@ -139,7 +140,7 @@ def read_config(folder):
             raise ModelError(f"{path}: {key} {config[key]!r} ({meaning}) is not GPT-2's network, "
                              "and picogpt's engine does not compute it")
     eps = config.get("layer_norm_epsilon", LN_EPS)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or abs(eps - LN_EPS) > 1e-12:
+    if type(eps) is not float or abs(eps - LN_EPS) > 1e-12:  # (a JSON integer is never 1e-5)
         raise ModelError(f"{path}: layer_norm_epsilon {eps!r}: picogpt's engine uses GPT-2's "
                          f"{LN_EPS}")
     n_inner = config.get("n_inner")
@@ -232,6 +233,10 @@ def read_params(folder, hparams, weights=None):
     """An HF folder's weights as the engine takes them: OpenAI's names and shapes, float32;
     each tensor checked against the shape config.json's sizes give it."""
     tensors, where = read_tensors(folder, weights)
+    if hparams["n_layer"] > len(tensors):  # before any table n_layer long is built
+        layers = {m.group(1) for m in map(_LAYER.match, tensors) if m}
+        raise ModelError(f"{Path(folder) / CONFIG}: n_layer is {hparams['n_layer']} but the "
+                         f"weights are those of {len(layers)} layer(s)")
     by_hf = {hf: ours for ours, hf in hf_names(hparams["n_layer"], prefix="").items()}
     shapes = param_shapes(hparams)
     params, lm_head, unknown = {}, None, []
@@ -397,12 +402,17 @@ def export(model, out, format="hf", dtype="float32"):
         raise ValueError("OpenAI's layout is float32 (as OpenAI published GPT-2)")
     out = Path(out)
     check_new_folder(out)
-    hparams, tokenizer, params = loading.read_folder(model)  # every tensor checked
+    try:
+        hparams, tokenizer, params = loading.read_folder(model)  # every tensor checked
+    except (OSError, ValueError) as e:  # a tokenizer file missing, say: as load_folder says it
+        if isinstance(e, ModelError):
+            raise
+        raise ModelError(f"{model}: {e}") from e
     tmp = files.temporary_name(out)
     tmp.mkdir(parents=True)
     try:
         if format == "hf":
-            _write_hf(tmp, hparams, tokenizer, params, dtype)
+            _write_hf(tmp, hparams, tokenizer, params, dtype, model)
         else:
             _write_openai(tmp, hparams, tokenizer, params)
         check_new_folder(out)
@@ -419,7 +429,7 @@ def check_new_folder(out):
                                 "never overwrites files: name a new folder")
 
 
-def _write_hf(out, hparams, tokenizer, params, dtype):
+def _write_hf(out, hparams, tokenizer, params, dtype, source):
     eot = getattr(tokenizer, "eot_id", None)
     config = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
@@ -436,17 +446,17 @@ def _write_hf(out, hparams, tokenizer, params, dtype):
                      {"bos_token_id": eot, "eos_token_id": eot} if eot is not None else {})
     tensors = to_hf(params, hparams["n_layer"])
     if dtype == "float16":
-        tensors = {name: _float16(name, array) for name, array in tensors.items()}
+        tensors = {name: _float16(name, array, source) for name, array in tensors.items()}
     safetensors.write(out / WEIGHTS, tensors, metadata={"format": "pt"})
     _write_hf_tokenizer(out, tokenizer, hparams)
 
 
-def _float16(name, array):
+def _float16(name, array, source):
     with np.errstate(over="ignore"):
         narrow = array.astype(np.float16)
     if not np.isfinite(narrow).all() and np.isfinite(array).all():
-        raise ModelError(f"tensor {name!r} has values beyond float16's range (65504): export "
-                         "it as float32")
+        raise ModelError(f"{source}: tensor {name!r} has values beyond float16's range (65504): "
+                         "export it as float32")
     return narrow
 
 

@@ -59,7 +59,7 @@ class BlockCache(NamedTuple):
     (a multiply-add each) rather than kept."""
 
     ln_1: layers.LayerNormCache
-    attn: layers.AttentionCache  # q, k, v are views of c_attn's output [N, 3C]
+    attn: layers.AttentionCache  # q, k, v: c_attn's output [N, 3C] by head
     a: np.ndarray  # the attention's output, c_proj's input [N, C]
     drop_1: Optional[np.ndarray]  # dropout mask of the attention branch
     ln_2: layers.LayerNormCache
@@ -205,8 +205,19 @@ def init_params(params, hparams, rng):
             array[...] = 0.0
 
 
+ADAM_BLOCK = 1 << 15  # elements updated at a time: the update's temporaries stay in cache
+
+
 class AdamW:
-    """Adam with decoupled weight decay over one flat parameter buffer (as torch.optim.AdamW)."""
+    """Adam with decoupled weight decay over one flat parameter buffer (as torch.optim.AdamW):
+
+        p *= 1 - lr * weight_decay            (matrices only: the first n_decay elements)
+        m = beta1 m + (1 - beta1) g
+        v = beta2 v + (1 - beta2) g^2
+        p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+    done ADAM_BLOCK elements at a time: GPT-2 124M's buffers are 500 MB each, and whole-buffer
+    expressions would stream them from memory a dozen times and allocate as many temporaries."""
 
     def __init__(self, flat_params, n_decay, beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-8):
         self.params, self.n_decay = flat_params, n_decay
@@ -218,18 +229,29 @@ class AdamW:
     def update(self, grad, lr):
         self.step += 1
         b1, b2 = self.beta1, self.beta2
-        if self.weight_decay:
-            self.params[: self.n_decay] *= 1.0 - lr * self.weight_decay
-        self.m *= b1
-        self.m += (1.0 - b1) * grad
-        self.v *= b2
-        self.v += (1.0 - b2) * (grad * grad)
-        denom = np.sqrt(self.v)
-        denom *= 1.0 / math.sqrt(1.0 - b2**self.step)
-        denom += self.eps
-        step = self.m / denom
-        step *= lr / (1.0 - b1**self.step)
-        self.params -= step
+        decay = 1.0 - lr * self.weight_decay
+        rescale = 1.0 / math.sqrt(1.0 - b2**self.step)
+        step_size = lr / (1.0 - b1**self.step)
+        t = np.empty(min(ADAM_BLOCK, self.params.size), self.params.dtype)
+        for start in range(0, self.params.size, ADAM_BLOCK):
+            stop = min(start + ADAM_BLOCK, self.params.size)
+            p, g, m, v = (a[start:stop] for a in (self.params, grad, self.m, self.v))
+            tmp = t[: stop - start]
+            if self.weight_decay and start < self.n_decay:
+                p[: self.n_decay - start] *= decay
+            m *= b1
+            np.multiply(g, 1.0 - b1, out=tmp)
+            m += tmp
+            v *= b2
+            np.multiply(g, g, out=tmp)
+            tmp *= 1.0 - b2
+            v += tmp
+            np.sqrt(v, out=tmp)
+            tmp *= rescale
+            tmp += self.eps
+            np.divide(m, tmp, out=tmp)
+            tmp *= step_size
+            p -= tmp
 
 
 def clip_grad_norm(grad, max_norm):
@@ -627,11 +649,13 @@ class Plan(NamedTuple):
 
 
 def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="chars",
-            weights_dir=None, base_url=None, check_saved=None, progress=None):
+            weights_dir=None, base_url=None, check_saved=None, progress=None,
+            download_source=None):
     """Check everything that can be wrong before any training: the text, the options, --out,
     the memory it needs. `init` and `tokenizer` are model names as --model takes them
-    (loading.resolve); `check_saved(config, path)` validates a resumed run's saved configuration;
-    `progress(done, total)` hears how tokenizing goes. Nothing is written until all is checked."""
+    (loading.resolve; a GPT-2 size is downloaded from `download_source`); `check_saved(config,
+    path)` validates a resumed run's saved configuration; `progress(done, total)` hears how
+    tokenizing goes. Nothing is written until all is checked."""
     from picogpt import download, loading
 
     text = read_text(text_path)
@@ -663,7 +687,7 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
         folder = RunFolder.for_new_run(out)
     if not resume:
         if init is not None:
-            source = loading.resolve(init, weights_dir, base_url)
+            source = loading.resolve(init, weights_dir, base_url, download_source)
             hparams, tok, init_params = loading.read_folder(source)
             _check_model(init_params, hparams, source)
             config = make_config(options, init_hparams=hparams)
@@ -674,7 +698,7 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
 
                 tok = CharTokenizer.from_text(text)
             else:
-                source = loading.resolve(tokenizer, weights_dir, base_url)
+                source = loading.resolve(tokenizer, weights_dir, base_url, download_source)
                 try:
                     tok = loading.read_tokenizer(source)
                 except (OSError, ValueError) as e:  # a folder without (or with a bad) tokenizer

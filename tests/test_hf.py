@@ -192,6 +192,8 @@ BAD_CONFIGS = [
     (config_with(tie_word_embeddings=False), "tie_word_embeddings"),
     (config_with(layer_norm_epsilon=1e-6), "layer_norm_epsilon 1e-06"),
     (config_with(n_inner=100), "n_inner 100"),
+    (config_with(layer_norm_epsilon=10**400), "layer_norm_epsilon 1000"),
+    (config_with(vocab_size=10**30), "wte.weight' is"),  # nothing sized by it is allocated
     (config_with(vocab_size=600), "model.safetensors: tensor 'transformer.wte.weight' is "
                                   r"\[513, 32\], but config.json's sizes make it \[600, 32\]"),
     (config_with(n_positions=128), "wpe.weight' is"),
@@ -537,3 +539,34 @@ def test_cli_train_init_from_an_hf_folder(tmp_path):
     tuned = picogpt.load(tmp_path / "ft")
     assert tuned.hparams == picogpt.load(HF16).hparams
     assert tuned.encode(TEXT) == picogpt.load(HF16).encode(TEXT)
+
+
+def test_export_of_a_folder_missing_a_tokenizer_file(tmp_path):
+    folder = copy(SHARDS, tmp_path / "m")
+    (folder / "merges.txt").unlink()
+    with pytest.raises(ModelError, match="merges.txt") as e:
+        hf.export(folder, tmp_path / "out")
+    assert str(folder) in str(e.value) and not (tmp_path / "out").exists()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzz_hf_folder_files(tmp_path_factory, data):
+    """Byte flips and truncations in any of an HF folder's files: it loads (a flip that changes
+    nothing checked, a weight's value) or it is a PicogptError, never anything else."""
+    folder = copy(HF16, tmp_path_factory.mktemp("fuzz") / "m")
+    name = data.draw(st.sampled_from(["config.json", "tokenizer.json", "model.safetensors"]))
+    path = folder / name
+    raw = bytearray(path.read_bytes())
+    if data.draw(st.booleans(), label="truncate"):
+        raw = raw[: data.draw(st.integers(0, len(raw) - 1), label="length")]
+    limit = len(raw) if name != "model.safetensors" else min(len(raw), 4096)  # the header
+    for _ in range(data.draw(st.integers(1, 3), label="flips")):
+        if limit:
+            raw[data.draw(st.integers(0, limit - 1), label="at")] = data.draw(
+                st.integers(0, 255), label="byte")
+    path.write_bytes(bytes(raw))
+    try:
+        picogpt.load(folder)
+    except PicogptError:
+        pass

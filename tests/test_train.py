@@ -2,9 +2,11 @@
 optimizer against PyTorch, the schedule and batches, and the training loop end to end: saving,
 loading in the engine, resuming, surviving a crash mid-save, and the command's errors."""
 
+import errno
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -114,8 +116,10 @@ def test_float32_training_step_matches_float64():
 # --- optimizer and schedule ---------------------------------------------------------------------
 
 
-def test_adamw_and_clipping_match_pytorch():
+@pytest.mark.parametrize("block", [7, 1 << 15])  # blocks across the decayed matrices' end; one
+def test_adamw_and_clipping_match_pytorch(block, monkeypatch):
     torch = pytest.importorskip("torch")
+    monkeypatch.setattr(tr, "ADAM_BLOCK", block)
     shapes = {"w": (5, 4), "b": (4,)}
     flat, views = tr.flat_views(shapes, np.float64)
     flat[:] = np.random.default_rng(7).normal(size=flat.size)
@@ -377,4 +381,121 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(text_file, tmp_path):
         proc.kill()
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert "interrupted at iter" in out and "--resume" in out
+    assert picogpt.load(out_dir).generate("ROMEO:", n=5, seed=0)
+
+
+# --- the folder: picogpt replaces or deletes only what it wrote (issue 11, findings 1 and 10) -----
+
+
+def run_train(capsys, *args):
+    """`picogpt train ARGS` in this process: (exit status, stdout, stderr)."""
+    from picogpt import cli
+
+    status = cli.main(["train", *map(str, args)])
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def folder_bytes(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_foreign_folder_is_refused_and_left_untouched(text_file, tmp_path, capsys):
+    """Someone's TensorFlow run (checkpoints, a `checkpoint` file, no hparams.json) in --out:
+    nothing in it is deleted or overwritten, by a new run or by --resume."""
+    theirs = tmp_path / "their-run"
+    (theirs / "eval").mkdir(parents=True)
+    for name, data in {"model.ckpt-1000.index": b"index", "checkpoint": b'model_checkpoint_path: '
+                       b'"model.ckpt-1000"\n', "model.ckpt-1000.data-00000-of-00001": b"weights",
+                       "model.ckpt-900.index": b"older", "eval/events": b"log",
+                       "hparams.json.tmp1": b"not ours either"}.items():  # fmt: skip
+        (theirs / name).write_bytes(data)
+    before = folder_bytes(theirs)
+    for extra in ([], ["--resume"]):
+        status, out, err = run_train(capsys, text_file, "--out", theirs, "--max-iters", "0",
+                                     *SMALL, *extra)  # fmt: skip
+        assert status == 2 and "not a picogpt training folder" in err, err
+        assert err.count("\n") == 1 and out == ""
+        assert folder_bytes(theirs) == before
+
+
+def test_a_new_run_takes_an_empty_folder_and_records_its_files(text_file, tmp_path, capsys):
+    out_dir = tmp_path / "empty"
+    out_dir.mkdir()
+    status, _, err = run_train(capsys, text_file, "--out", out_dir, "--max-iters", "20", *SMALL)
+    assert status == 0, err
+    record = json.loads((out_dir / "train_files.json").read_text())
+    on_disk = {str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file()}
+    assert set(record["files"]) == on_disk  # everything there is recorded, nothing else
+    # A file of the user's dropped in later is not picogpt's to delete.
+    (out_dir / "model.ckpt-5.index").write_bytes(b"the user's")
+    status, _, err = run_train(capsys, text_file, "--out", out_dir, "--resume", "--max-iters", "40")
+    assert status == 0, err
+    assert (out_dir / "model.ckpt-5.index").read_bytes() == b"the user's"
+
+
+@pytest.mark.parametrize("saved, message", [
+    ([1, 2], "expected a JSON object, got list"),
+    ({"n_head": 0}, "n_head: must be at least 1, got 0"),
+    ({"eval_interval": 0}, "eval_interval: must be at least 1, got 0"),
+    ({"lr": "fast"}, 'lr: expected a number, got "fast"'),
+    ({"seed": -1}, "seed: must be >= 0, got -1"),
+    ({"max_iters": 2.5}, "max_iters: expected a whole number, got '2.5'"),
+    ({"dropout": True}, "dropout: expected a number, got true"),
+])  # fmt: skip
+def test_resume_checks_the_saved_configuration(text_file, tmp_path, capsys, saved, message):
+    out_dir = tmp_path / "model"
+    assert run_train(capsys, text_file, "--out", out_dir, "--max-iters", "0", *SMALL)[0] == 0
+    path = out_dir / "train_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps(saved if isinstance(saved, list) else {**config, **saved}))
+    status, _, err = run_train(capsys, text_file, "--out", out_dir, "--resume")
+    assert status == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_resume_starts_over_when_the_first_save_never_finished(text_file, tmp_path, capsys):
+    """What a kill during the very first save leaves: picogpt's record and some of its files,
+    temporaries of a process that is gone, no `checkpoint` and no resume state. --resume starts
+    over (and says so), a new run may take the folder too, and the temporaries go."""
+    out_dir = tmp_path / "model"
+    assert run_train(capsys, text_file, "--out", out_dir, "--max-iters", "0", *SMALL)[0] == 0
+    dead = 4_999_999  # above Linux's largest pid: no such process
+    shutil.rmtree(out_dir / "resume")
+    (out_dir / "checkpoint").rename(out_dir / f"checkpoint.tmp{dead}")
+    (out_dir / f"hparams.json.tmp{dead}").write_text("{")
+    (out_dir / "resume").mkdir()
+    (out_dir / "resume" / f"checkpoint.tmp{dead}").write_text("half")
+    for extra in (["--resume"], []):
+        status, out, err = run_train(capsys, text_file, "--out", out_dir, "--max-iters", "20",
+                                     *SMALL, *extra)  # fmt: skip
+        assert status == 0, err
+        if extra:
+            assert "starting over" in err and "no complete training state" in err
+            assert not list(out_dir.rglob(f"*.tmp{dead}"))
+            assert len(list(out_dir.glob("model.ckpt-*.index"))) == 1
+            shutil.rmtree(out_dir / "resume")  # again half-saved, for the run without --resume
+            (out_dir / "checkpoint").unlink()
+    assert picogpt.load(out_dir).generate("ROMEO:", n=5, seed=0)
+
+
+def test_a_failed_save_says_so_on_stderr_and_claims_no_success(text_file, tmp_path, capsys,
+                                                              monkeypatch):
+    """A full disk at the second evaluation's save: one error line on stderr naming what the
+    folder still holds, exit 1, and no "best model ... in DIR" line; the first save loads."""
+    out_dir = tmp_path / "model"
+    real_write, calls = checkpoint.write, []
+
+    def full_disk(prefix, tensors):
+        calls.append(prefix)
+        if len(calls) > 2:  # model and state at iter 0 went through
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(prefix, tensors)
+
+    monkeypatch.setattr(checkpoint, "write", full_disk)
+    status, out, err = run_train(capsys, text_file, "--out", out_dir, "--max-iters", "40", *SMALL)
+    assert status == 1
+    assert err.startswith("picogpt train: error: cannot save to ") and err.count("\n") == 1
+    assert "No space left on device" in err and "the state of iter 0" in err, err
+    assert "best model" not in out and "error" not in out
+    monkeypatch.undo()
     assert picogpt.load(out_dir).generate("ROMEO:", n=5, seed=0)
