@@ -303,7 +303,11 @@ def bpe(args):
         log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
         ms = [r["ms_per_iter"] for r in log if r["ms_per_iter"] is not None]
         rows["picogpt (NumPy)"] = (statistics.median(ms), log[-1]["val_loss"])
+        print(f"  picogpt: {rows['picogpt (NumPy)'][0]:.1f} ms/iter, val loss "
+              f"{log[-1]['val_loss']:.4f}", flush=True)
     if args.nanogpt:
+        if args.max_iters <= RECIPE["warmup_iters"]:  # nanoGPT's schedule divides by their gap
+            sys.exit(f"nanoGPT needs --max-iters above its warmup ({RECIPE['warmup_iters']})")
         nanogpt_prepare(text, args.nanogpt, enc)
         command = [sys.executable, "train.py", "config/train_shakespeare_char.py",
                    "--dataset=shakespeare", *NANOGPT_CPU, f"--max_iters={args.max_iters}",

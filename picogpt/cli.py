@@ -858,6 +858,11 @@ def _train(argv):
         print(f"picogpt train: {'error: ' if isinstance(e, FileReadError) else ''}{e}",
               file=sys.stderr)  # fmt: skip
         return 1
+    except OSError as e:  # --out cannot be written (read-only, full)
+        progress.close()
+        print(f"picogpt train: error: cannot write to {args.out}: {e.strerror or e}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     if plan.notice:
         print(plan.notice, file=sys.stderr)
     unit = "characters" if "chars.json" in plan.vocabulary else "tokens"
@@ -876,6 +881,12 @@ def _train(argv):
         status.report(f"interrupted at iter {trainer.iter}")
         _say_where(trainer, args, interrupted=True)
         return 130
+    except MemoryError:
+        status.end()
+        print(f"picogpt train: error: out of memory at iter {trainer.iter} (about "
+              f"{plan.memory / 1e9:.1f} GB were estimated)" + _still_there(trainer, args),
+              file=sys.stderr)  # fmt: skip
+        return 1
     except OSError as e:  # a full disk, a folder made read-only meanwhile
         status.end()
         print(f"picogpt train: error: cannot save to {trainer.out}: {e.strerror or e}"
