@@ -29,7 +29,6 @@ Run nothing else meanwhile: the machine's cores are shared by both sides.
 import argparse
 import json
 import math
-import platform
 import re
 import resource
 import statistics
@@ -51,18 +50,8 @@ from picogpt.chars import CharTokenizer  # noqa: E402
 RECIPE = dict(tr.DEFAULTS)  # picogpt's defaults are nanoGPT's CPU recipe
 
 
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU unknown"
-
-
 def header():
-    return f"{cpu_model()}, {describe()}"
+    return describe()  # machine.describe names the CPU
 
 
 def run_picogpt(data, tokenizer, config):
