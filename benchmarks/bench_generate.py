@@ -335,7 +335,7 @@ ENGINE_FUNCTIONS = ("shifted_exp_", "softmax_", "attention", "gelu_", "layer_nor
 LAYER_FUNCTIONS = ("layer_norm_forward", "layer_norm_backward", "attention_forward",
                    "attention_backward", "softmax_backward", "gelu_forward", "gelu_backward",
                    "linear_forward", "linear_backward", "cross_entropy_forward",
-                   "cross_entropy_backward")  # fmt: skip
+                   "cross_entropy_backward", "classifier_forward")  # fmt: skip
 
 
 def wide_params(hparams, rng, widen):
@@ -370,9 +370,10 @@ def count_engine(model_module, sampling_module, counts):
         undo_sampling()
 
 
-def count_training(layers_module, counts):
-    """A forward and backward pass of training at nanoGPT's char-recipe shapes."""
-    from picogpt import train
+def count_training(train, layers_module, counts):
+    """A forward and backward pass of training (the module `train`, over `layers_module`) at
+    nanoGPT's char-recipe shapes."""
+    import inspect
 
     hparams = {"n_vocab": 65, "n_ctx": 64, "n_embd": 128, "n_head": 4, "n_layer": 4}
     rng = np.random.default_rng(1)
@@ -383,17 +384,24 @@ def count_training(layers_module, counts):
     train.layers = layers_module
     undo = counting(layers_module, LAYER_FUNCTIONS, counts, "layers")
     try:
-        _, cache = train.gpt_forward(params, hparams, idx, targets)
+        if "grads" in inspect.signature(train.gpt_forward).parameters:
+            _, cache = train.gpt_forward(params, hparams, idx, targets, grads=grads)
+        else:  # before the output layer's backward moved into the forward
+            _, cache = train.gpt_forward(params, hparams, idx, targets)
         train.gpt_backward(cache, params, hparams, grads)
+        if hasattr(layers_module, "classifier_forward"):  # the loss over GPT-2's vocabulary
+            h = rng.standard_normal((64, 768), dtype=np.float32) * np.float32(50)
+            wte = rng.standard_normal((50257, 768), dtype=np.float32) * np.float32(0.02)
+            layers_module.classifier_forward(h, wte, rng.integers(0, 50257, 64), np.empty_like(wte))
     finally:
         undo()
         train.layers = saved_layers
 
 
 def count_subnormals(before):
-    from picogpt import layers, model, sampling
+    from picogpt import layers, model, sampling, train
 
-    columns = {"now": (model, sampling, layers)}
+    columns = {"now": (model, sampling, layers, train)}
     if before:
         from bench_passes import module_at
 
@@ -403,16 +411,20 @@ def count_subnormals(before):
         if old_layers is not None:  # its references to the engine go to the old engine too
             old_layers.model, old_layers.causal_mask = old_model, old_model.causal_mask
             old_layers.softmax_forward = old_model.softmax_
-        columns = {before: (old_model, old_sampling, old_layers), **columns}
+        old_train = module_at(before, "picogpt/train.py")
+        if old_train is not None:
+            old_train.model = old_model
+        columns = {before: (old_model, old_sampling, old_layers, old_train), **columns}
     results = {}
-    for label, (model_module, sampling_module, layers_module) in columns.items():
+    for label, (model_module, sampling_module, layers_module, train_module) in columns.items():
         counts = results[label] = {}
         count_engine(model_module, sampling_module, counts)
         if layers_module is not None:
-            count_training(layers_module, counts)
-    print(f"{describe()}\nSubnormal floats out of each function (subnormal / all values), a "
-          f"512-token prefill of GPT-2 124M's shapes and one training step of the char recipe, "
-          f"random weights with wide attention scores")  # fmt: skip
+            count_training(train_module, layers_module, counts)
+    print(f"{describe()}\nSubnormal floats out of each function (subnormal / all values): a "
+          f"512-token prefill of GPT-2 124M's shapes, a sample from its logits, one training step "
+          f"of the char recipe and a loss over GPT-2's vocabulary; random weights with wide "
+          f"attention scores and logits")  # fmt: skip
     names = sorted({name for counts in results.values() for name in counts})
     print("| function | " + " | ".join(results) + " |\n" + "|---" * (len(results) + 1) + "|")
     for name in names:
