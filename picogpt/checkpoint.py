@@ -302,7 +302,7 @@ def _block_entries(block, where, budget):
 
 
 class _Budget:
-    """What an index may still cost: rebuilt key bytes and entries, both fixed by its size."""
+    """What an index may still cost: key bytes rebuilt (a multiple of its size) and entries."""
 
     def __init__(self, index_size, where):
         self.key_bytes = KEY_BYTES_PER_INDEX_BYTE * index_size
@@ -341,8 +341,8 @@ def _index_entries(index, where):
     buf = _Buffer(footer[:40], where)
     _metaindex = (buf.varint(), buf.varint())
     index_handle = (buf.varint(), buf.varint())
-    budget = _Budget(len(index), where)
     index_block = _read_block(index, index_handle, where)
+    budget = _Budget(len(index), where)  # for the data blocks' entries; the index block has its own
     next_free = 0  # data blocks start at or after the end of the previous one
     for _, handle_value in _block_entries(index_block, where, _Budget(len(index), where)):
         offset, size = _handle(handle_value, where)

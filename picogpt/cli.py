@@ -416,6 +416,7 @@ def _check_stops(stops, reserved=()):
 # --- generate -------------------------------------------------------------------------------------
 
 PROMPT_LIMIT = 16 * files.MB  # far more than any context holds
+MESSAGE_LIMIT = files.MB  # characters of one chat message read from stdin
 EVAL_LIMIT = 256 * files.MB  # minutes of tokenizing; larger texts are better sampled
 
 
@@ -569,9 +570,11 @@ def _chat(args):
                 print(file=sys.stderr)
                 return 0
         else:
-            line = sys.stdin.readline()
+            line = sys.stdin.readline(MESSAGE_LIMIT + 1)  # bounded: stdin may be /dev/zero
             if not line:  # end of input
                 return 0
+            if len(line) > MESSAGE_LIMIT:
+                raise UsageError(f"a message on stdin longer than {MESSAGE_LIMIT:,} characters")
         message = line.strip()
         if not message:
             continue
@@ -786,7 +789,7 @@ def _add_train_arguments(parser, defaults):
                              "(GPT-2's 50,257 tokens), or any model whose tokenizer to use")
     parser.add_argument("--weights-dir", metavar="DIR",
                         help="where GPT-2 sizes are downloaded to (and tokenized texts cached)")
-    parser.add_argument("--base-url", metavar="URL", help="download from here instead of OpenAI")
+    _add_download_options(parser)
     groups = {"model": parser.add_argument_group("model (fixed once training starts)"),
               "training": parser.add_argument_group(
                   "training (--resume keeps the saved values unless given)")}  # fmt: skip
@@ -836,7 +839,7 @@ def _train(argv):
         plan = train.prepare(args.text, args.out, options, resume=args.resume, init=args.init,
                              tokenizer=args.tokenizer, weights_dir=args.weights_dir,
                              base_url=args.base_url, check_saved=_check_train_config,
-                             progress=progress)  # fmt: skip
+                             progress=progress, download_source=args.source)  # fmt: skip
         progress.close()
         config = plan.config
         config["command"] = train.command_line(args.text, args.out, config)

@@ -204,7 +204,7 @@ def download(size, weights_dir_override=None, base_url_override=None, *, source=
         folder.mkdir(parents=True, exist_ok=True)
         lock = open(folder / LOCK, "a+b")  # noqa: SIM115 (held by _locked below)
     except OSError as e:
-        return _read_only(folder, size, e)
+        return _read_only(folder, e)
     if progress is None:
         progress = sys.stderr.isatty()
     limits = _Limits(retries, attempts, backoff, timeout, deadline, progress)
@@ -290,7 +290,7 @@ def _local_error(e, folder):
     return f"{where}: {e.strerror or e}"
 
 
-def _read_only(folder, size, e):
+def _read_only(folder, e):
     """A weights folder we cannot write in: usable when a whole model is already there (checked,
     but the check cannot be recorded), otherwise nothing can be downloaded into it."""
     layout = next((s for s in SOURCES if _all_present(folder, LAYOUTS[s][1])), None)
@@ -443,7 +443,7 @@ def _check_answer(r, url, part, have, limit, linked=None):
         if status == 206:  # a range of the compressed bytes: useless to append; start over
             part.unlink(missing_ok=True)
             raise _Retry("server compressed a partial answer; starting the file over")
-        decode = _Decoder(encoding, url)
+        decode = _Decoder(encoding)
         length = None  # the compressed size, not the file's
     if status == 206:
         start, end, total = _content_range(r.headers.get("Content-Range", ""))
@@ -610,18 +610,20 @@ class _Decoder:
     """A gzip- or deflate-encoded body decoded as it arrives, at most CHUNK bytes of output per
     step so that a small bomb cannot allocate much (the caller bounds the total)."""
 
-    def __init__(self, encoding, url):
-        self.url = url
+    def __init__(self, encoding):
         self.z = zlib.decompressobj(32 + zlib.MAX_WBITS if "gzip" in encoding else zlib.MAX_WBITS)
 
     def __call__(self, data, most):
         """The bytes `data` decodes to, stopping once there are more than `most`."""
         out, n = [], 0
         try:
-            while data and n <= most:
-                out.append(self.z.decompress(data, CHUNK))
-                n += len(out[-1])
+            while n <= most:  # until zlib has neither input left nor output pending
+                piece = self.z.decompress(data, CHUNK)
                 data = self.z.unconsumed_tail
+                if not piece and not data:
+                    break
+                out.append(piece)
+                n += len(piece)
         except zlib.error as e:
             raise _Retry(f"the server's compressed data is corrupt ({e})") from None
         return b"".join(out)

@@ -15,6 +15,7 @@ HF's tensor names map to OpenAI's in one table, `hf_names`. Both store matrices 
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -51,6 +52,7 @@ TOP_NAMES = {"model/wte": "wte.weight", "model/wpe": "wpe.weight",
 PREFIX = "transformer."  # GPT2LMHeadModel's names; GPT2Model's have none
 LM_HEAD = "lm_head.weight"  # the output projection: GPT-2 ties it to wte
 BUFFERS = ("attn.bias", "attn.masked_bias")  # causal-mask buffers older versions saved
+_LAYER = re.compile(r"(?:transformer\.)?h\.(\d+)\.")  # a block's tensor: its layer number
 
 
 def hf_names(n_layer, prefix=PREFIX):
@@ -231,6 +233,10 @@ def read_params(folder, hparams, weights=None):
     """An HF folder's weights as the engine takes them: OpenAI's names and shapes, float32;
     each tensor checked against the shape config.json's sizes give it."""
     tensors, where = read_tensors(folder, weights)
+    if hparams["n_layer"] > len(tensors):  # before any table n_layer long is built
+        layers = {m.group(1) for m in map(_LAYER.match, tensors) if m}
+        raise ModelError(f"{Path(folder) / CONFIG}: n_layer is {hparams['n_layer']} but the "
+                         f"weights are those of {len(layers)} layer(s)")
     by_hf = {hf: ours for ours, hf in hf_names(hparams["n_layer"], prefix="").items()}
     shapes = param_shapes(hparams)
     params, lm_head, unknown = {}, None, []

@@ -58,6 +58,7 @@ MAX_STOP_CHARS = 1000  # per stop string, as Model.complete takes
 MAX_LOGPROBS = 20
 MAX_MESSAGES = 1024
 IDLE_TIMEOUT = 60.0  # seconds a connection may sit idle or half-sent
+MAX_CONNECTIONS = 64  # open at once (each a thread, most waiting their turn at the model)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
                  ".js": "text/javascript; charset=utf-8", ".png": "image/png",
@@ -419,6 +420,8 @@ class Service:
     def _prompt_logprobs(self, ids, request):
         """The echoed prompt's logprobs: each token's log-probability given the ones before it
         (the first has none), from one forward pass over the prompt."""
+        if not ids:  # an empty prompt has no tokens to score
+            return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         token_lp, top_lp = [None], [None]
         k = request["logprobs"]
         if len(ids) > 1:
@@ -672,16 +675,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self, method):
         self._started, self._status, self._stats = time.monotonic(), None, Stats()
-        self._in_request = True
+        self._in_request, self._body_read = True, False
         try:
             self._route(method, urlsplit(self.path).path)
         except APIError as e:
+            if not self._body_read and self._has_body():
+                self.close_connection = True  # its unread body would be read as a request
             self._send_error(e)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
             self._status = self._status or 499  # the client left
         except Exception:  # a bug of ours: the client gets a 500, the operator the traceback
             self.app.log(f"internal error on {method} {self.path}:\n{traceback.format_exc()}")
+            self.close_connection = True
             self._send_error(APIError(500, "internal server error", code="internal_error"))
         finally:
             self._in_request = False
@@ -758,9 +764,14 @@ class _Handler(BaseHTTPRequestHandler):
                                 "application/json", code="unsupported_media_type")
         return parse_json(body)
 
+    def _has_body(self):
+        length = (self.headers.get("Content-Length") or "0").strip()
+        return length != "0" or "Transfer-Encoding" in self.headers
+
     def _read_body(self):
         """The request body, at most BODY_LIMIT bytes: refused from Content-Length before any of
         it is read, and counted chunk by chunk for a chunked body."""
+        self._body_read = True  # from here on, any error closes the connection or reads it all
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
             return self._read_chunked()
         lengths = set(self.headers.get_all("Content-Length") or [])
@@ -899,6 +910,12 @@ class _Handler(BaseHTTPRequestHandler):
                 except APIError as e:  # mid-stream, the status is sent: an error event
                     write(b"data: " + json.dumps(e.body()).encode() + b"\n\n")
                     break
+                except Exception:  # a bug of ours, after the 200: an error event, then the end
+                    self.app.log(f"internal error streaming {self.path}:\n"
+                                 f"{traceback.format_exc()}")
+                    error = APIError(500, "internal server error", code="internal_error")
+                    write(b"data: " + json.dumps(error.body()).encode() + b"\n\n")
+                    break
                 write(b"data: " + json.dumps(event, ensure_ascii=False).encode("utf-8")
                       + b"\n\n")
             write(b"data: [DONE]\n\n")
@@ -939,7 +956,37 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _HTTPServer(ThreadingHTTPServer):
+    """The standard library's threading server, one thread per connection, at most
+    `max_connections` of them: beyond, a connection is answered 503 at once and closed."""
+
     daemon_threads = True
+    max_connections = MAX_CONNECTIONS
+
+    def server_activate(self):
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.app.log(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {client_address[0]} - - 503 "
+                         f"(more than {self.max_connections} connections)")
+            try:
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started: give the slot back
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def handle_error(self, request, client_address):
         """An exception that escaped a handler (a client that reset its connection): one line,
@@ -953,21 +1000,38 @@ class _HTTPServer6(_HTTPServer):
     address_family = socket.AF_INET6
 
 
+def _busy_response():
+    body = json.dumps(APIError(503, "the server has too many connections; try again",
+                               code="too_many_connections").body()).encode()
+    head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
+    return head.encode() + body
+
+
+_BUSY = _busy_response()
+
+
 class Server:
     """`picogpt serve`'s server for one Model: `serve_forever()` from the command line, or
     `with Server(model, port=0) as s:` (a background thread) from tests and benchmarks; `s.url`
     is where it listens."""
 
     def __init__(self, model, name="model", host="127.0.0.1", port=8080, api_key=None,
-                 cors=False, log=None):
+                 cors=False, log=None, max_connections=MAX_CONNECTIONS):
         self.service = Service(model, name)
         self.api_key = api_key or None
         self.cors = cors
         self.log = log or _stderr_line
         self.page_files = page_files()
         server_class = _HTTPServer6 if ":" in host else _HTTPServer
-        self.httpd = server_class((host, port), _Handler)
-        self.httpd.app = self
+        self.httpd = server_class((host, port), _Handler, bind_and_activate=False)
+        self.httpd.app, self.httpd.max_connections = self, max_connections
+        try:
+            self.httpd.server_bind()
+            self.httpd.server_activate()
+        except BaseException:
+            self.httpd.server_close()
+            raise
         self.host, self.port = host, self.httpd.server_address[1]
         self.loopback = is_loopback(host)
         self._thread = None

@@ -776,7 +776,8 @@ def assert_one_line(out, status, prefix="picogpt: "):
 @pytest.mark.parametrize("url", ["ftp://example.com/x", "127.0.0.1:1/x", "http://[::1/x",
                                  "http://127.0.0.1:99999"])
 @pytest.mark.parametrize("command", [["download", "124M"], ["Hello"], ["chat"],
-                                     ["eval", "text.txt"]])
+                                     ["eval", "text.txt"], ["export", "124M", "out"], ["serve"],
+                                     ["train", "text.txt", "--out", "out", "--init", "124M"]])
 def test_cli_a_bad_base_url_is_exit_2(command, url, tmp_path, capsys, monkeypatch):
     from picogpt import cli
 
@@ -839,3 +840,40 @@ def test_resolve_passes_the_source_through(hub, tmp_path):
         picogpt.resolve("gpt2-medium", tmp_path, hub.url, source="huggingface")
     assert picogpt.resolve("gpt2", tmp_path, hub.url, source="huggingface") == tmp_path / "124M"
     assert_hub_complete(hub, tmp_path / "124M")
+
+
+def test_a_model_from_the_hub_loads_and_predicts_as_openais(server, hub, tmp_path):
+    import numpy as np
+
+    import picogpt
+
+    from_hub = picogpt.load("gpt2", tmp_path / "hub", hub.url, source="huggingface")
+    from_openai = picogpt.load("gpt2", tmp_path / "openai", server.url, source="openai")
+    assert from_hub.folder == tmp_path / "hub" / "124M"
+    ids = from_openai.encode("Hello world, hello")
+    assert from_hub.encode("Hello world, hello") == ids
+    logits_hub, logits_openai = from_hub.logits(ids), from_openai.logits(ids)
+    np.testing.assert_allclose(logits_hub, logits_openai, rtol=1e-6, atol=1e-6)
+
+
+def test_cli_generates_with_a_model_from_the_hub(server, hub, tmp_path):
+    args = ["Hello world", "--n", "8", "--seed", "3"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    hub_out = picogpt_cmd(*args, "--source", "huggingface", "--base-url", hub.url,
+                          tmp_path=tmp_path / "a")
+    openai_out = picogpt_cmd(*args, "--base-url", server.url, tmp_path=tmp_path / "b")
+    assert hub_out.returncode == 0 and openai_out.returncode == 0, (hub_out.stderr,
+                                                                     openai_out.stderr)
+    assert hub_out.stdout == openai_out.stdout and len(hub_out.stdout) > len("Hello world")
+    assert f"from {hub.url}/{REPO}/" in hub_out.stderr
+
+
+def test_cli_fine_tunes_a_model_from_the_hub(hub, tmp_path):
+    (tmp_path / "text.txt").write_text("Hello world, hello there. " * 40)
+    out = picogpt_cmd("train", "text.txt", "--out", "tuned", "--init", "gpt2", "--source",
+                      "huggingface", "--base-url", hub.url, "--max-iters", "1",
+                      "--block-size", "16", tmp_path=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert_hub_complete(hub, tmp_path / "weights" / "124M")
+    assert (tmp_path / "tuned" / "hparams.json").is_file()

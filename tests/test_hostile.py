@@ -319,6 +319,16 @@ def test_eval_file_is_bounded(tmp_path, kind):
     assert "essay.txt" in assert_one_line_error(out, 2)
 
 
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+@pytest.mark.parametrize("args", [["-"], ["chat"]])
+def test_stdin_that_never_ends_is_bounded(args):
+    with open("/dev/zero", "rb") as zero, deadline(60):
+        out = subprocess.run([sys.executable, "-m", "picogpt", *args, "--model", str(TINY)],
+                             stdin=zero, capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert "stdin" in assert_one_line_error(out, 2)
+
+
 def test_chars_json_via_the_tokenizer_itself_is_bounded(tmp_path):
     make_sparse(tmp_path / "chars.json")
     with bounded(), pytest.raises(VocabularyError, match="chars.json"):
@@ -432,6 +442,19 @@ def test_a_duplicate_tensor_in_a_real_model_folder(tmp_path):
     (folder / "model.ckpt.data-00000-of-00001").write_bytes(bytes(data))
     error = load_error(folder)
     assert isinstance(error.__cause__, CheckpointError) and "twice" in str(error)
+
+
+HF_FOLDER = ROOT / "tests" / "fixtures" / "gpt2-tiny-hf16"  # HuggingFace's layout, 2 layers
+
+
+@pytest.mark.skipif(not HF_FOLDER.is_dir(), reason="needs the HF fixture")
+@pytest.mark.parametrize("n_layer", [10**7, 10**18])
+def test_an_hf_config_with_another_n_layer_is_rejected_at_once(tmp_path, n_layer):
+    folder = copy_model(tmp_path, HF_FOLDER)
+    config = json.loads((folder / "config.json").read_text())
+    write_json(folder / "config.json", dict(config, n_layer=n_layer))
+    error = load_error(folder, seconds=2, megabytes=16)
+    assert "config.json" in str(error) and f"n_layer is {n_layer}" in str(error)
 
 
 def test_the_engine_itself_checks_before_it_builds():

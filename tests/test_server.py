@@ -226,6 +226,42 @@ def test_echo_with_logprobs_scores_the_prompt(client, reference):
     assert echo_only.choices[0].text == prompt and echo_only.usage.completion_tokens == 0
 
 
+def test_echo_of_an_empty_prompt(client, reference):
+    out = client.completions.create(model="gpt2-tiny", prompt="", max_tokens=3, seed=1,
+                                    echo=True, logprobs=1)
+    want = reference.complete("", 3, seed=1, logprobs=1)
+    assert out.choices[0].text == want.text
+    assert out.choices[0].logprobs.tokens == [reference.token_text(t) for t in want.tokens]
+
+
+def test_a_request_that_extends_the_last_one_reuses_the_kv_cache():
+    """The next chat turn's prompt begins with the last one's: only its new tokens run. (The
+    character model: the tiny GPT-2's 64-token context drops the preamble between turns.)"""
+    tiny = picogpt.load("shakespeare-char")
+    with srv.Server(tiny, "shakespeare-char", port=0, log=lambda line: None) as s:
+        c = openai_client(s)
+        first = [{"role": "user", "content": "Hi!"}]
+        reply = c.chat.completions.create(model="m", messages=first, max_tokens=8,
+                                          temperature=0).choices[0].message.content
+        before = list(tiny.context)
+        turn = [*first, {"role": "assistant", "content": reply},
+                {"role": "user", "content": "And?"}]
+        from picogpt import chat
+
+        ids = tiny.encode(chat.chat_prompt(tiny, turn, 8))
+        shared = next((i for i, (a, b) in enumerate(zip(before, ids)) if a != b),
+                      min(len(before), len(ids)))
+        assert shared > len(ids) // 2  # the test means something: most of the prompt is shared
+        positions, forward = [], tiny.gpt.forward
+        tiny.gpt.forward = lambda x, *a, **k: (positions.append(np.shape(x)[1]),
+                                               forward(x, *a, **k))[1]
+        try:
+            c.chat.completions.create(model="m", messages=turn, max_tokens=8, temperature=0)
+        finally:
+            del tiny.gpt.forward
+        assert positions[0] == len(ids) - min(shared, len(ids) - 1)  # the prefill: new tokens
+
+
 def test_stream_is_the_api_s(client, reference):
     chunks = list(client.completions.create(model="gpt2-tiny", prompt="Stream me", max_tokens=14,
                                             seed=9, stream=True, logprobs=1,
@@ -479,6 +515,21 @@ def test_http_level_errors(server):
     assert request(server, "GET", "/v1/models")[0] == 200
 
 
+def test_an_error_before_the_body_is_read_closes_the_connection(server):
+    """With keep-alive, an unread body would be parsed as the next request: the server closes
+    the connection after such an error, and keeps it when the body was read."""
+    status, headers, _ = post(server, "/v1/nope", {"prompt": "x"})
+    assert status == 404 and headers["connection"] == "close"
+    status, headers, _ = post(server, "/v1/completions", {"prompt": "x", "n": 0})
+    assert status == 400 and "connection" not in headers
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        body = b'{"prompt": "GET /v1/models HTTP/1.1"}'
+        s.sendall(b"POST /v1/nope HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                  b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert read_response(s).startswith(b"HTTP/1.1 404")
+        assert s.recv(100) == b""  # closed: the body was not taken for a request
+
+
 def test_no_path_reaches_the_file_system(server):
     status, headers, page = request(server, "GET", "/")
     assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
@@ -527,6 +578,28 @@ def test_cors_only_when_asked(tiny):
         assert request(s, "GET", "/v1/models")[1]["access-control-allow-origin"] == "*"
 
 
+def test_connections_beyond_the_limit_get_503(tiny):
+    with srv.Server(tiny, "gpt2-tiny", port=0, log=lambda line: None, max_connections=2) as s:
+        idle = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(2)]
+        time.sleep(0.2)  # both are being served (each thread waits for its request line)
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as third:
+            answer = read_response(third)
+        assert answer.startswith(b"HTTP/1.1 503")
+        error_of(503, answer.split(b"\r\n\r\n", 1)[1])
+        idle.pop().close()  # a slot frees up when its connection ends
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                assert request(s, "GET", "/v1/models")[0] == 200
+                break
+            except (ConnectionError, AssertionError, http.client.HTTPException):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        for sock in idle:
+            sock.close()
+
+
 def test_bind_address_checks():
     assert srv.is_loopback("127.0.0.1") and srv.is_loopback("::1")
     assert srv.is_loopback("localhost") and srv.is_loopback("127.0.0.2")
@@ -539,6 +612,10 @@ def test_one_log_line_per_request(server):
     request(server, "GET", "/v1/models")
     post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 3, "temperature": 0})
     post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": "x"})
+    deadline = time.monotonic() + 5  # a line is written just after its answer has gone out
+    while len(server.lines) < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
     lines = server.lines[before:]
     assert len(lines) == 3, lines
     assert " GET /v1/models 200 0 tokens " in lines[0]
