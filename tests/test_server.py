@@ -724,11 +724,16 @@ def test_picogpt_serve_command(tmp_path):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("GET", "/v1/models")
         assert json.loads(conn.getresponse().read())["data"][0]["id"] == "gpt2-tiny"
-        conn.close()
         assert " GET /v1/models 200 0 tokens " in p.stderr.readline()  # its log line
-        p.send_signal(signal.SIGINT)
-        assert p.wait(30) == 130
+        p.send_signal(signal.SIGINT)  # with the connection still open, as a browser keeps it
+        try:
+            status = p.wait(90)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            pytest.fail(f"picogpt serve did not stop on SIGINT: {p.stderr.read()}")
+        assert status == 130
         assert "Traceback" not in p.stderr.read()
+        conn.close()
     finally:
         if p.poll() is None:
             p.kill()
