@@ -739,6 +739,19 @@ def test_picogpt_serve_command(tmp_path):
             p.kill()
             p.wait()
         p.stderr.close()
+    # Another address than loopback without a key: a warning. (192.0.2.1 is TEST-NET-1, never
+    # this machine's: the bind fails, with one line, and no public interface is opened.)
+    out = subprocess.run([sys.executable, "-m", "picogpt", "serve", "--model", str(TINY),
+                          "--host", "192.0.2.1", "--port", "0"], env=env, capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    warning, failure = out.stderr.strip().splitlines()
+    assert "warning: --host 192.0.2.1 without --api-key" in warning
+    assert failure.startswith("picogpt: cannot listen on 192.0.2.1:0: ")
+    out = subprocess.run([sys.executable, "-m", "picogpt", "serve", "--model", str(TINY),
+                          "--host", "192.0.2.1", "--api-key", "k"], env=env, capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 1 and "warning" not in out.stderr
     for args in (["--port", "70000"], ["--api-key", ""], ["--model", "no-such-model"]):
         out = subprocess.run([sys.executable, "-m", "picogpt", "serve", *args], env=env,
                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
