@@ -50,10 +50,6 @@ from picogpt.chars import CharTokenizer  # noqa: E402
 RECIPE = dict(tr.DEFAULTS)  # picogpt's defaults are nanoGPT's CPU recipe
 
 
-def header():
-    return describe()  # machine.describe names the CPU
-
-
 def run_picogpt(data, tokenizer, config):
     step_ms = []
     with tempfile.TemporaryDirectory() as out:
@@ -233,7 +229,7 @@ def one_step_process(args):
 
 
 def finetune(args):
-    print(f"{header()}\nGPT-2 124M's shapes with random weights, batch 1: one step = forward, "
+    print(f"{describe()}\nGPT-2 124M's shapes with random weights, batch 1: one step = forward, "
           "backward, clipping, AdamW\n")
     impls = ["picogpt"] + ([] if args.no_torch else ["torch"])
     results = {}
@@ -265,7 +261,7 @@ def finetune(args):
 
 NANOGPT_CPU = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1",
                "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
-               "--dropout=0.0", "--eval_interval=250"]  # fmt: skip
+               "--dropout=0.0", "--dtype=float32"]  # fmt: skip
 
 
 def gpt2_vocabulary():
@@ -294,7 +290,7 @@ def nanogpt_prepare(text, nanogpt, enc):
 def bpe(args):
     text = args.text.read_text(encoding="utf-8")
     vocab, enc = gpt2_vocabulary()
-    print(f"{header()}\nfrom scratch on GPT-2's tokens, nanoGPT's CPU sizes, {args.max_iters} "
+    print(f"{describe()}\nfrom scratch on GPT-2's tokens, nanoGPT's CPU sizes, {args.max_iters} "
           "iters\n")
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -302,15 +298,20 @@ def bpe(args):
         command = [sys.executable, "-m", "picogpt", "train", str(args.text), "--out", str(out),
                    "--tokenizer", str(vocab), "--weights-dir", tmp,
                    "--max-iters", str(args.max_iters), "--lr-decay-iters", str(args.max_iters),
-                   "--log-interval", "1000000"]  # fmt: skip
+                   "--eval-interval", str(args.eval_interval), "--log-interval", "1000000"]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
         ms = [r["ms_per_iter"] for r in log if r["ms_per_iter"] is not None]
         rows["picogpt (NumPy)"] = (statistics.median(ms), log[-1]["val_loss"])
+        print(f"  picogpt: {rows['picogpt (NumPy)'][0]:.1f} ms/iter, val loss "
+              f"{log[-1]['val_loss']:.4f}", flush=True)
     if args.nanogpt:
+        if args.max_iters <= RECIPE["warmup_iters"]:  # nanoGPT's schedule divides by their gap
+            sys.exit(f"nanoGPT needs --max-iters above its warmup ({RECIPE['warmup_iters']})")
         nanogpt_prepare(text, args.nanogpt, enc)
         command = [sys.executable, "train.py", "config/train_shakespeare_char.py",
                    "--dataset=shakespeare", *NANOGPT_CPU, f"--max_iters={args.max_iters}",
+                   f"--eval_interval={args.eval_interval}",
                    f"--lr_decay_iters={args.max_iters}", "--out_dir=/tmp/bench-nanogpt"]
         out = subprocess.run(command, cwd=args.nanogpt, capture_output=True, text=True)
         if out.returncode:
@@ -334,7 +335,7 @@ def chars(args):
     text = args.text.read_text(encoding="utf-8")
     tokenizer = CharTokenizer.from_text(text)
     data = tr.split_data(np.array(tokenizer.encode(text), np.uint16))
-    print(f"{header()}; Tiny Shakespeare, nanoGPT's CPU recipe, {args.max_iters} iters")
+    print(f"{describe()}; Tiny Shakespeare, nanoGPT's CPU recipe, {args.max_iters} iters")
 
     rows = {"picogpt (NumPy)": run_picogpt(data, tokenizer, config)}
     if args.torch:
@@ -362,6 +363,8 @@ def main():
     b.add_argument("text", type=Path, help="Tiny Shakespeare")
     b.add_argument("--nanogpt", type=Path, help="a clone of karpathy/nanoGPT to run alongside")
     b.add_argument("--max-iters", type=int, default=RECIPE["max_iters"])
+    b.add_argument("--eval-interval", type=int, default=RECIPE["eval_interval"],
+                   help="both evaluate every N iters (a multiple of it ends the run with one)")
     s = sub.add_parser("_step")  # the child process of finetune
     s.add_argument("impl", choices=["picogpt", "torch"])
     s.add_argument("block_size", type=int)

@@ -679,13 +679,13 @@ def _serve(args):
     size = download.canonical_size(args.model)  # a GPT-2 size goes by its usual name: gpt2, ...
     names = {v: k for k, v in download.ALIASES.items()}
     name = names[size] if size else Path(args.model).name
+    if not server.is_loopback(args.host) and api_key is None:
+        print(f"picogpt serve: warning: --host {args.host} without --api-key: anyone who can "
+              "reach this address can use the model", file=sys.stderr)
     try:
         s = server.Server(model, name, args.host, args.port, api_key, args.cors)
     except OSError as e:
         raise PicogptError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
-    if not s.loopback and api_key is None:
-        print(f"picogpt serve: warning: listening on {args.host} without --api-key: anyone who "
-              "can reach this address can use the model", file=sys.stderr)
     print(f"picogpt serve: {name} at {s.url}/ (the page) and {s.url}/v1 (OpenAI's API); "
           "Ctrl-C stops", file=sys.stderr, flush=True)
     try:
@@ -858,6 +858,11 @@ def _train(argv):
         print(f"picogpt train: {'error: ' if isinstance(e, FileReadError) else ''}{e}",
               file=sys.stderr)  # fmt: skip
         return 1
+    except OSError as e:  # --out cannot be written (read-only, full)
+        progress.close()
+        print(f"picogpt train: error: cannot write to {args.out}: {e.strerror or e}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     if plan.notice:
         print(plan.notice, file=sys.stderr)
     unit = "characters" if "chars.json" in plan.vocabulary else "tokens"
@@ -876,6 +881,12 @@ def _train(argv):
         status.report(f"interrupted at iter {trainer.iter}")
         _say_where(trainer, args, interrupted=True)
         return 130
+    except MemoryError:
+        status.end()
+        print(f"picogpt train: error: out of memory at iter {trainer.iter} (about "
+              f"{plan.memory / 1e9:.1f} GB were estimated)" + _still_there(trainer, args),
+              file=sys.stderr)  # fmt: skip
+        return 1
     except OSError as e:  # a full disk, a folder made read-only meanwhile
         status.end()
         print(f"picogpt train: error: cannot save to {trainer.out}: {e.strerror or e}"

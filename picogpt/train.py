@@ -504,15 +504,13 @@ def encode(text, tokenizer, cache_dir=None, vocabulary=None, progress=None):
         ids = _cached_ids(path, len(text), tokenizer.n_vocab, dtype)
         if ids is not None:
             return ids
-    ids = np.empty(len(text) + 1, dtype)  # at most one token per character
-    n = 0
+    pieces = []
     for start, stop in _bpe_chunks(text):
-        piece = np.array(tokenizer.encode(text[start:stop]), dtype)
-        ids[n : n + len(piece)] = piece
-        n += len(piece)
+        pieces.append(np.array(tokenizer.encode(text[start:stop]), dtype))
         if progress is not None:
             progress(stop, len(text))
-    ids = ids[:n].copy()
+    ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
+    del pieces
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -562,7 +560,7 @@ def _bpe_chunks(text):
 def _cached_ids(path, n_chars, n_vocab, dtype):
     """The ids cached at `path`, or None when there are none or they do not fit the text."""
     try:
-        files.check_regular(path, 128 + n_chars * np.dtype(dtype).itemsize + 8)
+        files.check_regular(path, 128 + 4 * n_chars * np.dtype(dtype).itemsize)  # <= 4 bytes a char
         ids = np.load(path, allow_pickle=False)
     except (files.FileReadError, OSError, ValueError):
         return None

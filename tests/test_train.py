@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -562,6 +563,7 @@ def test_text_ids_in_chunks_are_tiktokens_and_cached(tmp_path, monkeypatch):
 
     bpe = BPE.load(vocab)
     text = (TEXT + " naïve  café\n\n\t 12,345 don't  <|endoftext|>\u00a0\u3000end  ") * 7
+    text += "🦜" * 200  # more tokens than characters
     monkeypatch.setattr(tr, "TOKENIZE_CHUNK", 50)  # many cuts, at every kind of boundary
     seen = []
     files = tr.vocabulary_files(bpe, vocab)
@@ -691,3 +693,12 @@ def test_whole_model_gradients_with_gpt2s_vocabulary_match_pytorch():
         expected = torch_grads[theirs].reshape(grads[ours].shape)
         error = np.abs(grads[ours] - expected).max() / np.abs(expected).max()
         assert error < 1e-4, (ours, error)
+
+
+def test_a_run_larger_than_the_machine_is_refused_before_it_starts(text_file, tmp_path, capsys):
+    status, _, err = run_train(capsys, text_file, "--out", tmp_path / "m", "--n-layer", "48",
+                               "--n-embd", "8192", "--n-head", "64", "--block-size", "32")
+    assert status == 2 and err.count("\n") == 1, err
+    needed = float(re.search(r"needs about ([\d.]+) GB", err).group(1))
+    assert needed > 48 * 12 * 8192**2 * 4 * 4 / 1e9  # parameters, gradient, AdamW's two moments
+    assert not (tmp_path / "m").exists()
