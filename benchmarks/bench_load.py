@@ -98,6 +98,32 @@ def worker_hf(folder):
             "peak_rss_mb": peak_rss_mb()}
 
 
+def readers(root, repeat=5):
+    """Seconds to open the weights file alone, best of `repeat`: picogpt's two readers (memory
+    maps, nothing copied) and the safetensors package's NumPy loader (which copies)."""
+    from picogpt import checkpoint, safetensors
+
+    cases = [("picogpt checkpoint.read (TF, mapped)", lambda: checkpoint.read(root / "openai")),
+             ("picogpt safetensors.read (mapped)",
+              lambda: safetensors.read(root / "hf32" / "model.safetensors"))]
+    try:
+        from safetensors.numpy import load_file
+
+        cases.append(("safetensors.numpy.load_file (copied)",
+                      lambda: load_file(root / "hf32" / "model.safetensors")))
+    except ImportError:
+        pass
+    times = {}
+    for label, read in cases:
+        best = float("inf")
+        for _ in range(repeat):
+            t = time.perf_counter()
+            read()
+            best = min(best, time.perf_counter() - t)
+        times[label] = best
+    return times
+
+
 def run_worker(engine, folder):
     out = subprocess.run([sys.executable, __file__, "--worker", engine, "--dir", str(folder)],
                          capture_output=True, text=True, check=False)  # fmt: skip
@@ -128,6 +154,7 @@ def main():
             for label, engine, folder in CASES:
                 results[label].append(run_worker(engine, root / folder))
             print(f"run {run + 1}/{args.runs} done", file=sys.stderr)
+        opened = readers(root)
     print(f"GPT-2 124M's shapes, random weights; warm page cache; median of {args.runs} fresh "
           f"processes each (min in brackets); {describe()}\n")
     print("| load | load s | load + 1 token s | of which tokenizer s | peak RSS MB |")
@@ -139,6 +166,9 @@ def main():
         rss = statistics.median(r["peak_rss_mb"] for r in runs)
         tok = cell("tokenizer_s") if runs[0]["tokenizer_s"] else "not loaded"
         print(f"| {label} | {cell('load_s')} | {cell('first_s')} | {tok} | {rss:.0f} |")
+    print("\n| open the weights file (124M, float32), best of 5 | ms |\n|---|---|")
+    for label, seconds in opened.items():
+        print(f"| {label} | {seconds * 1e3:.1f} |")
 
 
 if __name__ == "__main__":

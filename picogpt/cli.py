@@ -679,13 +679,13 @@ def _serve(args):
     size = download.canonical_size(args.model)  # a GPT-2 size goes by its usual name: gpt2, ...
     names = {v: k for k, v in download.ALIASES.items()}
     name = names[size] if size else Path(args.model).name
+    if not server.is_loopback(args.host) and api_key is None:
+        print(f"picogpt serve: warning: --host {args.host} without --api-key: anyone who can "
+              "reach this address can use the model", file=sys.stderr)
     try:
         s = server.Server(model, name, args.host, args.port, api_key, args.cors)
     except OSError as e:
         raise PicogptError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
-    if not s.loopback and api_key is None:
-        print(f"picogpt serve: warning: listening on {args.host} without --api-key: anyone who "
-              "can reach this address can use the model", file=sys.stderr)
     print(f"picogpt serve: {name} at {s.url}/ (the page) and {s.url}/v1 (OpenAI's API); "
           "Ctrl-C stops", file=sys.stderr, flush=True)
     try:

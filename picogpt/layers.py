@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from picogpt import model
-from picogpt.model import GELU_C, LN_EPS, causal_mask
+from picogpt.model import GELU_C, LN_EPS, causal_mask, past_mask
 
 GELU_A = 0.044715
 
@@ -142,11 +142,6 @@ def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None):
     y = att_dropped @ v  # [B, H, T, hd]
     y = y.transpose(0, 2, 1, 3).reshape(B * T, C)
     return y, AttentionCache(q, k, v, att, att_dropped, mask, scale)
-
-
-def past_mask(n):
-    """[n, n] float32: 1 on and below the diagonal, 0 above (the future)."""
-    return np.tril(np.ones((n, n), np.float32))
 
 
 def attention_backward(dy, cache):

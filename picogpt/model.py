@@ -39,8 +39,9 @@ GELU_C = math.sqrt(2 / math.pi)
 # to float32 rounding: each such probability changes by less than e^-48 = 1.4e-21 absolute, so a
 # row's sum (at least 1, the max's own weight) moves by under n x 1.4e-21, far below its half-ulp
 # of 6e-8, and an output sum(p v) by under n x 1.4e-21 x max|v|, 1e-13 of float32's resolution.
-# A floor this high (not -80) also keeps the products the weights enter, p v and the backward's
-# p dp, out of the subnormal range for any |v|, |dp| above 1e-17.
+# A floor this high (not -80) also keeps the products the weights enter out of the subnormal
+# range: e^-48 v for any |v| above 1e-17, and training's backward p dp (p >= e^-48 / n) for
+# |dp| above 1e-14 in rows of 1024.
 SOFTMAX_FLOOR = np.float32(-48.0)
 FLOOR_CUT = np.float32(np.exp(-48.0) * (1 + 2**-20))  # just above e^-48 in float32 (see softmax_)
 
@@ -142,6 +143,11 @@ def causal_mask(n):
     return np.triu(np.full((n, n), -np.inf, np.float32), k=1)
 
 
+def past_mask(n):
+    """[n, n] float32: 1 on and below the diagonal, 0 above (the future)."""
+    return np.tril(np.ones((n, n), np.float32))
+
+
 def attention(q, k, v, offset):
     """Causal attention. q: [B, H, Tq, hd] holds positions offset..offset+Tq-1 (already scaled by
     1/sqrt(hd)); k, v: [B, H, offset+Tq, hd]. Query rows go in blocks, each seeing only the keys up
@@ -159,7 +165,7 @@ def attention(q, k, v, offset):
     mask = past = None  # one query (decoding) sees every key
     if Tq > 1:
         mask = causal_mask(block)
-        past = np.tril(np.ones((block, block), np.float32))  # 1 on and below the diagonal, else 0
+        past = past_mask(block)
     for start in range(0, Tq, block):
         stop = min(Tq, start + block)
         n_keys = offset + stop

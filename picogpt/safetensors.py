@@ -66,7 +66,10 @@ def read_header(path):
         raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file")
     try:
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
+            first = f.read(8)
+            if len(first) != 8:
+                raise CheckpointError(f"{path}: the file shrank while it was read")
+            (n,) = struct.unpack("<Q", first)
             if n > MAX_HEADER:
                 raise CheckpointError(f"{path}: header length {n:,} is more than the "
                                       f"{MAX_HEADER:,} bytes a safetensors header can be")

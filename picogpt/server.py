@@ -45,6 +45,8 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from picogpt import files
+from picogpt.api import MAX_LOGPROBS, MAX_STOP_CHARS
+from picogpt.api import MAX_STOPS as MAX_STOP  # a chat's turn end is one of them
 from picogpt.errors import PicogptError
 
 PAGE = Path(__file__).parent / "page"
@@ -53,9 +55,6 @@ PAGE_FILE_LIMIT = 4 * files.MB
 MAX_TOKENS = 4096  # per request and sample: a bound on how long one request may hold the model
 MAX_N = 16  # samples per prompt (one batch)
 MAX_PROMPTS = 16  # prompts per completions request
-MAX_STOP = 16  # stop strings, as Model.complete takes (a chat's turn end is one of them)
-MAX_STOP_CHARS = 1000  # per stop string, as Model.complete takes
-MAX_LOGPROBS = 20
 MAX_MESSAGES = 1024
 IDLE_TIMEOUT = 60.0  # seconds a connection may sit idle or half-sent
 MAX_CONNECTIONS = 64  # open at once (each a thread, most waiting their turn at the model)

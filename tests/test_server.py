@@ -724,16 +724,34 @@ def test_picogpt_serve_command(tmp_path):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("GET", "/v1/models")
         assert json.loads(conn.getresponse().read())["data"][0]["id"] == "gpt2-tiny"
-        conn.close()
         assert " GET /v1/models 200 0 tokens " in p.stderr.readline()  # its log line
-        p.send_signal(signal.SIGINT)
-        assert p.wait(30) == 130
+        p.send_signal(signal.SIGINT)  # with the connection still open, as a browser keeps it
+        try:
+            status = p.wait(90)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            pytest.fail(f"picogpt serve did not stop on SIGINT: {p.stderr.read()}")
+        assert status == 130
         assert "Traceback" not in p.stderr.read()
+        conn.close()
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
         p.stderr.close()
+    # Another address than loopback without a key: a warning. (192.0.2.1 is TEST-NET-1, never
+    # this machine's: the bind fails, with one line, and no public interface is opened.)
+    out = subprocess.run([sys.executable, "-m", "picogpt", "serve", "--model", str(TINY),
+                          "--host", "192.0.2.1", "--port", "0"], env=env, capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    warning, failure = out.stderr.strip().splitlines()
+    assert "warning: --host 192.0.2.1 without --api-key" in warning
+    assert failure.startswith("picogpt: cannot listen on 192.0.2.1:0: ")
+    out = subprocess.run([sys.executable, "-m", "picogpt", "serve", "--model", str(TINY),
+                          "--host", "192.0.2.1", "--api-key", "k"], env=env, capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 1 and "warning" not in out.stderr
     for args in (["--port", "70000"], ["--api-key", ""], ["--model", "no-such-model"]):
         out = subprocess.run([sys.executable, "-m", "picogpt", "serve", *args], env=env,
                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
