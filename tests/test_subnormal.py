@@ -9,9 +9,6 @@ import pytest
 
 from picogpt import model, sampling
 
-TINY32 = np.finfo(np.float32).tiny
-TINY64 = np.finfo(np.float64).tiny
-
 
 def subnormals(x):
     x = np.asarray(x)
