@@ -28,7 +28,8 @@ def candidates(logits, temperature=1.0, top_k=None, top_p=None):
     # instead of every logit to inf (NaN probabilities). Below e^-700 exp's results are subnormal
     # (slow on Intel cores), and so would e^-690 / n be: those weights are flushed to exactly 0,
     # probabilities under 1e-299 that no draw can tell from 0.
-    shifted = (kept - kept.max()) / temperature
+    with np.errstate(over="ignore"):  # overflowing to -inf is the point (probability 0)
+        shifted = (kept - kept.max()) / temperature
     p = np.exp(np.where(shifted < FLUSH_BELOW, -np.inf, shifted))
     p /= p.sum()
     if top_p is not None and top_p < 1:

@@ -485,7 +485,7 @@ def test_a_subnormal_temperature_samples_the_likeliest_token():
     tiny = picogpt_cmd("Hello", "--model", TINY, "--n", "8", "--temperature", "1e-310",
                        "--seed", "1")
     assert greedy.returncode == 0 and tiny.returncode == 0, tiny.stderr
-    assert "Traceback" not in tiny.stderr
+    assert tiny.stderr == ""  # no traceback, and no NumPy overflow warning either
     assert tiny.stdout == greedy.stdout
     out = picogpt_cmd("chat", "--model", TINY, "--n", "5", "--temperature", "1e-310",
                       input="Hi\n")
