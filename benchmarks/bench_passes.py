@@ -1,6 +1,6 @@
 """The elementwise hot paths, before and after a change, side by side in one run.
 
-    python benchmarks/bench_passes.py [--before 0fe0a06] [--runs 20]
+    python benchmarks/bench_passes.py [--before 7e8e3c1] [--runs 20]
 
 Loads picogpt/model.py (and picogpt/layers.py, where both revisions have it) as it was at
 --before, from git, next to the working tree's, and times each hot function of both on the same

@@ -16,7 +16,7 @@ import numpy as np
 
 def stream_rate():
     """GB/s a matrix-vector product streams a 256 MB matrix at, now: the bound on decoding speed.
-    It moves with the other tenants of a shared host (47-79 GB/s on the machine of the README)."""
+    It moves with the other tenants of a shared host (benchmarks/README.md has the ranges seen)."""
     w = np.ones((65536, 1024), np.float32)
     x = np.ones(1024, np.float32)
     times = []

@@ -26,7 +26,7 @@ from pathlib import Path
 import regex
 
 from picogpt import files
-from picogpt.errors import VocabularyError
+from picogpt.errors import MissingFileError, VocabularyError
 
 # GPT-2's pre-tokenizer (OpenAI's encoder.py; tiktoken's r50k/gpt2 pattern is the same language).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -171,13 +171,13 @@ class BPE:
     def load(cls, folder, names=("encoder.json", "vocab.bpe")):
         """Read OpenAI's `encoder.json` and `vocab.bpe` from a model folder, or the same two files
         under other `names` (HuggingFace's vocab.json and merges.txt). Each is a regular file of
-        bounded size; a missing one is a FileNotFoundError, anything else a VocabularyError
-        naming the file."""
+        bounded size; a missing one is a MissingFileError (a FileNotFoundError), anything else a
+        VocabularyError naming the file."""
         folder = Path(folder)
         encoder_path, merges_path = (folder / name for name in names)
         for path in (encoder_path, merges_path):
             if not path.exists():
-                raise FileNotFoundError(
+                raise MissingFileError(
                     errno.ENOENT, f"GPT-2 vocabulary file {path.name} not found", str(path)
                 )
         encoder = files.load_json(encoder_path, ENCODER_LIMIT, encoder_path.name,

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from picogpt import files
-from picogpt.errors import VocabularyError
+from picogpt.errors import MissingFileError, VocabularyError
 
 FILENAME = "chars.json"
 # One entry per character: at most Unicode's 1,114,112, about 20 bytes each as escaped JSON.
@@ -41,11 +41,11 @@ class CharTokenizer:
 
     @classmethod
     def load(cls, folder):
-        """Read `chars.json` from a model folder (a regular file of bounded size; a missing one
-        is a FileNotFoundError, anything else a VocabularyError naming the file)."""
+        """Read `chars.json` from a model folder: a regular file of bounded size. A missing one is
+        a MissingFileError (also a FileNotFoundError), anything else a VocabularyError naming it."""
         path = Path(folder) / FILENAME
         if not path.exists():
-            raise FileNotFoundError(errno.ENOENT, "no character vocabulary", str(path))
+            raise MissingFileError(errno.ENOENT, "no character vocabulary", str(path))
         chars = files.load_json(path, LIMIT, FILENAME, error=VocabularyError)
         if not isinstance(chars, list):
             raise VocabularyError(f"{path}: expected a JSON list of characters")

@@ -45,3 +45,7 @@ class OutputExistsError(PicogptError, FileExistsError):
 
 class FileReadError(PicogptError, OSError):
     """A file that cannot be read safely: missing, not a regular file, too large, not UTF-8."""
+
+
+class MissingFileError(FileReadError, FileNotFoundError):
+    """A file that is not there (a FileNotFoundError too, for callers that catch that)."""

@@ -10,7 +10,7 @@ import os
 import stat
 from pathlib import Path
 
-from picogpt.errors import FileReadError
+from picogpt.errors import FileReadError, MissingFileError
 
 MB = 1 << 20
 
@@ -22,12 +22,14 @@ def _human(n):
 def check_regular(path, limit, what="file", error=FileReadError):
     """The size of `path` after checking it is a regular file of at most `limit` bytes.
 
-    Raises `error` naming the file (FileNotFoundError-compatible FileReadError by default)."""
+    Raises `error` naming the file; by default a missing file is a MissingFileError (also a
+    FileNotFoundError) and anything else a FileReadError."""
     path = Path(path)
     try:
         st = os.stat(path)  # follows symlinks: a hub cache's files are links into blobs/
     except FileNotFoundError as e:
-        raise error(f"{path}: {what} does not exist") from e
+        missing = MissingFileError if error is FileReadError else error
+        raise missing(f"{path}: {what} does not exist") from e
     except OSError as e:
         raise error(f"{path}: cannot read {what}: {e.strerror or e}") from e
     if not stat.S_ISREG(st.st_mode):

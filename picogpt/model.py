@@ -2,7 +2,8 @@
 
 `params` is a dict of arrays keyed by OpenAI's names (`model/wte`, `model/h0/attn/c_attn/w`, ...),
 as `checkpoint.read` returns them; `hparams` has `n_vocab, n_ctx, n_embd, n_head, n_layer`.
-Everything is float32: a stray float64 operand would silently make every product 2-4x slower.
+Everything is float32: a stray float64 operand would silently make every product several
+times slower.
 
 The blocks' weight matrices are copied at load from OpenAI's [n_in, n_out] to [n_out, n_in]
 order (see matmul for why) when the copy takes at most half the machine's memory; otherwise they
@@ -78,11 +79,12 @@ def matmul(x, wt, out=None):
     """x [M, K] @ wt.T for weights wt [N, K], each output's weights contiguous; into `out` if given.
 
     Decoding is a matrix-vector product that streams every weight from memory once, and in this
-    order OpenBLAS runs it as N dot products over contiguous rows, which streams 5-25% faster
-    than the column updates it runs over OpenAI's [K, N] order. For a few rows (batched
-    decoding) one such product per row beats gemm, which repacks all of wt on every call. The
-    rows go through wt in chunks of MATVEC_CHUNK_BYTES: the first row streams a chunk from
-    memory and the others find it in cache (GPT-2 1558M's matrices, whole, do not fit)."""
+    order OpenBLAS runs it as N dot products over contiguous rows, which stream faster
+    (benchmarks/bench_matvec.py) than the column updates it runs over OpenAI's [K, N] order.
+    For a few rows (batched decoding) one such product per row beats gemm, which repacks all
+    of wt on every call. The rows go through wt in chunks of MATVEC_CHUNK_BYTES: the first row
+    streams a chunk from memory and the others find it in cache (GPT-2 1558M's matrices, whole,
+    do not fit)."""
     out = np.empty((len(x), wt.shape[0]), np.float32) if out is None else out
     if len(x) > SMALL_BATCH:
         return np.matmul(x, wt.T, out=out)
@@ -186,7 +188,7 @@ def attention(q, k, v, offset):
 def transposed(w):
     """A contiguous copy of w.T, made in bands of TRANSPOSE_ROWS rows of w, so that each row of
     the copy takes one cache line per band. A plain w.T copy reads whole columns, a page per
-    row of w, more pages than the TLB holds: GPT-2 355M's blocks took 1.4 s instead of 0.28 s."""
+    row of w, more pages than the TLB holds, and runs several times slower."""
     out = np.empty(w.shape[::-1], w.dtype)
     for start in range(0, w.shape[0], TRANSPOSE_ROWS):
         out[:, start : start + TRANSPOSE_ROWS] = w[start : start + TRANSPOSE_ROWS].T
@@ -215,9 +217,8 @@ def lazy_zeros(shape):
     """float32 zeros whose memory is committed only where written, a 4 KB page at a time.
 
     np.zeros would do for small arrays, but NumPy asks the kernel for 2 MB huge pages on large
-    ones, so the first key written into each head's slab of a KV cache commits 2 MB: a 4-sample
-    cache of GPT-2 124M committed 240 MB before it held 20 tokens. An anonymous map has no
-    such advice."""
+    ones, so the first key written into each head's slab of a KV cache commits 2 MB: a batched
+    cache commits hundreds of MB before it holds a token. An anonymous map has no such advice."""
     n_bytes = math.prod(shape) * 4
     if n_bytes == 0:
         return np.zeros(shape, np.float32)

@@ -487,9 +487,9 @@ def vocabulary_files(tokenizer, source=None):
 
 
 def encode(text, tokenizer, cache_dir=None, vocabulary=None, progress=None):
-    """The ids of `text` as a 1-D uint16 (or int32) array. GPT-2's BPE runs in Python, about a
-    second per MB, so its ids are cached in `cache_dir`, keyed by the text's and the
-    vocabulary's sha256: --resume and runs on the same text skip it. `progress(done, total)`
+    """The ids of `text` as a 1-D uint16 (or int32) array. GPT-2's BPE runs in Python, far
+    slower than reading the text, so its ids are cached in `cache_dir`, keyed by the text's and
+    the vocabulary's sha256: --resume and runs on the same text skip it. `progress(done, total)`
     is told the characters done."""
     from picogpt.chars import CharTokenizer
 
@@ -872,8 +872,8 @@ def keep_freed_memory():
 
     Every step allocates and frees the same few MB of activations. By default glibc returns
     large blocks to the kernel (munmap, heap trimming) and the next step faults them back in,
-    zeroed, 4 KB at a time: 10,000 page faults a step, a third of its time (39 -> 26 ms/iter
-    with the default recipe here). Does nothing where there is no glibc."""
+    zeroed, 4 KB at a time: thousands of page faults a step (benchmarks/README.md has what that
+    cost). Does nothing where there is no glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of free heap
