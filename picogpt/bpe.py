@@ -185,12 +185,18 @@ class BPE:
         if not isinstance(encoder, dict):
             raise VocabularyError(f"{encoder_path}: expected a JSON object of token -> id")
         text = files.read_text(merges_path, MERGES_LIMIT, merges_path.name, error=VocabularyError)
-        merges = _parse_merges(text, merges_path)
+        return cls.from_tables(encoder, _parse_merges(text, merges_path), encoder_path,
+                               where=folder)
+
+    @classmethod
+    def from_tables(cls, encoder, merges, path, where=None):
+        """A BPE from tables read from `path`; a malformed table is a VocabularyError naming
+        `where` (default `path`)."""
         try:
             bpe = cls(encoder, merges)
         except VocabularyError as e:
-            raise VocabularyError(f"{folder}: {e}") from e
-        bpe.path = encoder_path
+            raise VocabularyError(f"{where or path}: {e}") from e
+        bpe.path = path
         return bpe
 
     # -- encoding ---------------------------------------------------------------------------------

@@ -353,12 +353,7 @@ def _tokenizer_json(path):
             raise VocabularyError(f"{path}: merge {len(pairs)} is not a pair of tokens: "
                                   f"{merge!r}"[:200])
         pairs.append(tuple(pair))
-    try:
-        bpe = BPE(encoder, pairs)
-    except VocabularyError as e:
-        raise VocabularyError(f"{path}: {e}") from e
-    bpe.path = path
-    return bpe
+    return BPE.from_tables(encoder, pairs, path)
 
 
 def _adds_nothing(post):
