@@ -11,7 +11,7 @@ OpenAI's tensor names (model.param_shapes), weights as the checkpoint stores the
 """
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -107,24 +107,31 @@ def softmax_backward(dout, y, out=None):
     return dx
 
 
+ATTN_ROWS = 128  # query rows per block in training's attention (see attention_forward)
+
+
 class AttentionCache(NamedTuple):
     q: np.ndarray  # [B, H, T, hd], contiguous, already scaled by 1 / sqrt(hd)
     k: np.ndarray  # [B, H, T, hd], contiguous
     v: np.ndarray  # [B, H, T, hd], contiguous
-    att: np.ndarray  # [B, H, T, T]: the attention probabilities
-    att_dropped: np.ndarray  # att after dropout (att itself without it)
-    mask: Optional[np.ndarray]  # the dropout mask, None without dropout
+    probs: list  # per row block, [B, H, rows, stop]: the attention probabilities of its rows
+    dropped: list  # per row block, its probabilities after dropout (the same arrays without)
+    masks: list  # per row block, its dropout mask (None without dropout)
     scale: float  # 1 / sqrt(hd)
+    rows: int  # query rows per block
 
 
-def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None):
+def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None, rows=ATTN_ROWS):
     """Causal multi-head self-attention: qkv [B*T, 3C] -> y [B*T, C].
 
-    softmax(q k^T / sqrt(hd) + mask) v, with the mask -inf on future positions. The scale goes
-    on q ([T, hd]) rather than on the scores ([T, T]); the scores' exp is the engine's (floored
-    at the row's max - 48: no subnormal weights, see model.SOFTMAX_FLOOR), and the future's
-    weights are then multiplied by 0, so their probabilities are exactly 0, and so are the
-    gradients flowing to them."""
+    softmax(q k^T / sqrt(hd) + mask) v, with the mask -inf on future positions. The query rows
+    go in blocks of `rows`, each against the keys up to its last row (as the engine's
+    model.attention does): the masked upper triangle beyond the diagonal blocks is neither
+    computed nor kept, about half of [T, T] at T = 1024, and a block's softmax passes stay in
+    cache. The scale goes on q ([T, hd]) rather than on the scores; the scores' exp is the
+    engine's (floored at the row's max - 48: no subnormal weights, see model.SOFTMAX_FLOOR), and
+    the future's weights are then multiplied by 0, so their probabilities are exactly 0, and so
+    are the gradients flowing to them."""
     C = qkv.shape[-1] // 3
     hd = C // n_head
     # Each [B, H, T, hd], copied contiguous: NumPy multiplies stacks of strided matrices (views
@@ -132,31 +139,51 @@ def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None):
     q, k, v = np.ascontiguousarray(qkv.reshape(B, T, 3, n_head, hd).transpose(2, 0, 3, 1, 4))
     scale = np.float32(1.0 / math.sqrt(hd))
     q *= scale  # in the copy: [T, hd] multiplies instead of [T, T]
-    att = q @ k.swapaxes(-1, -2)  # [B, H, T, T]
-    att += causal_mask(T)  # the engine's: 0, and -inf on the future (the max is over the past)
-    model.shifted_exp_(att)
-    att *= past_mask(T)
-    sums = model.row_sums(att)  # [B, H, T, 1]
-    att *= np.reciprocal(sums, out=sums)
-    att_dropped, mask = dropout_forward(att, dropout, rng)
-    y = att_dropped @ v  # [B, H, T, hd]
+    rows = min(rows, T)
+    future, past = causal_mask(rows), past_mask(rows)  # the engine's: -inf / 0 above the diagonal
+    y = np.empty_like(q)
+    probs, dropped, masks = [], [], []
+    for start in range(0, T, rows):
+        stop = min(T, start + rows)
+        r = stop - start
+        att = q[:, :, start:stop] @ k[:, :, :stop].swapaxes(-1, -2)  # [B, H, r, stop]
+        own = att[..., start:stop]  # the block's own keys: the diagonal, with the future
+        own += future[:r, :r]  # the max is over the past
+        model.shifted_exp_(att)
+        own *= past[:r, :r]
+        sums = model.row_sums(att)  # [B, H, r, 1]
+        att *= np.reciprocal(sums, out=sums)
+        att_dropped, mask = dropout_forward(att, dropout, rng)
+        np.matmul(att_dropped, v[:, :, :stop], out=y[:, :, start:stop])  # [B, H, r, hd]
+        probs.append(att)
+        dropped.append(att_dropped)
+        masks.append(mask)
     y = y.transpose(0, 2, 1, 3).reshape(B * T, C)
-    return y, AttentionCache(q, k, v, att, att_dropped, mask, scale)
+    return y, AttentionCache(q, k, v, probs, dropped, masks, scale, rows)
 
 
 def attention_backward(dy, cache):
-    q, k, v, att, att_dropped, mask, scale = cache
+    """Block by block as the forward: a block's rows give dq of its rows, and add to dk and dv
+    of the keys they saw."""
+    q, k, v, probs, dropped, masks, scale, rows = cache
     B, H, T, hd = q.shape
     dy = np.ascontiguousarray(dy.reshape(B, T, H, hd).transpose(0, 2, 1, 3))  # [B, H, T, hd]
-    dqkv = np.empty((3, B, H, T, hd), dy.dtype)
-    np.matmul(att_dropped.swapaxes(-1, -2), dy, out=dqkv[2])  # dv
-    datt = dy @ v.swapaxes(-1, -2)  # [B, H, T, T]
-    if mask is not None:
-        datt *= mask  # dropout's backward, in place
-    dscores = softmax_backward(datt, att, out=datt)
-    np.matmul(dscores, k, out=dqkv[0])  # dq, of the scaled q: times the scale again
-    dqkv[0] *= scale
-    np.matmul(dscores.swapaxes(-1, -2), q, out=dqkv[1])  # dk (q is scaled already)
+    dqkv = np.zeros((3, B, H, T, hd), dy.dtype)
+    dq, dk, dv = dqkv
+    part = np.empty_like(dy)  # one block's contribution to dk or dv
+    for i, start in enumerate(range(0, T, rows)):
+        stop = min(T, start + rows)
+        dy_rows = dy[:, :, start:stop]  # [B, H, r, hd]
+        np.matmul(dropped[i].swapaxes(-1, -2), dy_rows, out=part[:, :, :stop])
+        dv[:, :, :stop] += part[:, :, :stop]
+        datt = dy_rows @ v[:, :, :stop].swapaxes(-1, -2)  # [B, H, r, stop]
+        if masks[i] is not None:
+            datt *= masks[i]  # dropout's backward, in place
+        dscores = softmax_backward(datt, probs[i], out=datt)
+        np.matmul(dscores, k[:, :, :stop], out=dq[:, :, start:stop])
+        np.matmul(dscores.swapaxes(-1, -2), q[:, :, start:stop], out=part[:, :, :stop])
+        dk[:, :, :stop] += part[:, :, :stop]  # (q is scaled already)
+    dq *= scale  # the gradient of the unscaled q
     return dqkv.transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * H * hd)
 
 

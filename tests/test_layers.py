@@ -28,23 +28,42 @@ def test_softmax_backward():
                 lambda d, y, grads: (layers.softmax_backward(d, y),), [randn(3, 4, 7)])  # fmt: skip
 
 
-@pytest.mark.parametrize("n_head", [1, 3])
-def test_causal_attention_backward(n_head):
+@pytest.mark.parametrize("n_head, rows, dropout", [(1, 128, 0), (3, 128, 0), (3, 2, 0), (2, 3, 0),
+                                                   (2, 2, 0.3)])  # fmt: skip
+def test_causal_attention_backward(n_head, rows, dropout):
+    """rows 2 and 3 split T = 5 into blocks, the last one short; a fresh generator of the same
+    seed gives each forward the same dropout masks."""
     B, T, C = 2, 5, 6
-    y, _ = layers.attention_forward(randn(B * T, 3 * C), B, T, n_head)
+    y, _ = layers.attention_forward(randn(B * T, 3 * C), B, T, n_head, rows=rows)
     assert y.shape == (B * T, C)
-    check_layer(lambda qkv: layers.attention_forward(qkv, B, T, n_head),
+    check_layer(lambda qkv: layers.attention_forward(qkv, B, T, n_head, dropout,
+                                                     np.random.default_rng(7), rows=rows),
                 lambda d, res, grads: (layers.attention_backward(d, res[1]),),
                 [randn(B * T, 3 * C)])  # fmt: skip
+
+
+def test_attention_blocks_equal_one_block():
+    """Row blocks are a schedule, not a different function: the same output and gradient as one
+    block over all of [T, T], and the blocks' probabilities tile its lower triangle."""
+    B, T, C, n_head = 2, 11, 8, 2
+    qkv, dy = randn(B * T, 3 * C).astype(np.float32), randn(B * T, C).astype(np.float32)
+    y1, c1 = layers.attention_forward(qkv, B, T, n_head, rows=T)
+    y4, c4 = layers.attention_forward(qkv, B, T, n_head, rows=4)
+    np.testing.assert_allclose(y4, y1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layers.attention_backward(dy, c4), layers.attention_backward(dy, c1),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    assert [p.shape for p in c4.probs] == [(B, n_head, 4, 4), (B, n_head, 4, 8), (B, n_head, 3, 11)]
+    whole = np.concatenate([np.pad(p, [(0, 0)] * 3 + [(0, T - p.shape[-1])]) for p in c4.probs], 2)
+    np.testing.assert_allclose(whole, c1.probs[0], rtol=1e-5, atol=1e-7)
 
 
 def test_attention_is_causal():
     B, T, C, n_head = 1, 6, 4, 2
     qkv = randn(B * T, 3 * C)
-    y, _ = layers.attention_forward(qkv.copy(), B, T, n_head)
+    y, _ = layers.attention_forward(qkv.copy(), B, T, n_head, rows=4)
     later = qkv.copy()
     later[3:] += randn(T - 3, 3 * C)  # change positions 3.. only
-    y2, _ = layers.attention_forward(later, B, T, n_head)
+    y2, _ = layers.attention_forward(later, B, T, n_head, rows=4)
     np.testing.assert_array_equal(y[:3], y2[:3])
     assert not np.allclose(y[3:], y2[3:])
 
