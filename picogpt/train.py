@@ -741,9 +741,13 @@ def estimate_memory(hparams, config):
     buffers = 4 + (config["grad_accum"] > 1)
     N = B * T
     dropout = config["dropout"] > 0
-    per_block = 4 * (N * C * (14 + 2 * dropout) + B * H * T * T * (1 + 2 * dropout))
-    backward = 4 * (3 * N * 4 * C + 3 * B * H * T * T)  # the MLP's and attention's temporaries
-    head = 4 * (2 * min(N, layers.LOSS_ROWS) * hparams["n_vocab"] + 3 * N * C)
+    # Attention keeps its row blocks' probabilities: each block's rows against the keys up to
+    # its last row, about half of [T, T].
+    R = min(T, layers.ATTN_ROWS)
+    scores = B * H * sum((min(T, s + R) - s) * min(T, s + R) for s in range(0, T, R))
+    per_block = 4 * (N * C * (14 + 2 * dropout) + scores * (1 + 2 * dropout))
+    backward = 4 * (3 * N * 4 * C + 3 * B * H * R * T)  # the MLP's and attention's temporaries
+    head = 4 * (min(N, layers.LOSS_ROWS) * hparams["n_vocab"] + layers.VOCAB_ROWS * C + 3 * N * C)
     return 4 * n_params * buffers + L * per_block + backward + head + (200 << 20)  # + Python, NumPy
 
 
