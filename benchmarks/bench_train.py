@@ -20,8 +20,10 @@ step time is over --steps steps after one warm-up step.
 
 bpe: from scratch on GPT-2's tokens with nanoGPT's CPU sizes (4 layers, 4 heads, 128 wide,
 block 64, batch 12) on TEXT (Tiny Shakespeare), against nanoGPT's own train.py in DIR (a clone
-of karpathy/nanoGPT) on its data/shakespeare recipe, whose prepare.py tokenizes with tiktoken:
-ms/iter and the validation loss at the end, each from its own log.
+of karpathy/nanoGPT) on its data/shakespeare recipe, whose prepare.py tokenizes with tiktoken,
+with GPT-2's biases and unpadded vocabulary (picogpt's model; nanoGPT's defaults drop the
+biases and pad to 50,304 rows): ms/iter and the validation loss at the end, each from its own
+log, both evaluating over --eval-iters batches.
 
 Run nothing else meanwhile: the machine's cores are shared by both sides.
 """
@@ -29,6 +31,7 @@ Run nothing else meanwhile: the machine's cores are shared by both sides.
 import argparse
 import json
 import math
+import pickle
 import re
 import resource
 import statistics
@@ -259,9 +262,12 @@ def finetune(args):
 
 # --- bpe: from scratch on GPT-2's tokens, against nanoGPT -----------------------------------------
 
-NANOGPT_CPU = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1",
-               "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128",
-               "--dropout=0.0", "--dtype=float32"]  # fmt: skip
+# nanoGPT's CPU sizes, with GPT-2's own architecture (biases in the LayerNorms and linear layers,
+# nanoGPT's default being none) and vocabulary (50,257 rows, from meta.pkl, not 50,304): the
+# same model as picogpt's.
+NANOGPT_CPU = ["--device=cpu", "--compile=False", "--log_interval=1", "--block_size=64",
+               "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--dropout=0.0",
+               "--dtype=float32", "--bias=True"]  # fmt: skip
 
 
 def gpt2_vocabulary():
@@ -280,11 +286,13 @@ def gpt2_vocabulary():
 
 def nanogpt_prepare(text, nanogpt, enc):
     """What nanoGPT's data/shakespeare/prepare.py does (first 90% of the characters train, the
-    rest validate; ids as uint16), with tiktoken's Encoding built offline."""
+    rest validate; ids as uint16), with tiktoken's Encoding built offline; and a meta.pkl giving
+    GPT-2's vocabulary size, which train.py reads instead of its padded default."""
     folder = nanogpt / "data" / "shakespeare"
     n = len(text)
     for name, part in (("train", text[: int(n * 0.9)]), ("val", text[int(n * 0.9):])):
         np.array(enc.encode_ordinary(part), np.uint16).tofile(folder / f"{name}.bin")
+    (folder / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": enc.n_vocab}))
 
 
 def bpe(args):
@@ -298,7 +306,8 @@ def bpe(args):
         command = [sys.executable, "-m", "picogpt", "train", str(args.text), "--out", str(out),
                    "--tokenizer", str(vocab), "--weights-dir", tmp,
                    "--max-iters", str(args.max_iters), "--lr-decay-iters", str(args.max_iters),
-                   "--eval-interval", str(args.eval_interval), "--log-interval", "1000000"]
+                   "--eval-interval", str(args.eval_interval), "--eval-iters", str(args.eval_iters),
+                   "--log-interval", "1000000"]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
         ms = [r["ms_per_iter"] for r in log if r["ms_per_iter"] is not None]
@@ -311,7 +320,7 @@ def bpe(args):
         nanogpt_prepare(text, args.nanogpt, enc)
         command = [sys.executable, "train.py", "config/train_shakespeare_char.py",
                    "--dataset=shakespeare", *NANOGPT_CPU, f"--max_iters={args.max_iters}",
-                   f"--eval_interval={args.eval_interval}",
+                   f"--eval_interval={args.eval_interval}", f"--eval_iters={args.eval_iters}",
                    f"--lr_decay_iters={args.max_iters}", "--out_dir=/tmp/bench-nanogpt"]
         out = subprocess.run(command, cwd=args.nanogpt, capture_output=True, text=True)
         if out.returncode:
@@ -365,6 +374,10 @@ def main():
     b.add_argument("--max-iters", type=int, default=RECIPE["max_iters"])
     b.add_argument("--eval-interval", type=int, default=RECIPE["eval_interval"],
                    help="both evaluate every N iters (a multiple of it ends the run with one)")
+    b.add_argument("--eval-iters", type=int, default=200,
+                   help="batches per evaluation, on both sides: the recipe's 20 leave each "
+                        "validation loss a standard error about as large as the 0.05 the two "
+                        "are compared within (benchmarks/README.md)")
     s = sub.add_parser("_step")  # the child process of finetune
     s.add_argument("impl", choices=["picogpt", "torch"])
     s.add_argument("block_size", type=int)
