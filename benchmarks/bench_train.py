@@ -49,6 +49,7 @@ from machine import describe  # noqa: E402
 from picogpt import train as tr  # noqa: E402
 from picogpt.bpe import GPT2_PATTERN  # noqa: E402
 from picogpt.chars import CharTokenizer  # noqa: E402
+from picogpt.model import keep_freed_memory  # noqa: E402
 
 RECIPE = dict(tr.DEFAULTS)  # picogpt's defaults are nanoGPT's CPU recipe
 
@@ -179,7 +180,7 @@ def step_picogpt(block_size, steps):
     with tempfile.TemporaryDirectory() as out:
         trainer = tr.Trainer(config, GPT2_124M, None, tr.RunFolder(out, []), {})
         trainer.initialize()
-        tr.keep_freed_memory()
+        keep_freed_memory()  # as train() does
         rng = np.random.default_rng(0)
         times = []
         for _ in range(steps + 1):

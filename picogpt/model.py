@@ -11,6 +11,7 @@ stay mapped from the file, read through transposed views: slower, but GPT-2 1558
 an 8 GB laptop. The embeddings, biases and LayerNorm parameters stay as they are.
 """
 
+import ctypes
 import math
 import mmap
 import os
@@ -213,6 +214,23 @@ def physical_memory():
         return None
 
 
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory for reuse rather than hand it back to the kernel.
+    Process-wide: the engine and training call it, as they start.
+
+    A prefill or a training step allocates and frees the same few MB of activations each time.
+    By default glibc returns large blocks to the kernel (munmap, heap trimming) and the next call
+    faults them back in, zeroed, 4 KB at a time: thousands of page faults each (benchmarks/
+    README.md has what that cost). The price is that the heap stays at its peak. Does nothing
+    where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of free heap
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB (the most) from the heap
+    except (OSError, AttributeError):
+        pass
+
+
 def lazy_zeros(shape):
     """float32 zeros whose memory is committed only where written, a 4 KB page at a time.
 
@@ -322,6 +340,7 @@ class GPT:
     def __init__(self, params, hparams):
         self.hparams = dict(hparams)
         check_params(params, self.hparams)
+        keep_freed_memory()
         self.n_ctx, self.n_head = self.hparams["n_ctx"], self.hparams["n_head"]
         n_embd, n_layer = self.hparams["n_embd"], self.hparams["n_layer"]
         self.head_dim = n_embd // self.n_head

@@ -11,7 +11,6 @@ operations, and the engine's names and shapes are views of it.
     picogpt train input.txt --out weights/my-model          # see `picogpt train --help`
 """
 
-import ctypes
 import hashlib
 import io
 import json
@@ -871,21 +870,6 @@ def _stored(tensors, name, shape):
     return tensors[name]
 
 
-def keep_freed_memory():
-    """Ask glibc's malloc to keep freed memory for reuse rather than hand it back to the kernel.
-
-    Every step allocates and frees the same few MB of activations. By default glibc returns
-    large blocks to the kernel (munmap, heap trimming) and the next step faults them back in,
-    zeroed, 4 KB at a time: thousands of page faults a step (benchmarks/README.md has what that
-    cost). Does nothing where there is no glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of free heap
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MB (the most) from the heap
-    except (OSError, AttributeError):
-        pass
-
-
 def train(trainer, data, report=print, status=None, resumed=False):
     """Train until max_iters: evaluate every eval_interval iterations (and at the end), save the
     model when the validation loss improves and the resume state every time. A resumed run
@@ -896,7 +880,7 @@ def train(trainer, data, report=print, status=None, resumed=False):
     decay_iters = c["lr_decay_iters"] if c["lr_decay_iters"] is not None else max_iters
     step_ms = []
     first = trainer.iter
-    keep_freed_memory()
+    model.keep_freed_memory()
     while True:
         it = trainer.iter
         due = it % c["eval_interval"] == 0 or it == max_iters
