@@ -9,7 +9,7 @@ n_embd 128, block_size 64, batch_size 12, 2000 iters, lr 1e-3 -> 1e-4, warmup 10
 dropout 0, AdamW (0.9, 0.99), weight decay 0.1, grad clip 1.0, evaluation every 250 iters over
 20 batches). Median ms per training step (evaluations excluded) and the validation loss at the
 end; with --torch the same recipe in PyTorch, in the same process, on the same batches (a GPT-2
-written with torch.nn the way nanoGPT writes it).
+written with torch.nn the way nanoGPT writes it), the two alternating in rounds of ROUND steps.
 
 finetune: one fine-tuning step of GPT-2 124M's shapes (random weights: OpenAI's weights cannot
 be fetched on the machine this was written on), batch 1, at each --block-size: forward,
@@ -52,9 +52,15 @@ from picogpt.chars import CharTokenizer  # noqa: E402
 from picogpt.model import keep_freed_memory  # noqa: E402
 
 RECIPE = dict(tr.DEFAULTS)  # picogpt's defaults are nanoGPT's CPU recipe
+# chars --torch: steps each side runs before the other's turn. Rounds of seconds: each side's
+# idle BLAS/OpenMP threads spin for up to about 0.2 s after its turn, slowing the other's first
+# steps, which the median over a round leaves out.
+ROUND = 50
 
 
-def run_picogpt(data, tokenizer, config):
+def run_picogpt(data, tokenizer, config, after_step=None):
+    """picogpt's own training loop (train.train) on the recipe: the median ms per step and the
+    final validation loss. after_step(iteration) is called after each step."""
     step_ms = []
     with tempfile.TemporaryDirectory() as out:
         hparams = {"n_vocab": tokenizer.n_vocab, "n_ctx": config["block_size"],
@@ -71,12 +77,16 @@ def run_picogpt(data, tokenizer, config):
             return loss
 
         trainer.step = timed_step
-        tr.train(trainer, data, report=lambda line: print("  picogpt", line))
+        status = None if after_step is None else lambda it, *_: after_step(it)
+        tr.train(trainer, data, report=lambda line: print("  picogpt", line), status=status)
         last = (Path(out) / "train_log.jsonl").read_text().splitlines()[-1]
     return statistics.median(step_ms), json.loads(last)["val_loss"]
 
 
-def run_torch(data, n_vocab, config):
+def torch_run(data, n_vocab, config):
+    """The recipe in PyTorch, as a generator that yields after each step (so that its steps can
+    alternate with picogpt's) and returns the median ms per step, the final validation loss and
+    torch's version."""
     import torch
     from torch import nn
     from torch.nn import functional as F
@@ -159,6 +169,7 @@ def run_torch(data, n_vocab, config):
         torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"])
         optimizer.step()
         step_ms.append((time.perf_counter() - t0) * 1e3)
+        yield
     return statistics.median(step_ms), val, torch.__version__
 
 
@@ -347,9 +358,25 @@ def chars(args):
     data = tr.split_data(np.array(tokenizer.encode(text), np.uint16))
     print(f"{describe()}; Tiny Shakespeare, nanoGPT's CPU recipe, {args.max_iters} iters")
 
-    rows = {"picogpt (NumPy)": run_picogpt(data, tokenizer, config)}
-    if args.torch:
-        ms, val, version = run_torch(data, tokenizer.n_vocab, config)
+    if not args.torch:
+        rows = {"picogpt (NumPy)": run_picogpt(data, tokenizer, config)}
+    else:
+        # The two alternate, ROUND steps each: a host whose speed drifts over minutes (other
+        # tenants) then slows both alike, where one run after the other would not.
+        other = torch_run(data, tokenizer.n_vocab, config)
+
+        def after_step(it):
+            if it % ROUND == 0:
+                for _ in range(ROUND):
+                    next(other, None)
+
+        rows = {"picogpt (NumPy)": run_picogpt(data, tokenizer, config, after_step)}
+        while True:  # what is left of PyTorch's run, and its result
+            try:
+                next(other)
+            except StopIteration as done:
+                ms, val, version = done.value
+                break
         rows[f"PyTorch {version}"] = (ms, val)
     print("\n| | " + " | ".join(rows) + " |")
     print("|---" * (len(rows) + 1) + "|")

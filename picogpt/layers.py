@@ -163,26 +163,29 @@ def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None, rows=ATTN_ROWS):
 
 
 def attention_backward(dy, cache):
-    """Block by block as the forward: a block's rows give dq of its rows, and add to dk and dv
-    of the keys they saw."""
+    """Block by block as the forward, the last first: a block's rows give dq of its rows, and add
+    to dk and dv of the keys they saw. The last block saw all T keys, so it writes dk and dv
+    whole and only the others add (with one block, nothing is added)."""
     q, k, v, probs, dropped, masks, scale, rows = cache
     B, H, T, hd = q.shape
     dy = np.ascontiguousarray(dy.reshape(B, T, H, hd).transpose(0, 2, 1, 3))  # [B, H, T, hd]
-    dqkv = np.zeros((3, B, H, T, hd), dy.dtype)
+    dqkv = np.empty((3, B, H, T, hd), dy.dtype)
     dq, dk, dv = dqkv
-    part = np.empty_like(dy)  # one block's contribution to dk or dv
-    for i, start in enumerate(range(0, T, rows)):
+    parts = np.empty_like(dqkv[:2]) if T > rows else None  # a narrower block's dk and dv
+    for i, start in reversed(list(enumerate(range(0, T, rows)))):
         stop = min(T, start + rows)
+        dk_i, dv_i = (dk, dv) if stop == T else parts[:, :, :, :stop]
         dy_rows = dy[:, :, start:stop]  # [B, H, r, hd]
-        np.matmul(dropped[i].swapaxes(-1, -2), dy_rows, out=part[:, :, :stop])
-        dv[:, :, :stop] += part[:, :, :stop]
+        np.matmul(dropped[i].swapaxes(-1, -2), dy_rows, out=dv_i)
         datt = dy_rows @ v[:, :, :stop].swapaxes(-1, -2)  # [B, H, r, stop]
         if masks[i] is not None:
             datt *= masks[i]  # dropout's backward, in place
         dscores = softmax_backward(datt, probs[i], out=datt)
         np.matmul(dscores, k[:, :, :stop], out=dq[:, :, start:stop])
-        np.matmul(dscores.swapaxes(-1, -2), q[:, :, start:stop], out=part[:, :, :stop])
-        dk[:, :, :stop] += part[:, :, :stop]  # (q is scaled already)
+        np.matmul(dscores.swapaxes(-1, -2), q[:, :, start:stop], out=dk_i)  # (q is scaled)
+        if stop < T:
+            dk[:, :, :stop] += dk_i
+            dv[:, :, :stop] += dv_i
     dq *= scale  # the gradient of the unscaled q
     return dqkv.transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * H * hd)
 
