@@ -400,8 +400,9 @@ def main():
     b.add_argument("text", type=Path, help="Tiny Shakespeare")
     b.add_argument("--nanogpt", type=Path, help="a clone of karpathy/nanoGPT to run alongside")
     b.add_argument("--max-iters", type=int, default=RECIPE["max_iters"])
-    b.add_argument("--eval-interval", type=int, default=RECIPE["eval_interval"],
-                   help="both evaluate every N iters (a multiple of it ends the run with one)")
+    b.add_argument("--eval-interval", type=int, default=1000,
+                   help="both evaluate every N iters (a multiple of it ends the run with one); "
+                        "each is 2 x --eval-iters batches a side, outside the step times")
     b.add_argument("--eval-iters", type=int, default=200,
                    help="batches per evaluation, on both sides: the recipe's 20 leave each "
                         "validation loss a standard error about as large as the 0.05 the two "
