@@ -284,14 +284,16 @@ def classifier_forward(h, wte, targets, dwte=None, rows=LOSS_ROWS):
     total = 0.0
     dh = None if dwte is None else np.empty_like(h)
     dtype = np.result_type(h, wte)  # float32 (float64 in the gradient tests)
-    buffer = np.empty((min(rows, N), len(wte)), dtype)  # one allocation: 51 MB is mmap'ed
+    # One buffer for every block: 51 MB for GPT-2's vocabulary, which malloc maps anew for each
+    # allocation, so it is faulted in once a call rather than once a block.
+    buffer = np.empty((min(rows, N), len(wte)), dtype)
     part = None  # a slice of dwte's contribution from one block, after the first
     for start in range(0, N, rows):
         stop = min(N, start + rows)
-        r = np.arange(stop - start)
+        i = np.arange(stop - start)
         block = np.matmul(h[start:stop], wte.T, out=buffer[: stop - start])  # [r, C] -> [r, V]
         block -= block.max(axis=-1, keepdims=True)
-        picked = block[r, targets[start:stop]]  # the targets' shifted logits
+        picked = block[i, targets[start:stop]]  # the targets' shifted logits
         # Clip, not np.maximum: with a scalar bound NumPy's maximum takes a much slower loop.
         np.clip(block, EXP_FLOOR, 0.0, out=block)  # block <= 0: the upper bound is moot
         np.exp(block, out=block)
@@ -300,7 +302,7 @@ def classifier_forward(h, wte, targets, dwte=None, rows=LOSS_ROWS):
         if dwte is None:
             continue
         block *= 1.0 / (sums * N)  # the probabilities / N
-        block[r, targets[start:stop]] -= 1.0 / N  # -> d loss / d logits
+        block[i, targets[start:stop]] -= 1.0 / N  # -> d loss / d logits
         np.matmul(block, wte, out=dh[start:stop])  # [r, V] -> [r, C]
         if start == 0:
             np.matmul(block.T, h[start:stop], out=dwte)  # [V, r] @ [r, C] -> [V, C]
