@@ -53,8 +53,8 @@ from picogpt.model import keep_freed_memory  # noqa: E402
 
 RECIPE = dict(tr.DEFAULTS)  # picogpt's defaults are nanoGPT's CPU recipe
 # chars --torch: steps each side runs before the other's turn. Rounds of seconds: each side's
-# idle BLAS/OpenMP threads spin for up to about 0.2 s after its turn, slowing the other's first
-# steps, which the median over a round leaves out.
+# idle BLAS/OpenMP worker threads may spin for a while after its turn, slowing the other's first
+# steps, and the median over a round of 50 leaves those out.
 ROUND = 50
 
 
