@@ -25,7 +25,6 @@ subnormals cost little, so a count of 0 is what shows the paths are fast on Inte
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench_matvec import engine as matvec_step  # noqa: E402
-from machine import describe, stream_rate  # noqa: E402
+from machine import describe, peak_rss_mb, stream_rate  # noqa: E402
 
 SIZES = {"124M": (768, 12, 12), "355M": (1024, 16, 24), "774M": (1280, 20, 36),
          "1558M": (1600, 25, 48)}  # fmt: skip
@@ -107,18 +106,6 @@ def export_for_transformers(params, hparams, out):
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()},
                           strict=False)  # fmt: skip
     model.save_pretrained(out)
-
-
-def peak_rss_mb():
-    """This process's peak resident set. VmHWM, not ru_maxrss: on Linux the latter carries the
-    parent's peak across fork+exec, so a worker would report the parent's 2 GB of random weights."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker_picogpt(folder):

@@ -24,7 +24,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from machine import describe  # noqa: E402
+from machine import describe, peak_rss_mb  # noqa: E402
 
 HPARAMS = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
 
@@ -59,13 +59,6 @@ def make_models(root):
     for name, dtype in (("hf32", "float32"), ("hf16", "float16")):
         if not (root / name).exists():
             hf.export(openai, root / name, dtype=dtype)
-
-
-def peak_rss_mb():
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def worker_picogpt(folder):

@@ -33,7 +33,6 @@ import json
 import math
 import pickle
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from machine import describe  # noqa: E402
+from machine import describe, peak_rss_mb  # noqa: E402
 
 from picogpt import train as tr  # noqa: E402
 from picogpt.bpe import GPT2_PATTERN  # noqa: E402
@@ -176,11 +175,6 @@ def torch_run(data, n_vocab, config):
 # --- finetune: one step of GPT-2 124M, each in a fresh process ------------------------------------
 
 GPT2_124M = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
-
-
-def peak_rss_mb():
-    """This process's peak resident memory so far, in MB (Linux reports KB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def step_picogpt(block_size, steps):

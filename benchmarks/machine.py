@@ -9,7 +9,9 @@ command alone), as a laptop user would run, and every benchmark prints which ker
 
 import os
 import platform
+import resource
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -62,3 +64,16 @@ def describe():
     forced = os.environ.get("OPENBLAS_CORETYPE")
     return (f"{cpu_model()}, {os.cpu_count()} cores, NumPy {np.__version__}, {blas}"
             + (f", OPENBLAS_CORETYPE={forced}" if forced else ""))  # fmt: skip
+
+
+def peak_rss_mb():
+    """This process's peak resident set, in MB. VmHWM, not ru_maxrss: on Linux the latter carries
+    the parent's peak across fork+exec, so a worker process would report its parent's (the
+    benchmark that made 2 GB of random weights, say) when that was larger."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
