@@ -677,10 +677,13 @@ def _header_proto(num_shards=1, endianness=0):
     )
 
 
-def _write_atomically(path, data):
-    tmp = Path(f"{path}.tmp{os.getpid()}")
+def _write_synced(path, chunks):
+    """Write `chunks` (bytes-like) under path's temporary name (files.temporary_name), fsynced,
+    and return that name: write() renames its three files into place only once all are down."""
+    tmp = files.temporary_name(path)
     with open(tmp, "wb") as f:
-        f.write(data)
+        for chunk in chunks:
+            f.write(memoryview(chunk))
         f.flush()
         os.fsync(f.fileno())
     return tmp
@@ -711,15 +714,10 @@ def write(prefix, tensors):
     data_path = _shard_path(prefix, 0, 1)
     index_path = Path(f"{prefix}.index")
     state_path = prefix.parent / "checkpoint"
-    tmp_data = Path(f"{data_path}.tmp{os.getpid()}")
-    with open(tmp_data, "wb") as f:
-        for raw in data:
-            f.write(memoryview(raw))
-        f.flush()
-        os.fsync(f.fileno())
-    tmp_index = _write_atomically(index_path, _index_bytes(entries))
+    tmp_data = _write_synced(data_path, data)
+    tmp_index = _write_synced(index_path, [_index_bytes(entries)])
     state = f'model_checkpoint_path: "{prefix.name}"\nall_model_checkpoint_paths: "{prefix.name}"\n'
-    tmp_state = _write_atomically(state_path, state.encode())
+    tmp_state = _write_synced(state_path, [state.encode()])
     # Data first, index second: a reader never sees an index pointing at missing data.
     os.replace(tmp_data, data_path)
     os.replace(tmp_index, index_path)
