@@ -12,6 +12,7 @@ an 8 GB laptop. The embeddings, biases and LayerNorm parameters stay as they are
 """
 
 import ctypes
+import functools
 import math
 import mmap
 import os
@@ -141,14 +142,21 @@ def softmax_(x):
     return x
 
 
+@functools.lru_cache(maxsize=8)
 def causal_mask(n):
-    """[n, n] float32: 0 on and below the diagonal, -inf above (the future)."""
-    return np.triu(np.full((n, n), -np.inf, np.float32), k=1)
+    """[n, n] float32, read-only: 0 on and below the diagonal, -inf above (the future). Made
+    once per size: training's attention asks for one each layer of each step."""
+    mask = np.triu(np.full((n, n), -np.inf, np.float32), k=1)
+    mask.setflags(write=False)
+    return mask
 
 
+@functools.lru_cache(maxsize=8)
 def past_mask(n):
-    """[n, n] float32: 1 on and below the diagonal, 0 above (the future)."""
-    return np.tril(np.ones((n, n), np.float32))
+    """[n, n] float32, read-only: 1 on and below the diagonal, 0 above (the future)."""
+    mask = np.tril(np.ones((n, n), np.float32))
+    mask.setflags(write=False)
+    return mask
 
 
 def attention(q, k, v, offset):
