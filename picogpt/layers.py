@@ -135,9 +135,11 @@ def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None, rows=ATTN_ROWS):
     model.attention does): the masked upper triangle beyond the diagonal blocks is neither
     computed nor kept, about half of [T, T] at T = 1024, and a block's softmax passes stay in
     cache. The scale goes on q ([T, hd]) rather than on the scores; the scores' exp is the
-    engine's (floored at the row's max - 48: no subnormal weights, see model.SOFTMAX_FLOOR), and
-    the future's weights are then multiplied by 0, so their probabilities are exactly 0, and so
-    are the gradients flowing to them."""
+    engine's (floored at the row's max - 48: no subnormal weights, see model.SOFTMAX_FLOOR), or,
+    when a block's scores span less than the floor, shifted by each row's score against itself
+    instead of its max (the same softmax; nothing to floor). The future's weights are then
+    multiplied by 0, so their probabilities are exactly 0, and so are the gradients flowing to
+    them."""
     C = qkv.shape[-1] // 3
     hd = C // n_head
     # Each [B, H, T, hd], copied contiguous: NumPy multiplies stacks of strided matrices (views
@@ -154,8 +156,17 @@ def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None, rows=ATTN_ROWS):
         r = stop - start
         att = q[:, :, start:stop] @ k[:, :, :stop].swapaxes(-1, -2)  # [B, H, r, stop]
         own = att[..., start:stop]  # the block's own keys: the diagonal, with the future
-        own += future[:r, :r]  # the max is over the past
-        model.shifted_exp_(att)
+        if att.max() - att.min() <= -model.SOFTMAX_FLOOR:
+            # The block's scores (the future's too) span less than the floor, so shifted by any
+            # of them, by each row's own score against itself say, exp stays within
+            # e^(+-SOFTMAX_FLOOR): nothing to floor, no overflow, and the rows' maxima (a slow
+            # reduction over short rows) need not be found. (The row's own score, not the
+            # block's max: that would make a row's rounding depend on later positions.)
+            att -= np.diagonal(own, axis1=-2, axis2=-1).copy()[..., None]  # (own is a view of att)
+            np.exp(att, out=att)
+        else:
+            own += future[:r, :r]  # the max is over the past
+            model.shifted_exp_(att)
         own *= past[:r, :r]
         sums = model.row_sums(att)  # [B, H, r, 1]
         att *= np.reciprocal(sums, out=sums)

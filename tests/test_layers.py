@@ -57,6 +57,28 @@ def test_attention_blocks_equal_one_block():
     np.testing.assert_allclose(whole, c1.probs[0], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("spread", [1.0, 40.0])
+def test_attention_probabilities_are_the_float64_softmax(spread):
+    """Scores spanning less than the exp's floor (spread 1) are shifted by their block's max,
+    wider ones (spread 40) by each row's: both are the causal softmax, in float32 rounding."""
+    B, T, C, n_head = 2, 9, 8, 2
+    qkv = randn(B * T, 3 * C).astype(np.float32)
+    qkv[:, :C] *= spread
+    y, cache = layers.attention_forward(qkv, B, T, n_head, rows=4)
+    q, k, v = qkv.astype(np.float64).reshape(B, T, 3, n_head, -1).transpose(2, 0, 3, 1, 4)
+    scores = q @ k.swapaxes(-1, -2) / np.sqrt(C // n_head)  # [B, H, T, T]
+    span = scores.max() - scores.min()
+    assert span < 48 if spread == 1 else span > 48  # model.SOFTMAX_FLOOR: the two ways
+    scores[..., np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] = -np.inf
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    for start, block in zip(range(0, T, 4), cache.probs):
+        expected = p[:, :, start : start + block.shape[2], : block.shape[3]]
+        np.testing.assert_allclose(block, expected, rtol=2e-5, atol=1e-7)
+    expected_y = (p @ v).transpose(0, 2, 1, 3).reshape(B * T, C)
+    np.testing.assert_allclose(y, expected_y, rtol=1e-4, atol=1e-5)
+
+
 def test_attention_is_causal():
     B, T, C, n_head = 1, 6, 4, 2
     qkv = randn(B * T, 3 * C)
