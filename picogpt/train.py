@@ -22,7 +22,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from picogpt import checkpoint, files, layers, model
+from picogpt import checkpoint, cores, files, layers, model
 from picogpt.errors import ModelError, PicogptError, TrainingError
 
 # nanoGPT's CPU recipe for Tiny Shakespeare: trains in about a minute here.
@@ -730,14 +730,28 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
                 init_params, notice, memory)  # fmt: skip
 
 
+# Models up to this wide have each batch split over the cores (cores.py). Wider, the matrix
+# products are most of a step, BLAS's own threads already keep every core busy, and a shard
+# gains nothing while its gradient buffer costs 4 bytes a parameter (benchmarks/README.md has
+# the measured steps at each width).
+SHARD_MAX_WIDTH = 512
+
+
+def shards(hparams, n):
+    """[(start, stop)] of the shards n sequences are split into (Trainer.loss)."""
+    return cores.split(n) if hparams["n_embd"] <= SHARD_MAX_WIDTH else [(0, n)]
+
+
 def estimate_memory(hparams, config):
     """Bytes a training step needs at its peak, about: the parameters, their gradient and AdamW's
-    two moments (and a gradient sum with --grad-accum), plus what one micro-batch's forward
-    keeps for its backward (see BlockCache) and the largest temporaries of the backward."""
+    two moments (and a gradient sum with --grad-accum, and a gradient per shard after the first:
+    Trainer.loss), plus what one micro-batch's forward keeps for its backward (see BlockCache)
+    and the largest temporaries of the backward, in each of its shards at once."""
     C, L, H = hparams["n_embd"], hparams["n_layer"], hparams["n_head"]
     B, T = config["batch_size"], config["block_size"]
     n_params = (hparams["n_vocab"] + hparams["n_ctx"]) * C + L * (12 * C * C + 13 * C) + 2 * C
-    buffers = 4 + (config["grad_accum"] > 1)
+    n_shards = len(shards(hparams, B))
+    buffers = 4 + (config["grad_accum"] > 1) + (n_shards - 1)
     N = B * T
     dropout = config["dropout"] > 0
     # Attention keeps its row blocks' probabilities: each block's rows against the keys up to
@@ -746,7 +760,8 @@ def estimate_memory(hparams, config):
     scores = B * H * sum((min(T, s + R) - s) * min(T, s + R) for s in range(0, T, R))
     per_block = 4 * (N * C * (14 + 2 * dropout) + scores * (1 + 2 * dropout))
     backward = 4 * (3 * N * 4 * C + 3 * B * H * R * T)  # the MLP's and attention's temporaries
-    head = 4 * (min(N, layers.LOSS_ROWS) * hparams["n_vocab"] + layers.VOCAB_ROWS * C + 3 * N * C)
+    rows = min(N, n_shards * layers.LOSS_ROWS)  # of logits, over the shards
+    head = 4 * (rows * hparams["n_vocab"] + n_shards * layers.VOCAB_ROWS * C + 3 * N * C)
     return 4 * n_params * buffers + L * per_block + backward + head + (200 << 20)  # + Python, NumPy
 
 
@@ -763,6 +778,7 @@ class Trainer:
         shapes = param_shapes(self.hparams)
         self.flat, self.params = flat_views(shapes)
         self.flat_grad, self.grads = flat_views(shapes)
+        self.shard_grads = []  # (flat, views) of each shard's gradient after the first's
         # With --grad-accum, the micro-batches' gradients are summed here.
         self.grad_sum = np.zeros_like(self.flat) if config["grad_accum"] > 1 else None
         self.optimizer = AdamW(self.flat, n_decayed(shapes), config["beta1"], config["beta2"],
@@ -788,11 +804,7 @@ class Trainer:
         n = c["grad_accum"]
         losses = []
         for i, (xi, yi) in enumerate(zip(np.split(x, n), np.split(y, n))):
-            loss, cache = gpt_forward(self.params, self.hparams, xi, yi, c["dropout"], rng,
-                                      grads=self.grads)  # fmt: skip
-            gpt_backward(cache, self.params, self.hparams, self.grads)
-            del cache
-            losses.append(loss)
+            losses.append(self.loss(xi, yi, rng, backward=True))
             if self.grad_sum is not None:
                 if i == 0:
                     self.grad_sum[...] = self.flat_grad
@@ -806,11 +818,46 @@ class Trainer:
         self.optimizer.update(grad, lr)
         return float(np.mean(losses))
 
+    def loss(self, x, y, rng=None, backward=False):
+        """The mean loss of predicting y [B, T] from x [B, T], the sequences in shards over the
+        cores (shards()); with `backward`, with dropout and its gradient in self.flat_grad.
+
+        Each shard runs gpt_forward (and gpt_backward) on its own thread, into a gradient buffer
+        of its own (the first shard's is self.grads); the shards' losses and gradients are then
+        averaged, weighted by their sizes: the mean over the whole batch. Each shard draws its
+        dropout from its own generator, seeded from `rng`, so that no two threads share one."""
+        parts = shards(self.hparams, len(x))
+        if backward:
+            while len(self.shard_grads) < len(parts) - 1:
+                self.shard_grads.append(flat_views(param_shapes(self.hparams)))
+            grads = [self.grads] + [views for _, views in self.shard_grads]
+        rngs = [rng] * len(parts)
+        if rng is not None and len(parts) > 1:
+            seed = int(rng.integers(1 << 63))
+            rngs = [np.random.default_rng([seed, i]) for i in range(len(parts))]
+
+        def shard(i):
+            start, stop = parts[i]
+            if not backward:
+                return gpt_forward(self.params, self.hparams, x[start:stop], y[start:stop])[0]
+            loss, cache = gpt_forward(self.params, self.hparams, x[start:stop], y[start:stop],
+                                      self.config["dropout"], rngs[i], grads=grads[i])
+            gpt_backward(cache, self.params, self.hparams, grads[i])
+            return loss
+
+        losses = cores.run(shard, len(parts))
+        weights = [(stop - start) / len(x) for start, stop in parts]
+        if backward and len(parts) > 1:
+            self.flat_grad *= weights[0]
+            for w, (flat, _) in zip(weights[1:], self.shard_grads):
+                flat *= w
+                self.flat_grad += flat
+        return sum(w * loss for w, loss in zip(weights, losses))
+
     def estimate_loss(self, data, rng):
         """Mean loss over eval_iters random batches, without dropout."""
         c = self.config
-        losses = [gpt_forward(self.params, self.hparams,
-                              *get_batch(data, c["block_size"], c["batch_size"], rng))[0]
+        losses = [self.loss(*get_batch(data, c["block_size"], c["batch_size"], rng))
                   for _ in range(c["eval_iters"])]  # fmt: skip
         return float(np.mean(losses))
 
