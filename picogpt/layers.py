@@ -10,6 +10,7 @@ call; attention alone works on [B, n_head, T, head_dim]. `params` and `grads` ar
 OpenAI's tensor names (model.param_shapes), weights as the checkpoint stores them ([1, nx, nf]).
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -19,6 +20,19 @@ from picogpt import model
 from picogpt.model import GELU_C, LN_EPS, causal_mask, past_mask
 
 GELU_A = 0.044715
+
+
+def column_sums(x, out):
+    """x.sum(axis=0) of x [N, F] into out [F], as ones(N) @ x: BLAS's matrix-vector product,
+    several times faster than NumPy's reduction over rows (and summed more accurately)."""
+    return np.matmul(_ones(len(x), x.dtype), x, out=out)
+
+
+@functools.lru_cache(maxsize=16)
+def _ones(n, dtype):
+    ones = np.ones(n, dtype)
+    ones.setflags(write=False)
+    return ones
 
 
 # --- embedding ---------------------------------------------------------------------------------
@@ -70,7 +84,7 @@ def layer_norm_output(cache, g, b):
 def layer_norm_backward(dout, cache, g, dg, db):
     xhat, rstd = cache
     np.einsum("ij,ij->j", dout, xhat, out=dg)
-    np.sum(dout, axis=0, out=db)
+    column_sums(dout, db)
     dxhat = dout * g
     # The mean and the variance depend on every x of the row: the gradient loses its row mean
     # and its component along xhat.
@@ -95,7 +109,7 @@ def linear_forward(x, w, b):
 
 def linear_backward(dout, x, w, dw, db):
     np.matmul(x.T, dout, out=dw)
-    np.sum(dout, axis=0, out=db)
+    column_sums(dout, db)
     return dout @ w.T
 
 
@@ -149,7 +163,8 @@ def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None, rows=ATTN_ROWS):
     q *= scale  # in the copy: [T, hd] multiplies instead of [T, T]
     rows = min(rows, T)
     future, past = causal_mask(rows), past_mask(rows)  # the engine's: -inf / 0 above the diagonal
-    y = np.empty_like(q)
+    out = np.empty((B * T, C), q.dtype)
+    y = out.reshape(B, T, n_head, hd).transpose(0, 2, 1, 3)  # [B, H, T, hd], a view of out
     probs, dropped, masks = [], [], []
     for start in range(0, T, rows):
         stop = min(T, start + rows)
@@ -171,12 +186,13 @@ def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None, rows=ATTN_ROWS):
         sums = model.row_sums(att)  # [B, H, r, 1]
         att *= np.reciprocal(sums, out=sums)
         att_dropped, mask = dropout_forward(att, dropout, rng)
+        # Written into [B*T, C] through its [B, H, T, hd] view: BLAS takes the strided rows as
+        # they are, and no copy is left to make.
         np.matmul(att_dropped, v[:, :, :stop], out=y[:, :, start:stop])  # [B, H, r, hd]
         probs.append(att)
         dropped.append(att_dropped)
         masks.append(mask)
-    y = y.transpose(0, 2, 1, 3).reshape(B * T, C)
-    return y, AttentionCache(q, k, v, probs, dropped, masks, scale, rows)
+    return out, AttentionCache(q, k, v, probs, dropped, masks, scale, rows)
 
 
 def attention_backward(dy, cache):
@@ -186,9 +202,9 @@ def attention_backward(dy, cache):
     q, k, v, probs, dropped, masks, scale, rows = cache
     B, H, T, hd = q.shape
     dy = np.ascontiguousarray(dy.reshape(B, T, H, hd).transpose(0, 2, 1, 3))  # [B, H, T, hd]
-    dqkv = np.empty((3, B, H, T, hd), dy.dtype)
-    dq, dk, dv = dqkv
-    parts = np.empty_like(dqkv[:2]) if T > rows else None  # a narrower block's dk and dv
+    out = np.empty((B * T, 3 * H * hd), dy.dtype)  # d qkv, written through [B, H, T, hd] views
+    dq, dk, dv = out.reshape(B, T, 3, H, hd).transpose(2, 0, 3, 1, 4)
+    parts = np.empty((2, B, H, T, hd), dy.dtype) if T > rows else None  # a narrower block's dk, dv
     for i, start in reversed(list(enumerate(range(0, T, rows)))):
         stop = min(T, start + rows)
         dk_i, dv_i = (dk, dv) if stop == T else parts[:, :, :, :stop]
@@ -204,7 +220,7 @@ def attention_backward(dy, cache):
             dk[:, :, :stop] += dk_i
             dv[:, :, :stop] += dv_i
     dq *= scale  # the gradient of the unscaled q
-    return dqkv.transpose(1, 3, 0, 2, 4).reshape(B * T, 3 * H * hd)
+    return out
 
 
 # --- GELU --------------------------------------------------------------------------------------
