@@ -23,6 +23,7 @@ _lock = threading.Lock()  # one sharded call at a time: each sets the process's 
 _finding = threading.Lock()  # one search for OpenBLAS
 _blas = None  # (get_num_threads, set_num_threads) of NumPy's OpenBLAS, once looked for
 _pool, _pool_size = None, 0  # the worker threads, made on first use
+_limit = None  # set_workers's bound
 
 
 def _openblas():
@@ -63,7 +64,8 @@ def blas_threads():
 
 def workers():
     """How many shards a batch is split into at most: BLAS's threads (one per core unless
-    OPENBLAS_NUM_THREADS says fewer), or 1 where BLAS's threads cannot be set."""
+    OPENBLAS_NUM_THREADS says fewer) within set_workers's bound, or 1 where BLAS's threads
+    cannot be set."""
     threads = blas_threads()
     if threads is None:
         return 1
@@ -71,7 +73,17 @@ def workers():
         usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         usable = os.cpu_count() or 1
-    return max(1, min(threads, usable))
+    return max(1, min(threads, usable, _limit or usable))
+
+
+def set_workers(n):
+    """Split batches into at most n shards from now on (None: no bound but the cores'); the
+    bound before. 1 runs each step as one shard, on BLAS's own threads."""
+    global _limit
+    if n is not None and n < 1:
+        raise ValueError(f"set_workers: at least 1 shard, got {n}")
+    before, _limit = _limit, n
+    return before
 
 
 def split(n):

@@ -99,3 +99,15 @@ def test_sharded_steps_with_dropout_are_reproducible(tmp_path):
 def test_wide_models_are_not_sharded():
     wide = {"n_embd": tr.SHARD_MAX_WIDTH * 3 // 2}
     assert tr.shards(wide, 12) == [(0, 12)]
+
+
+def test_set_workers_bounds_the_shards():
+    before = cores.set_workers(1)
+    try:
+        assert cores.split(12) == [(0, 12)]
+        assert cores.run(lambda i: threading.get_ident(), 2) == [threading.get_ident()] * 2
+        with pytest.raises(ValueError, match="at least 1"):
+            cores.set_workers(0)
+    finally:
+        cores.set_workers(before)
+    assert len(cores.split(12)) == cores.workers()
