@@ -1,8 +1,8 @@
 """Every core on a training step: the batch in shards, one thread each, BLAS on one core each.
 
-NumPy runs each elementwise pass (LayerNorm, GELU, the softmax, AdamW) on one core, and OpenBLAS
-splits each matrix product over all of them. A small model's products are small, and most of
-its step is in those passes, on one core while the others wait. So the batch is split instead:
+NumPy runs each elementwise pass (LayerNorm, GELU, the softmax) on one core, and OpenBLAS splits
+each matrix product over all of them. A small model's products are small, and much of its step
+is in those passes, on one core while the others wait. So the batch is split instead:
 a thread per core runs the forward and backward of its shard of the sequences, its products on
 its own core. NumPy lets go of the GIL inside its loops and BLAS calls, so every pass of the
 step runs on every core at once (benchmarks/README.md has what it gained).
