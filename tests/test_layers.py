@@ -59,16 +59,19 @@ def test_attention_blocks_equal_one_block():
 
 @pytest.mark.parametrize("spread", [1.0, 40.0])
 def test_attention_probabilities_are_the_float64_softmax(spread):
-    """Scores spanning less than the exp's floor (spread 1) are shifted by their block's max,
-    wider ones (spread 40) by each row's: both are the causal softmax, in float32 rounding."""
+    """A block whose scores span less than the exp's floor (spread 1) is shifted by each row's
+    own score, a wider one (spread 40) by each row's max: both are the causal softmax, in float32
+    rounding."""
     B, T, C, n_head = 2, 9, 8, 2
     qkv = randn(B * T, 3 * C).astype(np.float32)
     qkv[:, :C] *= spread
     y, cache = layers.attention_forward(qkv, B, T, n_head, rows=4)
     q, k, v = qkv.astype(np.float64).reshape(B, T, 3, n_head, -1).transpose(2, 0, 3, 1, 4)
     scores = q @ k.swapaxes(-1, -2) / np.sqrt(C // n_head)  # [B, H, T, T]
-    span = scores.max() - scores.min()
-    assert span < 48 if spread == 1 else span > 48  # model.SOFTMAX_FLOOR: the two ways
+    for start in range(0, T, 4):  # each block's span (the future's scores too) picks its way
+        block = scores[:, :, start : start + 4, : start + 4]
+        span = block.max() - block.min()
+        assert span < 48 if spread == 1 else span > 48  # model.SOFTMAX_FLOOR
     scores[..., np.triu_indices(T, 1)[0], np.triu_indices(T, 1)[1]] = -np.inf
     p = np.exp(scores - scores.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
