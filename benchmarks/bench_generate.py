@@ -346,11 +346,11 @@ def wide_params(hparams, rng, widen):
     """Random weights of hparams' shapes, the queries' and keys' `widen` times wider than GPT-2's
     init: the attention scores then span hundreds, like GPT-2's trained ones (a few keys take
     almost all the weight, and the rest's exp underflows)."""
-    from picogpt import model
+    from picogpt.gpt2 import engine
 
     d = hparams["n_embd"]
     params = {}
-    for name, shape in model.param_shapes(hparams).items():
+    for name, shape in engine.param_shapes(hparams).items():
         params[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
         if name.endswith("/g"):
             params[name][:] = 1.0
@@ -375,8 +375,8 @@ def count_engine(model_module, sampling_module, counts):
 
 
 def count_training(train, layers_module, counts):
-    """A forward and backward pass of training (the module `train`, over `layers_module`) at
-    nanoGPT's char-recipe shapes."""
+    """A forward and backward pass of training (the module `train`, gpt2/network.py or the older
+    train.py, over `layers_module`) at nanoGPT's char-recipe shapes."""
     import inspect
 
     hparams = {"n_vocab": 65, "n_ctx": 64, "n_embd": 128, "n_head": 4, "n_layer": 4}
@@ -403,21 +403,24 @@ def count_training(train, layers_module, counts):
 
 
 def count_subnormals(before):
-    from picogpt import layers, model, sampling, train
+    from picogpt import sampling
+    from picogpt.gpt2 import engine, layers, network
 
-    columns = {"now": (model, sampling, layers, train)}
+    columns = {"now": (engine, sampling, layers, network)}
     if before:
         from bench_passes import module_at
 
-        old_model = module_at(before, "picogpt/model.py")
+        old_model = module_at(before, "picogpt/gpt2/engine.py", "picogpt/model.py")
         old_sampling = module_at(before, "picogpt/sampling.py")
-        old_layers = module_at(before, "picogpt/layers.py")
+        old_layers = module_at(before, "picogpt/gpt2/layers.py", "picogpt/layers.py")
         if old_layers is not None:  # its references to the engine go to the old engine too
-            old_layers.model, old_layers.causal_mask = old_model, old_model.causal_mask
+            old_layers.model = old_layers.engine = old_model
+            old_layers.causal_mask = old_model.causal_mask
             old_layers.softmax_forward = old_model.softmax_
-        old_train = module_at(before, "picogpt/train.py")
+        # The training network's composition: gpt2/network.py, or train.py before the move.
+        old_train = module_at(before, "picogpt/gpt2/network.py", "picogpt/train.py")
         if old_train is not None:
-            old_train.model = old_model
+            old_train.model = old_train.engine = old_model
         columns = {before: (old_model, old_sampling, old_layers, old_train), **columns}
     results = {}
     for label, (model_module, sampling_module, layers_module, train_module) in columns.items():

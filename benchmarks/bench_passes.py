@@ -2,7 +2,8 @@
 
     python benchmarks/bench_passes.py [--before 7e8e3c1] [--runs 20]
 
-Loads picogpt/model.py (and picogpt/layers.py, where both revisions have it) as it was at
+Loads the engine (picogpt/gpt2/engine.py, picogpt/model.py before the move) and training's layers
+(picogpt/gpt2/layers.py or picogpt/layers.py, where both revisions have them) as they were at
 --before, from git, next to the working tree's, and times each hot function of both on the same
 inputs at GPT-2 124M's shapes, alternating: the engine's attention (a 512-token prefill and one
 decoding step after 512 tokens), GELU and LayerNorm over 512 positions, and the whole 512-token
@@ -29,18 +30,19 @@ sys.path.insert(0, str(ROOT))
 from machine import describe  # noqa: E402
 
 import picogpt  # noqa: E402, F401  (the package the old modules' relative imports resolve in)
-from picogpt import model  # noqa: E402
+from picogpt.gpt2 import engine as model  # noqa: E402
 
 HPARAMS = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
 T = 512
 
 
-def module_at(revision, path):
-    """picogpt/<path> as it was at `revision`, imported as picogpt._<rev>_<name>; None if absent."""
+def module_at(revision, path, *older_paths):
+    """The module at `path` (or, where the revision has none, the first of `older_paths` it has)
+    as it was at `revision`, imported as picogpt._<rev>_<name>; None if absent."""
     show = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:{path}"],
                           capture_output=True, text=True, check=False)  # fmt: skip
     if show.returncode:
-        return None
+        return module_at(revision, *older_paths) if older_paths else None
     name = f"picogpt._{revision.replace('~', '_').replace('^', '_')}_{Path(path).stem}"
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
     module.__package__ = "picogpt"
@@ -143,9 +145,10 @@ def backward_with(f, cache):
 def training_cases(old, old_model, rng):
     """Training's layers at the char recipe's shapes; `old` is layers.py at --before (whose own
     references to the engine are pointed at the engine of --before too)."""
-    from picogpt import layers
+    from picogpt.gpt2 import layers
 
-    old.model, old.causal_mask = old_model, old_model.causal_mask
+    old.model = old.engine = old_model
+    old.causal_mask = old_model.causal_mask
     old.softmax_forward = old_model.softmax_
     B, Tt, C, H = 12, 64, 128, 4
     N = B * Tt
@@ -177,14 +180,14 @@ def main():
                         "(default: the last one before issue 13's changes)")  # fmt: skip
     parser.add_argument("--runs", type=int, default=20)
     args = parser.parse_args()
-    old = module_at(args.before, "picogpt/model.py")
+    old = module_at(args.before, "picogpt/gpt2/engine.py", "picogpt/model.py")
     rng = np.random.default_rng(0)
     print(f"{describe()}; before = {args.before}, after = the working tree; median of "
           f"{args.runs} alternating calls")  # fmt: skip
     print("\nEngine, GPT-2 124M shapes")
     side_by_side(engine_cases(old, rng), args.runs)
     profile_prefill(old, rng, max(1, args.runs // 5))
-    old_layers = module_at(args.before, "picogpt/layers.py")
+    old_layers = module_at(args.before, "picogpt/gpt2/layers.py", "picogpt/layers.py")
     if old_layers is None:
         print(f"\n{args.before} has no picogpt/layers.py: no training comparison")
         return

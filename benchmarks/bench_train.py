@@ -27,7 +27,7 @@ biases and pad to 50,304 rows): ms/iter and the validation loss at the end, each
 log, both evaluating over --eval-iters batches.
 
 shards: one training step (random batches) as one shard against the batch split over the cores
-(cores.py), alternating in one process, at several widths: nanoGPT's CPU sizes on characters and
+(gpt2/cores.py), alternating in one process, at several widths: nanoGPT's CPU sizes on characters and
 on GPT-2's vocabulary, 256 and 512 wide, and GPT-2 124M at batch 2 (which picogpt does not
 split: SHARD_MAX_WIDTH is raised here to show why).
 
@@ -51,11 +51,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe, peak_rss_mb  # noqa: E402
 
-from picogpt import cores  # noqa: E402
 from picogpt import train as tr  # noqa: E402
 from picogpt.bpe import GPT2_PATTERN  # noqa: E402
 from picogpt.chars import CharTokenizer  # noqa: E402
-from picogpt.model import keep_freed_memory  # noqa: E402
+from picogpt.gpt2 import cores  # noqa: E402
+from picogpt.gpt2.engine import keep_freed_memory  # noqa: E402
 
 RECIPE = dict(tr.DEFAULTS)  # picogpt's defaults are nanoGPT's CPU recipe
 # chars --torch: steps each side runs before the other's turn. Rounds of seconds: each side's

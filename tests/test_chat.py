@@ -9,7 +9,7 @@ import pytest
 
 import picogpt
 from picogpt import chat, cli
-from picogpt.model import GPT, param_shapes
+from picogpt.gpt2.engine import GPT, param_shapes
 
 TINY = Path(__file__).parent / "fixtures" / "gpt2-tiny"
 

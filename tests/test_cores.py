@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from picogpt import cores
 from picogpt import train as tr
+from picogpt.gpt2 import cores, network
 
 needs_threads = pytest.mark.skipif(
     cores.workers() < 2, reason="needs OpenBLAS found and at least 2 cores for it")
@@ -73,9 +73,9 @@ def test_a_sharded_step_is_the_whole_batch_step(tmp_path):
     x, y = tr.get_batch(np.arange(200, dtype=np.uint16) % 11, 16, 5, np.random.default_rng(0))
     assert len(tr.shards(trainer.hparams, 5)) == min(5, cores.workers())
     loss = trainer.loss(x, y, backward=True)
-    _, grads = tr.flat_views(tr.param_shapes(trainer.hparams))
-    whole, cache = tr.gpt_forward(trainer.params, trainer.hparams, x, y, grads=grads)
-    tr.gpt_backward(cache, trainer.params, trainer.hparams, grads)
+    _, grads = network.flat_views(network.param_shapes(trainer.hparams))
+    whole, cache = network.gpt_forward(trainer.params, trainer.hparams, x, y, grads=grads)
+    network.gpt_backward(cache, trainer.params, trainer.hparams, grads)
     flat = np.concatenate([g.reshape(-1) for g in grads.values()])
     assert loss == pytest.approx(whole, rel=1e-6)
     scale = np.abs(flat).max()

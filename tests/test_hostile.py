@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 import picogpt
-from picogpt import checkpoint, model
+from picogpt import checkpoint
 from picogpt.chars import CharTokenizer
 from picogpt.errors import CheckpointError, ModelError, VocabularyError
+from picogpt.gpt2 import engine
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "gpt2-tiny"  # GPT-2 layout, 2 layers, BPE of 513 tokens
@@ -91,7 +92,7 @@ def make_char_model(folder, chars, n_ctx, n_layer=1, n_embd=8, n_head=2, seed=0)
     hparams = dict(n_vocab=len(chars), n_ctx=n_ctx, n_embd=n_embd, n_head=n_head, n_layer=n_layer)
     rng = np.random.default_rng(seed)
     params = {name: rng.normal(0, 0.5, shape).astype(np.float32)
-              for name, shape in model.param_shapes(hparams).items()}
+              for name, shape in engine.param_shapes(hparams).items()}
     folder.mkdir(parents=True)
     write_json(folder / "hparams.json", hparams)
     checkpoint.write(folder / "model.ckpt", params)
@@ -461,7 +462,7 @@ def test_the_engine_itself_checks_before_it_builds():
     params = checkpoint.read(TINY)
     hparams = json.loads((TINY / "hparams.json").read_text())
     with bounded(seconds=2, megabytes=16), pytest.raises(ValueError, match="n_layer"):
-        model.GPT(params, dict(hparams, n_layer=10**8))
+        engine.GPT(params, dict(hparams, n_layer=10**8))
 
 
 # --- finding 8: the command line's edges ----------------------------------------------------------

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from _gradcheck import assert_close, check_layer, numerical_grad, randn
 
-from picogpt import layers
+from picogpt.gpt2 import layers
 
 # --- each layer ---------------------------------------------------------------------------------
 

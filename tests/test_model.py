@@ -11,7 +11,8 @@ from _memory import HAS_SMAPS, resident_kb
 from _reference import hf_model
 
 import picogpt
-from picogpt import checkpoint, model
+from picogpt import checkpoint
+from picogpt.gpt2 import engine
 
 TINY = Path(__file__).parent / "fixtures" / "gpt2-tiny"
 
@@ -33,7 +34,7 @@ def tiny():
 
 def reference_logits(params, hparams, ids):
     """GPT-2 written out plainly in float64, one head and one position at a time where it is
-    clearer: no cache, no blocks, nothing shared with picogpt.model."""
+    clearer: no cache, no blocks, nothing shared with picogpt.gpt2.engine."""
     p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
     n_head, T = hparams["n_head"], len(ids)
 
@@ -121,28 +122,28 @@ def test_generation_runs_far_past_the_context(tiny, hparams):
 def test_row_blocks_give_the_same_logits(tiny, monkeypatch, hparams):
     ids = np.random.default_rng(2).integers(0, hparams["n_vocab"], hparams["n_ctx"]).tolist()
     whole = tiny.logits(ids)
-    monkeypatch.setattr(model, "ATTN_BLOCK_BYTES", 1)  # one query row at a time
-    monkeypatch.setattr(model, "LOGITS_BLOCK_ROWS", 7)
+    monkeypatch.setattr(engine, "ATTN_BLOCK_BYTES", 1)  # one query row at a time
+    monkeypatch.setattr(engine, "LOGITS_BLOCK_ROWS", 7)
     assert np.array_equal(np.argmax(tiny.logits(ids), -1), np.argmax(whole, -1))
     assert relative_error(tiny.logits(ids), whole) < 1e-6
 
 
 def test_attention_blocks_never_hold_the_whole_score_matrix(monkeypatch):
     seen = []
-    real_exp = model.shifted_exp_
+    real_exp = engine.shifted_exp_
 
     def recording_exp(x):
         seen.append(x.shape)
         return real_exp(x)
 
-    monkeypatch.setattr(model, "shifted_exp_", recording_exp)
-    monkeypatch.setattr(model, "ATTN_BLOCK_BYTES", 64 * 4 * 4 * 16)  # 16 rows of 64 keys, 4 heads
+    monkeypatch.setattr(engine, "shifted_exp_", recording_exp)
+    monkeypatch.setattr(engine, "ATTN_BLOCK_BYTES", 64 * 4 * 4 * 16)  # 16 rows of 64 keys, 4 heads
     rng = np.random.default_rng(3)
     q, k, v = (rng.standard_normal((1, 4, 64, 8)).astype(np.float32) for _ in range(3))
-    blocked = model.attention(q, k, v, 0)
+    blocked = engine.attention(q, k, v, 0)
     assert max(s[2] for s in seen) <= 16
-    monkeypatch.setattr(model, "ATTN_BLOCK_BYTES", 1 << 30)
-    assert np.allclose(blocked, model.attention(q, k, v, 0), atol=1e-6)
+    monkeypatch.setattr(engine, "ATTN_BLOCK_BYTES", 1 << 30)
+    assert np.allclose(blocked, engine.attention(q, k, v, 0), atol=1e-6)
 
 
 def test_everything_stays_float32(tiny):
@@ -154,20 +155,20 @@ def test_everything_stays_float32(tiny):
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 8, 9, 300])
 def test_matmul_takes_every_path_to_the_same_product(monkeypatch, rows):
-    monkeypatch.setattr(model, "MATVEC_CHUNK_BYTES", 7 * 40 * 4)  # 7 weight rows: 15 chunks
+    monkeypatch.setattr(engine, "MATVEC_CHUNK_BYTES", 7 * 40 * 4)  # 7 weight rows: 15 chunks
     rng = np.random.default_rng(rows)
     x = rng.standard_normal((rows, 40)).astype(np.float32)
     wt = rng.standard_normal((100, 40)).astype(np.float32)
     expected = x.astype(np.float64) @ wt.T.astype(np.float64)
-    assert np.allclose(model.matmul(x, wt), expected, rtol=1e-4, atol=1e-4)
+    assert np.allclose(engine.matmul(x, wt), expected, rtol=1e-4, atol=1e-4)
     out = np.full((rows, 100), np.nan, np.float32)
-    assert model.matmul(x, wt, out=out) is out and np.allclose(out, expected, rtol=1e-4, atol=1e-4)
+    assert engine.matmul(x, wt, out=out) is out and np.allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (15, 7), (16, 3), (17, 40), (100, 33), (0, 4)])
 def test_transposed_copies_exactly(shape):
     w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    got = model.transposed(w)
+    got = engine.transposed(w)
     assert got.flags.c_contiguous and np.array_equal(got, w.T)
 
 
@@ -178,10 +179,10 @@ def test_loading_keeps_no_second_copy_of_the_block_weights(tmp_path, hparams):
     big = dict(hparams, n_embd=256, n_head=4, n_layer=2)
     rng = np.random.default_rng(0)
     tensors = {name: rng.standard_normal(shape).astype(np.float32) * 0.02
-               for name, shape in model.param_shapes(big).items()}  # fmt: skip
+               for name, shape in engine.param_shapes(big).items()}  # fmt: skip
     checkpoint.write(tmp_path / "model.ckpt", tensors)
     params = checkpoint.read(tmp_path)
-    gpt = model.GPT(params, big)
+    gpt = engine.GPT(params, big)
     block_kb = sum(v.nbytes for k, v in tensors.items() if k.startswith("model/h")) >> 10
     assert block_kb > 4096
     assert resident_kb(tmp_path / "model.ckpt.data-00000-of-00001") < 256
@@ -191,9 +192,9 @@ def test_loading_keeps_no_second_copy_of_the_block_weights(tmp_path, hparams):
 
 
 def test_weights_stay_mapped_when_memory_is_short(monkeypatch, params, hparams):
-    reordered = model.GPT(params, hparams)
-    monkeypatch.setattr(model, "physical_memory", lambda: 64 << 10)  # less than twice the blocks
-    mapped = model.GPT(params, hparams)
+    reordered = engine.GPT(params, hparams)
+    monkeypatch.setattr(engine, "physical_memory", lambda: 64 << 10)  # less than twice the blocks
+    mapped = engine.GPT(params, hparams)
     assert reordered.reordered and not mapped.reordered
     wt = mapped.blocks[0]["c_fc"][0]
     assert wt.shape == (4 * hparams["n_embd"], hparams["n_embd"])
@@ -209,6 +210,6 @@ def test_wrong_shapes_are_named(params, hparams):
     bad = dict(params)
     bad["model/h1/mlp/c_fc/b"] = np.zeros(3, np.float32)
     with pytest.raises(ValueError, match="model/h1/mlp/c_fc/b"):
-        model.GPT(bad, hparams)
+        engine.GPT(bad, hparams)
     with pytest.raises(ValueError, match="n_head"):
-        model.GPT(params, dict(hparams, n_head=5))
+        engine.GPT(params, dict(hparams, n_head=5))

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from picogpt import model, sampling
+from picogpt import sampling
+from picogpt.gpt2 import engine
 
 
 def subnormals(x):
@@ -42,7 +43,7 @@ def test_softmax_has_no_subnormals_and_matches_float64():
     x[:, :, 200:] = -np.inf  # masked
     assert subnormals(naive_softmax(x)) > 100
     expected = reference_softmax(x)
-    got = model.softmax_(x.copy())
+    got = engine.softmax_(x.copy())
     assert got.dtype == np.float32 and subnormals(got) == 0
     assert np.all(got[:, :, 200:] == 0)  # masked: exactly 0
     # Below e^-48 a probability may be 0 (flushed); above, float32's rounding.
@@ -54,7 +55,7 @@ def test_softmax_has_no_subnormals_and_matches_float64():
 def test_softmax_flushes_only_below_the_floor():
     # Weights just above the floor survive (barely changed), ones below become exactly 0.
     x = np.array([[0.0, -47.0, -47.9, -48.5, -60.0, -200.0]], np.float32)
-    got = model.softmax_(x.copy())[0]
+    got = engine.softmax_(x.copy())[0]
     expected = reference_softmax(x)[0]
     assert got[0] == np.float32(expected[0])
     assert got[1] > 0 and abs(got[1] - expected[1]) < 1.01 * math.exp(-48)
@@ -66,7 +67,7 @@ def test_shifted_exp_stays_in_the_normal_range():
     x = wide_scores(np.random.default_rng(1), (6, 500))
     x[:, 0] = 0.0
     x[:, 1] = -np.inf
-    got = model.shifted_exp_(x.copy())
+    got = engine.shifted_exp_(x.copy())
     assert subnormals(got) == 0
     assert got.min() >= np.float32(math.exp(-48)) * (1 - 1e-6) and got.max() == 1.0
     kept = x >= -48
@@ -82,10 +83,10 @@ def reference_attention(q, k, v, offset):
     return reference_softmax(scores) @ v
 
 
-@pytest.mark.parametrize("block_bytes", [model.ATTN_BLOCK_BYTES, 2 * 4 * 37 * 4 * 5])
+@pytest.mark.parametrize("block_bytes", [engine.ATTN_BLOCK_BYTES, 2 * 4 * 37 * 4 * 5])
 @pytest.mark.parametrize("offset, tq", [(0, 37), (20, 17), (36, 1)])
 def test_attention_with_wide_scores(monkeypatch, block_bytes, offset, tq):
-    monkeypatch.setattr(model, "ATTN_BLOCK_BYTES", block_bytes)  # 5-row blocks in the second
+    monkeypatch.setattr(engine, "ATTN_BLOCK_BYTES", block_bytes)  # 5-row blocks in the second
     rng = np.random.default_rng(2)
     B, H, hd = 2, 4, 8
     # Small integers: the scores (std ~50) are exact in float32, so what differs from float64
@@ -96,9 +97,9 @@ def test_attention_with_wide_scores(monkeypatch, block_bytes, offset, tq):
     assert subnormals(naive_softmax(q @ k.swapaxes(-1, -2))) > 0
     expected = reference_attention(q, k, v, offset)
     weights = []  # what the product with v gets: subnormals there would slow it down
-    real_exp = model.shifted_exp_
-    monkeypatch.setattr(model, "shifted_exp_", lambda x: weights.append(real_exp(x)) or x)
-    got = model.attention(q, k, v, offset)
+    real_exp = engine.shifted_exp_
+    monkeypatch.setattr(engine, "shifted_exp_", lambda x: weights.append(real_exp(x)) or x)
+    got = engine.attention(q, k, v, offset)
     assert weights and sum(subnormals(w) for w in weights) == 0
     assert got.dtype == np.float32 and subnormals(got) == 0
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
@@ -110,11 +111,11 @@ def test_attention_masks_the_future_exactly():
     q = rng.integers(-12, 13, (1, 2, 16, 8)).astype(np.float32)
     k = rng.integers(-3, 4, (1, 2, 16, 8)).astype(np.float32)
     v = rng.standard_normal((1, 2, 16, 8), dtype=np.float32)
-    got = model.attention(q, k, v, 0)
+    got = engine.attention(q, k, v, 0)
     for t in range(16):
         v_future = v.copy()
         v_future[:, :, t + 1 :] = 1e30
-        assert np.array_equal(model.attention(q, k, v_future, 0)[:, :, t], got[:, :, t])
+        assert np.array_equal(engine.attention(q, k, v_future, 0)[:, :, t], got[:, :, t])
 
 
 def reference_gelu(x):
@@ -126,7 +127,7 @@ def test_gelu_has_no_subnormals_and_matches_float64():
     # Large negative inputs drive 1 + tanh(.) towards 0: in float32 it is 0 or at least 2^-24.
     x = np.concatenate([np.linspace(-40, 40, 20001, dtype=np.float32),
                         np.float32([-1e-3, 1e-30, -1e-30, 0.0])])  # fmt: skip
-    got = model.gelu_(x.copy())
+    got = engine.gelu_(x.copy())
     assert subnormals(got) == 0
     np.testing.assert_allclose(got, reference_gelu(x), rtol=1e-5, atol=2e-6)
 
@@ -148,7 +149,7 @@ def test_sampling_probabilities_have_no_subnormals():
 
 
 def test_training_attention_has_no_subnormals_and_matches_float64():
-    from picogpt import layers
+    from picogpt.gpt2 import layers
 
     rng = np.random.default_rng(5)
     B, T, n_head, hd = 2, 24, 2, 4
@@ -171,7 +172,7 @@ def test_training_attention_has_no_subnormals_and_matches_float64():
 
 
 def test_training_gelu_has_no_subnormals_and_matches_float64():
-    from picogpt import layers
+    from picogpt.gpt2 import layers
 
     x = np.linspace(-40, 40, 20001, dtype=np.float32).reshape(1, -1)
     out, cache = layers.gelu_forward(x)

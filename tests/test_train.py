@@ -21,6 +21,7 @@ import picogpt
 from picogpt import checkpoint
 from picogpt import train as tr
 from picogpt.chars import CharTokenizer
+from picogpt.gpt2 import network
 
 
 def tiny_hparams(**overrides):
@@ -28,8 +29,8 @@ def tiny_hparams(**overrides):
 
 
 def tiny_params(hparams, dtype=np.float64, seed=0):
-    _, params = tr.flat_views(tr.param_shapes(hparams), dtype)
-    tr.init_params(params, hparams, np.random.default_rng(seed))
+    _, params = network.flat_views(network.param_shapes(hparams), dtype)
+    network.init_params(params, hparams, np.random.default_rng(seed))
     rng = np.random.default_rng(seed + 1)
     for array in params.values():  # make biases and gains matter too
         array += rng.normal(0, 0.1, array.shape)
@@ -46,12 +47,12 @@ def test_block_backward_with_its_residuals(dropout):
     def forward(x, *values):
         p = dict(zip(names, values))
         rng = np.random.default_rng(5)  # the same dropout masks every time
-        p = tr.block_params({**params, **p}, 0)
-        return tr.block_forward(x, p, B, T, 2, dropout, rng)
+        p = network.block_params({**params, **p}, 0)
+        return network.block_forward(x, p, B, T, 2, dropout, rng)
 
     def backward(d, res, grads):
-        return (tr.block_backward(d, res[1], tr.block_params(dict(zip(names, values)), 0),
-                                  tr.block_params(dict(zip(names, grads)), 0)),)  # fmt: skip
+        return (network.block_backward(d, res[1], network.block_params(dict(zip(names, values)), 0),
+                                  network.block_params(dict(zip(names, grads)), 0)),)  # fmt: skip
 
     values = [params[n] for n in names]
     check_layer(forward, backward, [randn(B * T, 8)], values)
@@ -62,8 +63,8 @@ def test_block_backward_with_its_residuals(dropout):
 
 def model_gradients(params, hparams, idx, targets):
     grads = {name: np.zeros_like(p) for name, p in params.items()}
-    loss, cache = tr.gpt_forward(params, hparams, idx, targets, grads=grads)
-    tr.gpt_backward(cache, params, hparams, grads)
+    loss, cache = network.gpt_forward(params, hparams, idx, targets, grads=grads)
+    network.gpt_backward(cache, params, hparams, grads)
     return loss, grads
 
 
@@ -74,7 +75,7 @@ def test_whole_model_gradients_match_finite_differences():
     idx, targets = rng.integers(0, 7, (2, 6)), rng.integers(0, 7, (2, 6))
     _, grads = model_gradients(params, hparams, idx, targets)
     for name, p in params.items():
-        numeric = numerical_grad(lambda: tr.gpt_forward(params, hparams, idx, targets)[0], p)
+        numeric = numerical_grad(lambda: network.gpt_forward(params, hparams, idx, targets)[0], p)
         assert_close(grads[name], numeric)
 
 
@@ -130,10 +131,10 @@ def test_adamw_and_clipping_match_pytorch(block, monkeypatch):
     torch = pytest.importorskip("torch")
     monkeypatch.setattr(tr, "ADAM_BLOCK", block)
     shapes = {"w": (5, 4), "b": (4,)}
-    flat, views = tr.flat_views(shapes, np.float64)
+    flat, views = network.flat_views(shapes, np.float64)
     flat[:] = np.random.default_rng(7).normal(size=flat.size)
     tensors = [torch.tensor(views[n].copy(), requires_grad=True) for n in shapes]
-    ours = tr.AdamW(flat, tr.n_decayed(shapes), beta1=0.9, beta2=0.99, weight_decay=0.1)
+    ours = tr.AdamW(flat, network.n_decayed(shapes), beta1=0.9, beta2=0.99, weight_decay=0.1)
     theirs = torch.optim.AdamW([{"params": tensors[:1], "weight_decay": 0.1},
                                 {"params": tensors[1:], "weight_decay": 0.0}],
                                lr=1e-2, betas=(0.9, 0.99), eps=1e-8)  # fmt: skip
@@ -226,7 +227,7 @@ def test_train_saves_a_model_the_engine_runs(text_file, tmp_path):
     # The engine's forward pass and training's give the same logits for the saved weights.
     params = checkpoint.read(out_dir)
     ids = model.encode("ROMEO: But soft, what light")
-    loss, _ = tr.gpt_forward(params, model.hparams, np.array([ids[:-1]]), np.array([ids[1:]]))
+    loss, _ = network.gpt_forward(params, model.hparams, np.array([ids[:-1]]), np.array([ids[1:]]))
     engine = model.logits(ids[:-1]).astype(np.float64)
     log_probs = engine - engine.max(1, keepdims=True)
     log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))

@@ -7,7 +7,7 @@ against finite differences (float64) and the whole network against PyTorch's aut
 
 Activations are [N, C] matrices, N = batch * block_size rows, so every product is one 2-D BLAS
 call; attention alone works on [B, n_head, T, head_dim]. `params` and `grads` are dicts keyed by
-OpenAI's tensor names (model.param_shapes), weights as the checkpoint stores them ([1, nx, nf]).
+OpenAI's tensor names (engine.param_shapes), weights as the checkpoint stores them ([1, nx, nf]).
 """
 
 import functools
@@ -16,8 +16,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from picogpt import model
-from picogpt.model import GELU_C, LN_EPS, causal_mask, past_mask
+from picogpt.gpt2 import engine
+from picogpt.gpt2.engine import GELU_C, LN_EPS, causal_mask, past_mask
 
 GELU_A = 0.044715
 
@@ -69,7 +69,7 @@ class LayerNormCache(NamedTuple):
 
 def layer_norm_forward(x, g, b):
     """(x - mean) / sqrt(var + eps) * g + b over the last axis of x [N, C]."""
-    xhat = x - model.row_sums(x) / x.shape[-1]
+    xhat = x - engine.row_sums(x) / x.shape[-1]
     var = np.einsum("ij,ij->i", xhat, xhat)[:, None] / x.shape[-1]
     rstd = 1.0 / np.sqrt(var + LN_EPS)  # [N, 1]
     xhat *= rstd
@@ -89,7 +89,7 @@ def layer_norm_backward(dout, cache, g, dg, db):
     # The mean and the variance depend on every x of the row: the gradient loses its row mean
     # and its component along xhat.
     C = dout.shape[-1]
-    mean_dxhat = model.row_sums(dxhat) / C
+    mean_dxhat = engine.row_sums(dxhat) / C
     mean_dxhat_xhat = np.einsum("ij,ij->i", dxhat, xhat)[:, None] / C
     dxhat -= mean_dxhat
     dxhat -= xhat * mean_dxhat_xhat
@@ -115,7 +115,7 @@ def linear_backward(dout, x, w, dw, db):
 
 # --- softmax and attention ---------------------------------------------------------------------
 
-softmax_forward = model.softmax_  # the engine's: softmax over the last axis, in place
+softmax_forward = engine.softmax_  # the engine's: softmax over the last axis, in place
 
 
 def softmax_backward(dout, y, out=None):
@@ -146,10 +146,10 @@ def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None, rows=ATTN_ROWS):
 
     softmax(q k^T / sqrt(hd) + mask) v, with the mask -inf on future positions. The query rows
     go in blocks of `rows`, each against the keys up to its last row (as the engine's
-    model.attention does): the masked upper triangle beyond the diagonal blocks is neither
+    engine.attention does): the masked upper triangle beyond the diagonal blocks is neither
     computed nor kept, about half of [T, T] at T = 1024, and a block's softmax passes stay in
     cache. The scale goes on q ([T, hd]) rather than on the scores; the scores' exp is the
-    engine's (floored at the row's max - 48: no subnormal weights, see model.SOFTMAX_FLOOR), or,
+    engine's (floored at the row's max - 48: no subnormal weights, see engine.SOFTMAX_FLOOR), or,
     when a block's scores span less than the floor, shifted by each row's score against itself
     instead of its max (the same softmax; nothing to floor). The future's weights are then
     multiplied by 0, so their probabilities are exactly 0, and so are the gradients flowing to
@@ -171,7 +171,7 @@ def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None, rows=ATTN_ROWS):
         r = stop - start
         att = q[:, :, start:stop] @ k[:, :, :stop].swapaxes(-1, -2)  # [B, H, r, stop]
         own = att[..., start:stop]  # the block's own keys: the diagonal, with the future
-        if att.max() - att.min() <= -model.SOFTMAX_FLOOR:
+        if att.max() - att.min() <= -engine.SOFTMAX_FLOOR:
             # The block's scores (the future's too) span less than the floor, so shifted by any
             # of them, by each row's own score against itself say, exp stays within
             # e^(+-SOFTMAX_FLOOR): nothing to floor, no overflow, and the rows' maxima (a slow
@@ -181,9 +181,9 @@ def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None, rows=ATTN_ROWS):
             np.exp(att, out=att)
         else:
             own += future[:r, :r]  # the max is over the past
-            model.shifted_exp_(att)
+            engine.shifted_exp_(att)
         own *= past[:r, :r]
-        sums = model.row_sums(att)  # [B, H, r, 1]
+        sums = engine.row_sums(att)  # [B, H, r, 1]
         att *= np.reciprocal(sums, out=sums)
         att_dropped, mask = dropout_forward(att, dropout, rng)
         # Written into [B*T, C] through its [B, H, T, hd] view: BLAS takes the strided rows as
@@ -324,7 +324,7 @@ def classifier_forward(h, wte, targets, dwte=None, rows=LOSS_ROWS):
         # Clip, not np.maximum: with a scalar bound NumPy's maximum takes a much slower loop.
         np.clip(block, EXP_FLOOR, 0.0, out=block)  # block <= 0: the upper bound is moot
         np.exp(block, out=block)
-        sums = model.row_sums(block)  # [r, 1]
+        sums = engine.row_sums(block)  # [r, 1]
         total += float(np.sum(np.log(sums[:, 0]) - picked, dtype=np.float64))
         if dwte is None:
             continue

@@ -20,7 +20,7 @@ import re
 
 import numpy as np
 
-from .checkpoint import release
+from picogpt.checkpoint import release
 
 LN_EPS = 1e-5
 # Row blocks bound the temporaries of the two products that grow with the input: attention scores
