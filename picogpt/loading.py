@@ -60,7 +60,7 @@ def load_folder(folder):
     folder = Path(folder)
     try:
         hparams, tokenizer, params = read_folder(folder)
-        gpt = GPT(params, hparams)
+        gpt = GPT(params, hparams, release=checkpoint.release)
     except ModelError:
         raise
     except (PicogptError, OSError, ValueError) as e:

@@ -182,7 +182,7 @@ def test_loading_keeps_no_second_copy_of_the_block_weights(tmp_path, hparams):
                for name, shape in engine.param_shapes(big).items()}  # fmt: skip
     checkpoint.write(tmp_path / "model.ckpt", tensors)
     params = checkpoint.read(tmp_path)
-    gpt = engine.GPT(params, big)
+    gpt = engine.GPT(params, big, release=checkpoint.release)  # as the loader does
     block_kb = sum(v.nbytes for k, v in tensors.items() if k.startswith("model/h")) >> 10
     assert block_kb > 4096
     assert resident_kb(tmp_path / "model.ckpt.data-00000-of-00001") < 256

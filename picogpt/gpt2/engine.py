@@ -1,7 +1,8 @@
 """GPT-2's forward pass in NumPy, with a KV cache and row-blocked products.
 
 `params` is a dict of arrays keyed by OpenAI's names (`model/wte`, `model/h0/attn/c_attn/w`, ...),
-as `checkpoint.read` returns them; `hparams` has `n_vocab, n_ctx, n_embd, n_head, n_layer`.
+as a model folder's loader hands them over; `hparams` has `n_vocab, n_ctx, n_embd, n_head,
+n_layer`.
 Everything is float32: a stray float64 operand would silently make every product several
 times slower.
 
@@ -19,8 +20,6 @@ import os
 import re
 
 import numpy as np
-
-from picogpt.checkpoint import release
 
 LN_EPS = 1e-5
 # Row blocks bound the temporaries of the two products that grow with the input: attention scores
@@ -345,7 +344,9 @@ _LAYER = re.compile(r"model/h(\d+)/")
 class GPT:
     """GPT-2 over a params dict; `forward` runs new tokens through it, extending a KV cache."""
 
-    def __init__(self, params, hparams):
+    def __init__(self, params, hparams, release=None):
+        """`release(array)`, if given, is called on each block matrix once its reordered copy is
+        made: the loader hands back a mapped file's pages there (the network knows no files)."""
         self.hparams = dict(hparams)
         check_params(params, self.hparams)
         keep_freed_memory()
@@ -362,7 +363,8 @@ class GPT:
             if not self.reordered:
                 return params[name][0].T  # [nf, nx], a view of OpenAI's [nx, nf] order
             wt = transposed(params[name][0])  # [1, nx, nf] -> [nf, nx]
-            release(params[name])  # the copy is used from now on, not the mapped file
+            if release is not None:
+                release(params[name])  # the copy is used from now on, not the mapped file
             return wt
 
         self.wte, self.wpe = params["model/wte"], params["model/wpe"]
