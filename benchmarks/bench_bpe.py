@@ -60,7 +60,7 @@ def main():
     text = Path(args.text).read_text(encoding="utf-8")
     n_bytes = len(text.encode("utf-8"))
 
-    import_time, bpe = timed(lambda: __import__("picogpt.bpe", fromlist=["BPE"]))
+    import_time, bpe = timed(lambda: __import__("picogpt.tokenizers.bpe", fromlist=["BPE"]))
     BPE = bpe.BPE
     load_times = [timed(BPE.load, vocab)[0] for _ in range(args.repeat)]
     reference = tiktoken_encoding(vocab)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from picogpt import checkpoint  # noqa: E402
+from picogpt.formats import tf_checkpoint as checkpoint  # noqa: E402
 
 SHAPES = {"124M": (768, 12, 12), "355M": (1024, 16, 24)}
 

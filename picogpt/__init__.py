@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 # Public names and the modules that define them, imported on first use: `import picogpt` (and so
 # the command line, before it can catch Ctrl-C) does not wait for NumPy.
 _LAZY = {
-    "load": "picogpt.loading", "resolve": "picogpt.loading", "BUNDLED": "picogpt.loading",
+    "load": "picogpt.hub.loading", "resolve": "picogpt.hub.loading",
+    "BUNDLED": "picogpt.hub.loading",
     "Model": "picogpt.api", "LogLikelihood": "picogpt.api", "Completion": "picogpt.api",
     "Chunk": "picogpt.api",
 }  # fmt: skip
@@ -43,7 +44,7 @@ def generate(prompt, n=40, model="124M", **options):
     """The continuation of `prompt` by `model` (loaded once, then kept); options as
     Model.generate: temperature, top_k, top_p, seed, stop_at_eos, samples, stop,
     frequency_penalty, presence_penalty."""
-    from picogpt.loading import load
+    from picogpt.hub.loading import load
 
     key = str(model)
     if key not in _loaded:

@@ -14,9 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from picogpt import download, files
+from picogpt import files
 from picogpt.chat import REPLY_STOP, Conversation
 from picogpt.errors import OutputExistsError, PicogptError, UnknownModelError
+from picogpt.hub import download
 
 COMMANDS = ("generate", "chat", "download", "eval", "serve", "train", "export")
 
@@ -310,7 +311,7 @@ def build_parser():
                    help="let pages from other origins call the API (Access-Control-Allow-Origin)")
     _add_model_options(v)
 
-    from picogpt import hf
+    from picogpt.formats import hf
 
     x = sub.add_parser(
         "export", prog="picogpt export", help="write a model in HuggingFace's or OpenAI's layout",
@@ -386,7 +387,7 @@ def _main(argv):
 def _open_model(args):
     """--model as `picogpt.resolve` reads it (a folder, a GPT-2 size downloaded when missing, or a
     bundled model name), loaded; a name that names nothing is a usage error."""
-    from picogpt import loading
+    from picogpt.hub import loading
 
     try:
         return loading.load(args.model, args.weights_dir, getattr(args, "base_url", None),
@@ -698,7 +699,8 @@ def _serve(args):
 # --- export ---------------------------------------------------------------------------------------
 
 def _export(args):
-    from picogpt import hf, loading
+    from picogpt.formats import hf
+    from picogpt.hub import loading
 
     if args.format == "openai" and args.dtype != "float32":
         raise UsageError("--format openai writes float32 weights (as OpenAI published GPT-2)")

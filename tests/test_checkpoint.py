@@ -11,8 +11,8 @@ from _memory import HAS_SMAPS, resident_kb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from picogpt import checkpoint
-from picogpt.checkpoint import CheckpointError
+from picogpt.formats import tf_checkpoint as checkpoint
+from picogpt.formats.tf_checkpoint import CheckpointError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TF_WRITTEN = ["gpt2-tiny", "dtypes", "many"]

@@ -16,8 +16,8 @@ from _cli_server import ModelServer, closed_port_url
 
 import picogpt
 from picogpt import cli
-from picogpt import download as dl
 from picogpt.chat import Conversation
+from picogpt.hub import download as dl
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "gpt2-tiny"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from _cli_server import HubServer, ModelServer, closed_port_url
 
-from picogpt import download as dl
+from picogpt.hub import download as dl
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gpt2-tiny"
 DATA = "model.ckpt.data-00000-of-00001"
@@ -194,7 +194,7 @@ def test_weights_dir_resolution(tmp_path, monkeypatch):
 
 def test_two_processes_downloading_at_once_share_one_download(server, tmp_path):
     server.bytes_per_second = 200_000  # slow enough that the two runs overlap
-    code = ("import sys; from picogpt.download import download; "
+    code = ("import sys; from picogpt.hub.download import download; "
             "download('124M', sys.argv[1], sys.argv[2], progress=False)")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), server.url], env=env,
@@ -539,7 +539,7 @@ def hub_files():
     import numpy as np
     from _reference import hf_names
 
-    from picogpt import checkpoint
+    from picogpt.formats import tf_checkpoint as checkpoint
 
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     hparams = json.loads((FIXTURE / "hparams.json").read_text())

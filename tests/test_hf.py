@@ -16,9 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import picogpt
-from picogpt import checkpoint, cli, hf, safetensors
-from picogpt.chars import CharTokenizer
+from picogpt import cli
 from picogpt.errors import ModelError, OutputExistsError, PicogptError
+from picogpt.formats import hf, safetensors
+from picogpt.formats import tf_checkpoint as checkpoint
+from picogpt.tokenizers.chars import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -71,7 +73,7 @@ def test_shards_written_by_transformers_hold_gpt2_tiny():
 
 
 def test_float16_folder_is_widened_exactly():
-    hparams, tokenizer, params = picogpt.loading.read_folder(HF16)
+    hparams, tokenizer, params = picogpt.hub.loading.read_folder(HF16)
     for name, value in tiny_params().items():
         assert params[name].dtype == np.float32, name
         assert np.array_equal(params[name], value.astype(np.float16).astype(np.float32)), name
@@ -406,7 +408,7 @@ def test_export_openai_layout_tensorflow_reads(tmp_path):
     assert {"hparams.json", "checkpoint", "encoder.json", "vocab.bpe",
             "model.ckpt.index"} <= {p.name for p in out.iterdir()}  # fmt: skip
     reader = tf.train.load_checkpoint(str(out / "model.ckpt"))
-    params = picogpt.loading.read_folder(HF16)[2]
+    params = picogpt.hub.loading.read_folder(HF16)[2]
     assert sorted(reader.get_variable_to_shape_map()) == sorted(params)
     for name, value in params.items():
         assert np.array_equal(reader.get_tensor(name), value), name

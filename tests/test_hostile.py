@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 import picogpt
-from picogpt import checkpoint
-from picogpt.chars import CharTokenizer
 from picogpt.errors import CheckpointError, ModelError, VocabularyError
+from picogpt.formats import tf_checkpoint as checkpoint
 from picogpt.gpt2 import engine
+from picogpt.tokenizers.chars import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "gpt2-tiny"  # GPT-2 layout, 2 layers, BPE of 513 tokens

@@ -11,7 +11,7 @@ from _memory import HAS_SMAPS, resident_kb
 from _reference import hf_model
 
 import picogpt
-from picogpt import checkpoint
+from picogpt.formats import tf_checkpoint as checkpoint
 from picogpt.gpt2 import engine
 
 TINY = Path(__file__).parent / "fixtures" / "gpt2-tiny"

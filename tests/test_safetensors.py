@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from picogpt import safetensors
 from picogpt.errors import CheckpointError
+from picogpt.formats import safetensors
 
 NUMPY_DTYPES = ["bool", "uint8", "int8", "uint16", "int16", "float16", "uint32", "int32",
                 "float32", "uint64", "int64", "float64"]  # fmt: skip

@@ -18,10 +18,10 @@ from _gradcheck import assert_close, check_layer, numerical_grad, randn
 from _reference import hf_model, hf_names
 
 import picogpt
-from picogpt import checkpoint
 from picogpt import train as tr
-from picogpt.chars import CharTokenizer
+from picogpt.formats import tf_checkpoint as checkpoint
 from picogpt.gpt2 import network
+from picogpt.tokenizers.chars import CharTokenizer
 
 
 def tiny_hparams(**overrides):
@@ -556,7 +556,7 @@ def tiktoken_gpt2(folder):
     tiktoken_load = pytest.importorskip("tiktoken.load")
     import tiktoken
 
-    from picogpt.bpe import GPT2_PATTERN
+    from picogpt.tokenizers.bpe import GPT2_PATTERN
 
     ranks = tiktoken_load.data_gym_to_mergeable_bpe_ranks(str(folder / "vocab.bpe"),
                                                            str(folder / "encoder.json"))
@@ -567,7 +567,7 @@ def tiktoken_gpt2(folder):
 def test_text_ids_in_chunks_are_tiktokens_and_cached(tmp_path, monkeypatch):
     vocab = gpt2_vocabulary_folder(tmp_path)
     enc = tiktoken_gpt2(vocab)
-    from picogpt.bpe import BPE
+    from picogpt.tokenizers.bpe import BPE
 
     bpe = BPE.load(vocab)
     text = (TEXT + " naïve  café\n\n\t 12,345 don't  <|endoftext|>\u00a0\u3000end  ") * 7

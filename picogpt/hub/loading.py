@@ -8,12 +8,14 @@ or in HuggingFace's (config.json, model.safetensors, ...: picogpt/hf.py reads it
 
 from pathlib import Path
 
-from picogpt import checkpoint, download, files, hf
+from picogpt import files
 from picogpt.api import Model
 from picogpt.errors import FileReadError, ModelError, PicogptError, UnknownModelError
+from picogpt.formats import hf, tf_checkpoint
 from picogpt.gpt2.engine import GPT, check_hparams, check_params
+from picogpt.hub import download
 
-BUNDLED = Path(__file__).parent / "models"
+BUNDLED = Path(__file__).parent.parent / "models"
 HPARAMS_LIMIT = 1 << 16  # bytes: a few integers
 
 
@@ -60,7 +62,7 @@ def load_folder(folder):
     folder = Path(folder)
     try:
         hparams, tokenizer, params = read_folder(folder)
-        gpt = GPT(params, hparams, release=checkpoint.release)
+        gpt = GPT(params, hparams, release=tf_checkpoint.release)
     except ModelError:
         raise
     except (PicogptError, OSError, ValueError) as e:
@@ -77,7 +79,7 @@ def read_folder(folder):
         hparams, tokenizer, params = hf.read_folder(folder)
     else:
         hparams = read_hparams(folder)
-        params = checkpoint.read(folder)
+        params = tf_checkpoint.read(folder)
         try:
             check_params(params, hparams)
         except ValueError as e:
@@ -120,11 +122,11 @@ def check_tokenizer(tokenizer, n_vocab, folder):
 def read_tokenizer(folder):
     folder = Path(folder)
     if (folder / "encoder.json").exists() or (folder / "vocab.bpe").exists():
-        from picogpt.bpe import BPE
+        from picogpt.tokenizers.bpe import BPE
 
         return BPE.load(folder)
     if (folder / "chars.json").exists():
-        from picogpt.chars import CharTokenizer
+        from picogpt.tokenizers.chars import CharTokenizer
 
         return CharTokenizer.load(folder)
     raise ModelError(f"{folder}: no tokenizer (encoder.json + vocab.bpe, or chars.json)")

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from picogpt import files, safetensors
-from picogpt.chars import CharTokenizer
+from picogpt import files
 from picogpt.errors import ModelError, OutputExistsError, VocabularyError
+from picogpt.formats import safetensors
 from picogpt.gpt2.engine import LN_EPS, param_shapes
+from picogpt.tokenizers.chars import CharTokenizer
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -294,7 +295,7 @@ def read_tokenizer(folder):
     folder = Path(folder)
     if (folder / CHARS).exists():
         return CharTokenizer.load(folder)
-    from picogpt.bpe import BPE
+    from picogpt.tokenizers.bpe import BPE
 
     if any((folder / name).exists() for name in BPE_FILES):
         return BPE.load(folder, names=BPE_FILES)
@@ -307,7 +308,7 @@ def read_tokenizer(folder):
 def _tokenizer_json(path):
     """GPT-2's BPE from a tokenizer.json: its model section's vocabulary and merges, plus its
     added tokens, after checking that it is GPT-2's byte-level BPE and nothing else."""
-    from picogpt.bpe import BPE
+    from picogpt.tokenizers.bpe import BPE
 
     doc = files.load_json(path, TOKENIZER_LIMIT, TOKENIZER, error=VocabularyError)
     model = doc.get("model") if isinstance(doc, dict) else None
@@ -387,7 +388,7 @@ def export(model, out, format="hf", dtype="float32"):
 
     `out` must not exist or be empty: export never overwrites a file. The folder is written
     under a temporary name beside `out` and renamed into place when complete. Returns `out`."""
-    from picogpt import loading
+    from picogpt.hub import loading
 
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -459,7 +460,7 @@ def _write_hf_tokenizer(out, tokenizer, hparams):
     """vocab.json + merges.txt (and tokenizer_config.json), which GPT2Tokenizer(Fast) loads. A
     character model keeps its chars.json (which picogpt reads) and gains the same vocabulary as
     a byte-level BPE (see char_bpe), which transformers reads."""
-    from picogpt.bpe import ENDOFTEXT
+    from picogpt.tokenizers.bpe import ENDOFTEXT
 
     if isinstance(tokenizer, CharTokenizer):
         tokenizer.save(out)
@@ -493,7 +494,7 @@ def char_bpe(chars):
     byte after a prefix stays a single byte until merged, a merge only ever extends the
     character it is in, and a complete character (UTF-8 is prefix-free, and the next
     character starts with a lead or ASCII byte) extends no further."""
-    from picogpt.bpe import bytes_to_unicode
+    from picogpt.tokenizers.bpe import bytes_to_unicode
 
     alphabet = bytes_to_unicode()
     encoder = {"".join(alphabet[b] for b in c.encode("utf-8")): i for i, c in enumerate(chars)}
@@ -513,11 +514,11 @@ def char_bpe(chars):
 
 
 def _write_openai(out, hparams, tokenizer, params):
-    from picogpt import checkpoint
+    from picogpt.formats import tf_checkpoint
 
     files.write_json(out / "hparams.json", {k: hparams[k] for k in
                                             ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")})
-    checkpoint.write(out / "model.ckpt", {name: params[name] for name in param_shapes(hparams)})
+    tf_checkpoint.write(out / "model.ckpt", {name: params[name] for name in param_shapes(hparams)})
     if isinstance(tokenizer, CharTokenizer):
         tokenizer.save(out)
     else:

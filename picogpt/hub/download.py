@@ -704,14 +704,14 @@ def _verify(folder, source, downloaded, record=True):
     _say(f"Verifying {folder} ...")
     try:
         if source == "openai":
-            from picogpt.checkpoint import verify
+            from picogpt.formats.tf_checkpoint import verify
 
             n_vocab = _json_field(folder / "hparams.json", "n_vocab")
             files.load_json(folder / "encoder.json", MAX_BYTES["encoder.json"])
             _check_pinned(folder, ("encoder.json", "vocab.bpe"), n_vocab)
             verify(folder)
         else:
-            from picogpt.safetensors import read_header
+            from picogpt.formats.safetensors import read_header
 
             n_vocab = _json_field(folder / "config.json", "vocab_size")
             files.load_json(folder / "vocab.json", MAX_BYTES["vocab.json"])
