@@ -4,7 +4,7 @@ weights (random, GPT-2 124M's shapes), same machine, one run.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_load.py --runs 3
 
-The model is written once (TF checkpoint with picogpt's writer, then `hf.export` to float32 and
+The model is written once (TF checkpoint with picogpt's writer, then `export` to float32 and
 float16 safetensors). Each measurement is a fresh Python process that imports its library first
 (not timed), then times the load, then one token through the model ("load + 1 token": a lazy
 loader pays its reads there). The files were just written, so they are in the page cache: these
@@ -40,9 +40,9 @@ CASES = [
 
 def make_models(root):
     """The random 124M-shaped model in the three folders, once."""
-    from picogpt.formats import hf
     from picogpt.formats import tf_checkpoint as checkpoint
     from picogpt.gpt2.engine import param_shapes
+    from picogpt.hub.export import export
 
     openai = root / "openai"
     if not (openai / "hparams.json").exists():
@@ -59,13 +59,12 @@ def make_models(root):
         (openai / "hparams.json").write_text(json.dumps(HPARAMS))
     for name, dtype in (("hf32", "float32"), ("hf16", "float16")):
         if not (root / name).exists():
-            hf.export(openai, root / name, dtype=dtype)
+            export(openai, root / name, dtype=dtype)
 
 
 def worker_picogpt(folder):
     import picogpt
-    from picogpt.formats import hf
-    from picogpt.hub import loading
+    from picogpt.formats import hf, openai
 
     t0 = time.perf_counter()
     model = picogpt.load(folder)
@@ -73,7 +72,7 @@ def worker_picogpt(folder):
     model.logits([464])
     first_s = time.perf_counter() - t0
     t = time.perf_counter()  # the tokenizer alone, again: its share of the load
-    (hf.read_tokenizer if hf.is_hf_folder(folder) else loading.read_tokenizer)(folder)
+    (hf.read_tokenizer if hf.is_hf_folder(folder) else openai.read_tokenizer)(folder)
     return {"load_s": load_s, "first_s": first_s, "tokenizer_s": time.perf_counter() - t,
             "peak_rss_mb": peak_rss_mb()}
 

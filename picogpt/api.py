@@ -1,16 +1,23 @@
 """`Model`: a GPT-2 engine tied to its tokenizer, with a KV cache it remembers between calls.
 
-`picogpt.load(name)` builds one (picogpt/loading.py); this module is what it can do: logits,
-generation (batched, streamed, with stop strings, penalties and log-probabilities, as OpenAI's
-completions define them), and the sliding-window log-likelihood of a text."""
+`load(name)` builds one (hub/resolve.py finds the folder, hub/folder.py reads it); this module
+is what it can do: logits, generation (batched, streamed, with stop strings, penalties and
+log-probabilities, as OpenAI's completions define them), and the sliding-window log-likelihood of
+a text."""
 
 import contextlib
 import math
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import numpy as np
 
 from picogpt import sampling
+from picogpt.errors import ModelError, PicogptError
+from picogpt.formats import tf_checkpoint
+from picogpt.gpt2.engine import GPT
+from picogpt.hub.folder import read_folder
+from picogpt.hub.resolve import resolve
 
 MAX_STOPS = 16
 MAX_STOP_CHARS = 1000  # per stop string: the hold-back search costs its length per token
@@ -541,3 +548,24 @@ class Model:
         logits = self.gpt.forward(np.array([[token]]), self._cache)
         self._context.append(token)
         return logits
+
+
+def load(name="124M", weights_dir=None, base_url=None, source=None):
+    """A Model from a GPT-2 size ('124M', 'gpt2-medium', ...), a bundled model name, or a folder
+    (see `resolve`). Anything wrong in the folder is a ModelError naming it, the cause chained."""
+    return load_folder(resolve(name, weights_dir, base_url, source))
+
+
+def load_folder(folder):
+    """A Model from a model folder. Everything is checked before anything is built from it: the
+    hparams against the checkpoint's own tensors, the tokenizer against the vocabulary size.
+    Anything wrong is a ModelError naming the folder or the file, the cause chained."""
+    folder = Path(folder)
+    try:
+        hparams, tokenizer, params = read_folder(folder)
+        gpt = GPT(params, hparams, release=tf_checkpoint.release)
+    except ModelError:
+        raise
+    except (PicogptError, OSError, ValueError) as e:
+        raise ModelError(f"{folder}: {e}") from e
+    return Model(gpt, tokenizer, folder)

@@ -311,7 +311,7 @@ def build_parser():
                    help="let pages from other origins call the API (Access-Control-Allow-Origin)")
     _add_model_options(v)
 
-    from picogpt.formats import hf
+    from picogpt.hub import export
 
     x = sub.add_parser(
         "export", prog="picogpt export", help="write a model in HuggingFace's or OpenAI's layout",
@@ -324,9 +324,9 @@ def build_parser():
     )
     x.add_argument("model", metavar="MODEL", help="GPT-2 size, bundled model name or model folder")
     x.add_argument("out", metavar="OUT", help="the new folder to write")
-    x.add_argument("--format", choices=hf.FORMATS, default="hf",
+    x.add_argument("--format", choices=export.FORMATS, default="hf",
                    help="hf: HuggingFace's layout (default); openai: OpenAI's")
-    x.add_argument("--dtype", choices=hf.DTYPES, default="float32",
+    x.add_argument("--dtype", choices=export.DTYPES, default="float32",
                    help="the weights' type (default float32; float16 halves the size, hf only)")
     x.add_argument("--weights-dir", metavar="DIR", help="where GPT-2 sizes are downloaded to")
     _add_download_options(x)
@@ -387,10 +387,10 @@ def _main(argv):
 def _open_model(args):
     """--model as `picogpt.resolve` reads it (a folder, a GPT-2 size downloaded when missing, or a
     bundled model name), loaded; a name that names nothing is a usage error."""
-    from picogpt.hub import loading
+    from picogpt.api import load
 
     try:
-        return loading.load(args.model, args.weights_dir, getattr(args, "base_url", None),
+        return load(args.model, args.weights_dir, getattr(args, "base_url", None),
                             source=getattr(args, "source", None))
     except UnknownModelError as e:
         raise UsageError(str(e)) from e
@@ -699,18 +699,18 @@ def _serve(args):
 # --- export ---------------------------------------------------------------------------------------
 
 def _export(args):
-    from picogpt.formats import hf
-    from picogpt.hub import loading
+    from picogpt.hub import export
+    from picogpt.hub.resolve import resolve
 
     if args.format == "openai" and args.dtype != "float32":
         raise UsageError("--format openai writes float32 weights (as OpenAI published GPT-2)")
     out = Path(args.out).expanduser()
     try:
-        hf.check_new_folder(out)
-        folder = loading.resolve(args.model, args.weights_dir, args.base_url, args.source)
+        export.check_new_folder(out)
+        folder = resolve(args.model, args.weights_dir, args.base_url, args.source)
     except (UnknownModelError, OutputExistsError) as e:
         raise UsageError(str(e)) from e
-    hf.export(folder, out, args.format, args.dtype)
+    export.export(folder, out, args.format, args.dtype)
     layout = "HuggingFace's" if args.format == "hf" else "OpenAI's"
     print(f"{args.model} written to {out} in {layout} layout ({args.dtype})", file=sys.stderr)
     return 0

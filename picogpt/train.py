@@ -481,11 +481,13 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
             download_source=None):
     """Check everything that can be wrong before any training: the text, the options, --out,
     the memory it needs. `init` and `tokenizer` are model names as --model takes them
-    (loading.resolve; a GPT-2 size is downloaded from `download_source`); `check_saved(config,
+    (hub.resolve; a GPT-2 size is downloaded from `download_source`); `check_saved(config,
     path)` validates a resumed run's saved configuration; `progress(done, total)` hears how
     tokenizing goes. Nothing is written until all is checked."""
-    from picogpt.formats import hf
-    from picogpt.hub import download, loading
+    from picogpt.formats import hf, openai
+    from picogpt.hub import download
+    from picogpt.hub.folder import read_folder
+    from picogpt.hub.resolve import resolve
 
     text = read_text(text_path)
     out = Path(out)
@@ -501,8 +503,8 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
             if check_saved is not None:
                 check_saved(saved, config_path)
             try:
-                hparams = loading.read_hparams(out)
-                tok = loading.read_tokenizer(out)
+                hparams = openai.read_hparams(out)
+                tok = openai.read_tokenizer(out)
             except (PicogptError, OSError, ValueError) as e:
                 raise TrainingError(f"{out}: cannot resume: {e}") from e
             source = out
@@ -516,8 +518,8 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
         folder = RunFolder.for_new_run(out)
     if not resume:
         if init is not None:
-            source = loading.resolve(init, weights_dir, base_url, download_source)
-            hparams, tok, init_params = loading.read_folder(source)
+            source = resolve(init, weights_dir, base_url, download_source)
+            hparams, tok, init_params = read_folder(source)
             config = make_config(options, init_hparams=hparams)
             hparams = dict(hparams)
         else:
@@ -526,10 +528,10 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
 
                 tok = CharTokenizer.from_text(text)
             else:
-                source = loading.resolve(tokenizer, weights_dir, base_url, download_source)
+                source = resolve(tokenizer, weights_dir, base_url, download_source)
                 try:  # a model folder in either layout, or one holding just a tokenizer
-                    tok = (loading.read_folder(source)[1] if hf.is_hf_folder(source)
-                           else loading.read_tokenizer(source))  # fmt: skip
+                    tok = (read_folder(source)[1] if hf.is_hf_folder(source)
+                           else openai.read_tokenizer(source))  # fmt: skip
                 except (OSError, ValueError) as e:  # a folder without (or with a bad) tokenizer
                     raise ModelError(f"--tokenizer {tokenizer}: {e}") from e
             config = make_config(options)
@@ -626,7 +628,7 @@ class Trainer:
             rng = np.random.default_rng(self.config["seed"])
             network.init_params(self.params, self.hparams, rng)
             return
-        for name, array in self.params.items():  # (loading.read_folder checked the shapes)
+        for name, array in self.params.items():  # (hub.folder.read_folder checked the shapes)
             array[...] = params[name]
             tf_checkpoint.release(params[name])  # the copy is what is used: unmap the file's pages
 

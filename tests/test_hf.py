@@ -18,8 +18,10 @@ from hypothesis import strategies as st
 import picogpt
 from picogpt import cli
 from picogpt.errors import ModelError, OutputExistsError, PicogptError
-from picogpt.formats import hf, safetensors
+from picogpt.formats import safetensors
 from picogpt.formats import tf_checkpoint as checkpoint
+from picogpt.hub.export import export
+from picogpt.hub.folder import read_folder
 from picogpt.tokenizers.chars import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +75,7 @@ def test_shards_written_by_transformers_hold_gpt2_tiny():
 
 
 def test_float16_folder_is_widened_exactly():
-    hparams, tokenizer, params = picogpt.hub.loading.read_folder(HF16)
+    hparams, tokenizer, params = read_folder(HF16)
     for name, value in tiny_params().items():
         assert params[name].dtype == np.float32, name
         assert np.array_equal(params[name], value.astype(np.float16).astype(np.float32)), name
@@ -363,7 +365,7 @@ def test_cli_bad_hf_folder_is_one_line_and_exit_1(tmp_path):
 # --- export --------------------------------------------------------------------------------------
 
 def test_export_tf_model_to_hf_loads_in_transformers(tmp_path):
-    out = hf.export(TINY, tmp_path / "out")
+    out = export(TINY, tmp_path / "out")
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json", "generation_config.json", "merges.txt", "model.safetensors",
         "tokenizer_config.json", "vocab.json"]  # fmt: skip
@@ -378,7 +380,7 @@ def test_export_tf_model_to_hf_loads_in_transformers(tmp_path):
 
 
 def test_export_char_model_to_hf(tmp_path):
-    out = hf.export(CHAR, tmp_path / "out")
+    out = export(CHAR, tmp_path / "out")
     model = picogpt.load(CHAR)
     ids = model.encode(CHAR_TEXT)
     assert relative_difference(transformers_logits(out, ids), model.logits(ids)) < 1e-4
@@ -394,7 +396,7 @@ def test_export_float16_hf_folder(tmp_path):
     model = picogpt.load(HF16)
     ids = model.encode(TEXT)
     for dtype in ("float16", "float32"):
-        out = hf.export(HF16, tmp_path / dtype, dtype=dtype)
+        out = export(HF16, tmp_path / dtype, dtype=dtype)
         header = safetensors.read_header(out / "model.safetensors")[1]
         assert {e.dtype for e in header.values()} == {"F16" if dtype == "float16" else "F32"}
         assert relative_difference(transformers_logits(out, ids), model.logits(ids)) < 1e-4
@@ -404,11 +406,11 @@ def test_export_float16_hf_folder(tmp_path):
 
 def test_export_openai_layout_tensorflow_reads(tmp_path):
     tf = pytest.importorskip("tensorflow")
-    out = hf.export(HF16, tmp_path / "out", format="openai")
+    out = export(HF16, tmp_path / "out", format="openai")
     assert {"hparams.json", "checkpoint", "encoder.json", "vocab.bpe",
             "model.ckpt.index"} <= {p.name for p in out.iterdir()}  # fmt: skip
     reader = tf.train.load_checkpoint(str(out / "model.ckpt"))
-    params = picogpt.hub.loading.read_folder(HF16)[2]
+    params = read_folder(HF16)[2]
     assert sorted(reader.get_variable_to_shape_map()) == sorted(params)
     for name, value in params.items():
         assert np.array_equal(reader.get_tensor(name), value), name
@@ -419,7 +421,7 @@ def test_export_openai_layout_tensorflow_reads(tmp_path):
 
 
 def test_export_char_model_to_openai_layout(tmp_path):
-    out = hf.export(CHAR, tmp_path / "out", format="openai")
+    out = export(CHAR, tmp_path / "out", format="openai")
     model = picogpt.load(CHAR)
     ids = model.encode(CHAR_TEXT)
     assert np.array_equal(picogpt.load(out).logits(ids), model.logits(ids))
@@ -431,14 +433,14 @@ def test_export_never_overwrites(tmp_path):
     out.mkdir()
     (out / "mine.txt").write_text("my notes")
     with pytest.raises(OutputExistsError, match="never overwrites"):
-        hf.export(TINY, out)
+        export(TINY, out)
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputExistsError):
-        hf.export(TINY, tmp_path / "file")
+        export(TINY, tmp_path / "file")
     empty = tmp_path / "empty"
     empty.mkdir()
-    hf.export(TINY, empty)  # an empty folder is fine
+    export(TINY, empty)  # an empty folder is fine
     assert (empty / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "out"]  # no temporary
 
@@ -446,7 +448,7 @@ def test_export_never_overwrites(tmp_path):
 def test_export_a_bad_model_leaves_nothing(tmp_path):
     bad = hf_folder(tmp_path, config_with(n_layer=3))
     with pytest.raises(ModelError):
-        hf.export(bad, tmp_path / "out")
+        export(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
@@ -457,7 +459,7 @@ def test_float16_export_refuses_values_it_cannot_hold(tmp_path):
     params["model/wte"][3, 4] = 1e6
     checkpoint.write(folder / "model.ckpt", params)
     with pytest.raises(ModelError, match="beyond float16's range"):
-        hf.export(folder, tmp_path / "out", dtype="float16")
+        export(folder, tmp_path / "out", dtype="float16")
     assert not (tmp_path / "out").exists()
 
 
@@ -504,7 +506,7 @@ def char_model(folder, chars, seed=0):
 def unicode_char_export(tmp_path_factory):
     root = tmp_path_factory.mktemp("chars")
     folder = char_model(root / "model", CHARS)
-    return folder, hf.export(folder, root / "hf")
+    return folder, export(folder, root / "hf")
 
 
 def test_multibyte_char_model_export_loads_in_transformers(unicode_char_export):
@@ -550,7 +552,7 @@ def test_export_of_a_folder_missing_a_tokenizer_file(tmp_path):
     folder = copy(SHARDS, tmp_path / "m")
     (folder / "merges.txt").unlink()
     with pytest.raises(ModelError, match="merges.txt") as e:
-        hf.export(folder, tmp_path / "out")
+        export(folder, tmp_path / "out")
     assert str(folder) in str(e.value) and not (tmp_path / "out").exists()
 
 

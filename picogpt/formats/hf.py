@@ -1,5 +1,5 @@
-"""HuggingFace's layout of a model folder: reading it, and exporting any model folder to either
-layout (HuggingFace's or OpenAI's).
+"""HuggingFace's layout of a model folder: reading it, and writing one (hub/export.py writes any
+model in either layout).
 
 An HF folder (what `save_pretrained` writes, what the hub serves, what its cache holds) has:
 - `config.json`: GPT2Config, model_type "gpt2";
@@ -14,15 +14,13 @@ HF's tensor names map to OpenAI's in one table, `hf_names`. Both store matrices 
 """
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from picogpt import files
-from picogpt.errors import ModelError, OutputExistsError, VocabularyError
+from picogpt.errors import ModelError, VocabularyError
 from picogpt.formats import safetensors
 from picogpt.gpt2.engine import LN_EPS, param_shapes
 from picogpt.tokenizers.chars import CharTokenizer
@@ -374,58 +372,11 @@ def _type(doc, key):
 
 
 # ---------------------------------------------------------------------------------------------
-# Export
+# Writing
 # ---------------------------------------------------------------------------------------------
 
-FORMATS = ("hf", "openai")
-DTYPES = ("float32", "float16")
 
-
-def export(model, out, format="hf", dtype="float32"):
-    """Write the model folder `model` (either layout) to `out`, a new folder, in HuggingFace's
-    layout ("hf": what transformers' from_pretrained reads) or OpenAI's ("openai": what OpenAI
-    published), with float32 or float16 weights (HF only: OpenAI's layout is float32).
-
-    `out` must not exist or be empty: export never overwrites a file. The folder is written
-    under a temporary name beside `out` and renamed into place when complete. Returns `out`."""
-    from picogpt.hub import loading
-
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if format == "openai" and dtype != "float32":
-        raise ValueError("OpenAI's layout is float32 (as OpenAI published GPT-2)")
-    out = Path(out)
-    check_new_folder(out)
-    try:
-        hparams, tokenizer, params = loading.read_folder(model)  # every tensor checked
-    except (OSError, ValueError) as e:  # a tokenizer file missing, say: as load_folder says it
-        if isinstance(e, ModelError):
-            raise
-        raise ModelError(f"{model}: {e}") from e
-    tmp = files.temporary_name(out)
-    tmp.mkdir(parents=True)
-    try:
-        if format == "hf":
-            _write_hf(tmp, hparams, tokenizer, params, dtype, model)
-        else:
-            _write_openai(tmp, hparams, tokenizer, params)
-        check_new_folder(out)
-        os.replace(tmp, out)  # a directory onto a missing or empty one
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def check_new_folder(out):
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputExistsError(f"{out}: already exists and is not an empty folder; export "
-                                "never overwrites files: name a new folder")
-
-
-def _write_hf(out, hparams, tokenizer, params, dtype, source):
+def write_folder(out, hparams, tokenizer, params, dtype, source):
     eot = getattr(tokenizer, "eot_id", None)
     config = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
@@ -469,7 +420,7 @@ def _write_hf_tokenizer(out, tokenizer, hparams):
     else:
         encoder, merges = tokenizer.encoder, tokenizer.merges
         special = ENDOFTEXT if ENDOFTEXT in encoder else None
-    _write_bpe(out / BPE_FILES[0], out / BPE_FILES[1], encoder, merges)
+    write_bpe(out / BPE_FILES[0], out / BPE_FILES[1], encoder, merges)
     files.write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": hparams["n_ctx"],
         "add_prefix_space": False, "bos_token": special, "eos_token": special,
@@ -477,7 +428,7 @@ def _write_hf_tokenizer(out, tokenizer, hparams):
     })  # fmt: skip
 
 
-def _write_bpe(encoder_path, merges_path, encoder, merges):
+def write_bpe(encoder_path, merges_path, encoder, merges):
     files.atomic_write(encoder_path, json.dumps(encoder, ensure_ascii=False))
     files.atomic_write(merges_path, "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
 
@@ -511,16 +462,3 @@ def char_bpe(chars):
             prefix += part
             encoder.setdefault(prefix, len(encoder))
     return encoder, merges
-
-
-def _write_openai(out, hparams, tokenizer, params):
-    from picogpt.formats import tf_checkpoint
-
-    files.write_json(out / "hparams.json", {k: hparams[k] for k in
-                                            ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")})
-    tf_checkpoint.write(out / "model.ckpt", {name: params[name] for name in param_shapes(hparams)})
-    if isinstance(tokenizer, CharTokenizer):
-        tokenizer.save(out)
-    else:
-        _write_bpe(out / "encoder.json", out / "vocab.bpe", tokenizer.encoder, tokenizer.merges)
-
