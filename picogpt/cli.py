@@ -17,7 +17,7 @@ from pathlib import Path
 from picogpt import files
 from picogpt.chat import REPLY_STOP, Conversation
 from picogpt.errors import OutputExistsError, PicogptError, UnknownModelError
-from picogpt.hub import download
+from picogpt.hub import download, sources
 
 COMMANDS = ("generate", "chat", "download", "eval", "serve", "train", "export")
 
@@ -155,14 +155,14 @@ def _base_url(value):
     """An http(s) URL with a host and a valid port (what --base-url and $PICOGPT_BASE_URL
     replace the download address with)."""
     try:
-        return download.check_base_url(value)
+        return sources.check_base_url(value)
     except download.DownloadError as e:
         raise argparse.ArgumentTypeError(f"{e} (--base-url or $PICOGPT_BASE_URL)") from None
 
 
 def _source(value):
-    if value not in download.SOURCES:
-        raise argparse.ArgumentTypeError(f"expected one of {', '.join(download.SOURCES)} "
+    if value not in sources.SOURCES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(sources.SOURCES)} "
                                          f"(--source or $PICOGPT_SOURCE), got {value!r}")
     return value
 
@@ -560,7 +560,7 @@ def _chat(args):
         print(f"picogpt chat with {args.model}: type a message and press Enter. /reset forgets "
               "the conversation; Ctrl-D leaves.", file=sys.stderr)
     chat = Conversation(model, args.n)
-    name = "gpt2" if download.canonical_size(args.model) else Path(args.model).name
+    name = "gpt2" if sources.canonical_size(args.model) else Path(args.model).name
     out = sys.stdout
     turn = 0
     while True:
@@ -618,10 +618,10 @@ def _reply(model, prompt, out, stop=(), **options):
 # --- download -------------------------------------------------------------------------------------
 
 def _download(args):
-    size = download.canonical_size(args.size)
+    size = sources.canonical_size(args.size)
     if size is None:
         raise UsageError(f"unknown GPT-2 size {args.size!r}: expected one of "
-                         f"{', '.join(download.SIZES)} (or {', '.join(download.ALIASES)})")
+                         f"{', '.join(download.SIZES)} (or {', '.join(sources.ALIASES)})")
     folder = download.download(size, args.weights_dir, args.base_url, source=args.source)
     print(f"GPT-2 {size} is ready in {folder}", file=sys.stderr)
     return 0
@@ -677,8 +677,8 @@ def _serve(args):
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key must not be empty")
     model = _open_model(args)
-    size = download.canonical_size(args.model)  # a GPT-2 size goes by its usual name: gpt2, ...
-    names = {v: k for k, v in download.ALIASES.items()}
+    size = sources.canonical_size(args.model)  # a GPT-2 size goes by its usual name: gpt2, ...
+    names = {v: k for k, v in sources.ALIASES.items()}
     name = names[size] if size else Path(args.model).name
     if not server.is_loopback(args.host) and api_key is None:
         print(f"picogpt serve: warning: --host {args.host} without --api-key: anyone who can "

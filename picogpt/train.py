@@ -485,7 +485,7 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
     path)` validates a resumed run's saved configuration; `progress(done, total)` hears how
     tokenizing goes. Nothing is written until all is checked."""
     from picogpt.formats import hf, openai
-    from picogpt.hub import download
+    from picogpt.hub import sources
     from picogpt.hub.folder import read_folder
     from picogpt.hub.resolve import resolve
 
@@ -540,7 +540,7 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
         config.update(init=None if init is None else str(init),
                       tokenizer=None if init is not None else str(tokenizer))
     vocabulary = vocabulary_files(tok, source)
-    cache_dir = download.weights_dir(weights_dir) / "tokens"
+    cache_dir = sources.weights_dir(weights_dir) / "tokens"
     try:
         ids = encode(text, tok, cache_dir, vocabulary, progress)
     except ValueError as e:  # characters a character-level vocabulary does not have

@@ -18,6 +18,7 @@ import picogpt
 from picogpt import cli
 from picogpt.chat import Conversation
 from picogpt.hub import download as dl
+from picogpt.hub import sources
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "gpt2-tiny"
@@ -118,7 +119,7 @@ def test_first_run_downloads_and_generates_then_uses_the_cache(env, server, tmp_
     first = picogpt_cmd("Hello world", "--n", "12", "--seed", "7", env=env)
     assert first.returncode == 0, first.stderr
     assert "Downloading GPT-2 124M" in first.stderr
-    assert sorted(p for p, _ in server.requests) == sorted(f"/124M/{f}" for f in dl.FILES)
+    assert sorted(p for p, _ in server.requests) == sorted(f"/124M/{f}" for f in sources.FILES)
     assert first.stdout.startswith("Hello world") and len(first.stdout) > len("Hello world")
 
     # The same continuation the Python API gives (seeded sampling is deterministic).
@@ -137,7 +138,7 @@ def test_download_command_then_offline_use(env, server, tmp_path):
     out = picogpt_cmd("download", "gpt2", env=env)
     assert out.returncode == 0, out.stderr
     assert f"ready in {tmp_path / 'weights' / '124M'}" in out.stderr
-    for name in dl.FILES:
+    for name in sources.FILES:
         assert (tmp_path / "weights" / "124M" / name).read_bytes() == server.files[f"/124M/{name}"]
 
 

@@ -13,6 +13,7 @@ import pytest
 from _cli_server import HubServer, ModelServer, closed_port_url
 
 from picogpt.hub import download as dl
+from picogpt.hub import sources
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gpt2-tiny"
 DATA = "model.ckpt.data-00000-of-00001"
@@ -35,7 +36,7 @@ def served(server, name):
 
 
 def assert_complete(server, folder):
-    for name in dl.FILES:
+    for name in sources.FILES:
         assert (folder / name).read_bytes() == served(server, name), name
     assert not list(folder.glob("*.part"))
     assert dl.verified_source(folder)
@@ -45,7 +46,7 @@ def test_download_fetches_every_file_then_the_cache_serves(server, tmp_path):
     folder = dl.download("124M", tmp_path, server.url, **FAST)
     assert folder == tmp_path / "124M"
     assert_complete(server, folder)
-    assert sorted(p for p, _ in server.requests) == sorted(f"/124M/{f}" for f in dl.FILES)
+    assert sorted(p for p, _ in server.requests) == sorted(f"/124M/{f}" for f in sources.FILES)
     assert all(r is None for _, r in server.requests)  # nothing to resume
 
     n = len(server.requests)
@@ -184,12 +185,12 @@ def test_weights_dir_resolution(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("PICOGPT_WEIGHTS", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert dl.weights_dir() == tmp_path / "home" / ".cache" / "picogpt"
+    assert sources.weights_dir() == tmp_path / "home" / ".cache" / "picogpt"
     (tmp_path / "weights").mkdir()
-    assert dl.weights_dir().resolve() == tmp_path / "weights"
+    assert sources.weights_dir().resolve() == tmp_path / "weights"
     monkeypatch.setenv("PICOGPT_WEIGHTS", str(tmp_path / "env"))
-    assert dl.weights_dir() == tmp_path / "env"
-    assert dl.weights_dir("~/w") == tmp_path / "home" / "w"
+    assert sources.weights_dir() == tmp_path / "env"
+    assert sources.weights_dir("~/w") == tmp_path / "home" / "w"
 
 
 def test_two_processes_downloading_at_once_share_one_download(server, tmp_path):
@@ -203,7 +204,7 @@ def test_two_processes_downloading_at_once_share_one_download(server, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], errs
     assert_complete(server, tmp_path / "124M")
     # Without the lock both would fetch every file; with it the second finds the work done.
-    for name in dl.FILES:
+    for name in sources.FILES:
         assert len(server.requests_for(name)) == 1, name
     assert sum("waiting" in e for e in errs) == 1
 
@@ -344,7 +345,7 @@ def test_a_content_length_that_is_short_is_caught_by_verification(server, tmp_pa
 
 
 def test_no_content_length_is_bounded_by_what_the_file_can_be(server, tmp_path):
-    server.files["/124M/hparams.json"] = b" " * (dl.max_bytes("124M", "hparams.json") + 1)
+    server.files["/124M/hparams.json"] = b" " * (sources.max_bytes("124M", "hparams.json") + 1)
     server.always["hparams.json"] = ("no-length",)
     with pytest.raises(dl.DownloadError, match="sends more than the 65.5 kB such a file can be"):
         dl.download("124M", tmp_path, server.url, **FAST)
@@ -355,10 +356,10 @@ def test_size_limits_hold_gpt2s_real_files():
     real = {"124M": 548_105_171, "355M": 1_520_013_706, "774M": 3_247_202_234,
             "1558M": 6_431_878_936}  # model.safetensors; OpenAI's data files are smaller
     for size, n in real.items():
-        assert n < dl.max_bytes(size, "model.safetensors") < 2 * n
-        assert dl.max_bytes(size, dl.DATA) == dl.max_bytes(size, "model.safetensors")
-    assert dl.max_bytes("124M", "encoder.json") > 1_042_301
-    assert dl.max_bytes("124M", "vocab.bpe") > 456_318
+        assert n < sources.max_bytes(size, "model.safetensors") < 2 * n
+        assert sources.max_bytes(size, sources.DATA) == sources.max_bytes(size, "model.safetensors")
+    assert sources.max_bytes("124M", "encoder.json") > 1_042_301
+    assert sources.max_bytes("124M", "vocab.bpe") > 456_318
 
 
 # --- bad base URLs --------------------------------------------------------------------------------
@@ -375,8 +376,8 @@ def test_a_base_url_that_is_not_http_is_refused(url, tmp_path):
 
 
 def test_good_base_urls_pass():
-    assert dl.check_base_url("http://127.0.0.1:8000/models/") == "http://127.0.0.1:8000/models"
-    assert dl.check_base_url("HTTPS://[::1]:443") == "HTTPS://[::1]:443"
+    assert sources.check_base_url("http://127.0.0.1:8000/models/") == "http://127.0.0.1:8000/models"
+    assert sources.check_base_url("HTTPS://[::1]:443") == "HTTPS://[::1]:443"
 
 
 # --- the folder: read-only, full ------------------------------------------------------------------
@@ -476,13 +477,14 @@ def test_the_pins_are_the_real_files_digests_and_tiktokens():
     import inspect
 
     encoder, bpe = _real_tokenizer()
-    assert hashlib.sha256(encoder).hexdigest() == dl.PINNED["encoder.json"]
-    assert dl.PINNED["vocab.json"] == dl.PINNED["encoder.json"]
-    assert hashlib.sha256(bpe).hexdigest() == dl.PINNED["vocab.bpe"] == dl.PINNED["merges.txt"]
+    assert hashlib.sha256(encoder).hexdigest() == sources.PINNED["encoder.json"]
+    assert sources.PINNED["vocab.json"] == sources.PINNED["encoder.json"]
+    assert (hashlib.sha256(bpe).hexdigest() == sources.PINNED["vocab.bpe"]
+            == sources.PINNED["merges.txt"])
     openai_public = pytest.importorskip("tiktoken_ext.openai_public")
     source = inspect.getsource(openai_public.gpt2)
-    assert f'encoder_json_hash="{dl.PINNED["encoder.json"]}"' in source
-    assert f'vocab_bpe_hash="{dl.PINNED["vocab.bpe"]}"' in source
+    assert f'encoder_json_hash="{sources.PINNED["encoder.json"]}"' in source
+    assert f'vocab_bpe_hash="{sources.PINNED["vocab.bpe"]}"' in source
 
 
 @pytest.fixture
@@ -569,7 +571,7 @@ def hub_get(hub, name):
 
 
 def assert_hub_complete(hub, folder):
-    for name in dl.HF_FILES:
+    for name in sources.HF_FILES:
         assert (folder / name).read_bytes() == hub_get(hub, name), name
     assert not list(folder.glob("*.part"))
     assert dl.verified_source(folder) == "huggingface"
@@ -580,7 +582,7 @@ def test_the_hub_is_a_source(hub, tmp_path):
     assert folder == tmp_path / "124M"
     assert_hub_complete(hub, folder)
     paths = [p for p, _ in hub.requests]
-    for name in dl.HF_FILES:
+    for name in sources.HF_FILES:
         assert f"/{REPO}/resolve/main/{name}" in paths
     blob = f"/blobs/{hashlib.sha256(hub_get(hub, 'model.safetensors')).hexdigest()}"
     assert blob in paths  # the large file came from the CDN the hub redirected to

@@ -9,7 +9,7 @@ or in HuggingFace's (config.json, model.safetensors, ...: formats/hf.py reads it
 from pathlib import Path
 
 from picogpt.errors import ModelError, UnknownModelError
-from picogpt.hub import download
+from picogpt.hub import download, sources
 
 BUNDLED = Path(__file__).parent.parent / "models"
 
@@ -32,13 +32,13 @@ def resolve(name, weights_dir=None, base_url=None, source=None):
         if not path.is_dir():
             raise ModelError(f"{path}: a model is a folder, and this is a file")
         return path
-    size = download.canonical_size(text)
+    size = sources.canonical_size(text)
     if size:
         return download.ensure_model(size, weights_dir, base_url, source)
     if text and "/" not in text and "\\" not in text and text in bundled_models():
         return BUNDLED / text
     raise UnknownModelError(
-        f"no model {text!r}: not a folder, not a GPT-2 size ({', '.join(download.SIZES)}, or "
-        f"{', '.join(download.ALIASES)}), and not a bundled model "
+        f"no model {text!r}: not a folder, not a GPT-2 size ({', '.join(sources.SIZES)}, or "
+        f"{', '.join(sources.ALIASES)}), and not a bundled model "
         f"({', '.join(bundled_models()) or 'none'})"
     )
