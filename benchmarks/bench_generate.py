@@ -403,7 +403,7 @@ def count_training(train, layers_module, counts):
 
 
 def count_subnormals(before):
-    from picogpt import sampling
+    from picogpt.generation import sampling
     from picogpt.gpt2 import engine, layers, network
 
     columns = {"now": (engine, sampling, layers, network)}
@@ -411,7 +411,7 @@ def count_subnormals(before):
         from bench_passes import module_at
 
         old_model = module_at(before, "picogpt/gpt2/engine.py", "picogpt/model.py")
-        old_sampling = module_at(before, "picogpt/sampling.py")
+        old_sampling = module_at(before, "picogpt/generation/sampling.py", "picogpt/sampling.py")
         old_layers = module_at(before, "picogpt/gpt2/layers.py", "picogpt/layers.py")
         if old_layers is not None:  # its references to the engine go to the old engine too
             old_layers.model = old_layers.engine = old_model

@@ -16,9 +16,10 @@ __version__ = "0.1.0"
 # Public names and the modules that define them, imported on first use: `import picogpt` (and so
 # the command line, before it can catch Ctrl-C) does not wait for NumPy.
 _LAZY = {
-    "load": "picogpt.api", "resolve": "picogpt.hub.resolve", "BUNDLED": "picogpt.hub.resolve",
-    "Model": "picogpt.api", "LogLikelihood": "picogpt.api", "Completion": "picogpt.api",
-    "Chunk": "picogpt.api",
+    "load": "picogpt.generation.model", "resolve": "picogpt.hub.resolve",
+    "BUNDLED": "picogpt.hub.resolve", "Model": "picogpt.generation.model",
+    "LogLikelihood": "picogpt.generation.model", "Completion": "picogpt.generation.model",
+    "Chunk": "picogpt.generation.model",
 }  # fmt: skip
 __all__ = ["load", "resolve", "generate", "Model", "Completion", "Chunk", "LogLikelihood",
            "BUNDLED", "ModelError", "PicogptError"]
@@ -43,7 +44,7 @@ def generate(prompt, n=40, model="124M", **options):
     """The continuation of `prompt` by `model` (loaded once, then kept); options as
     Model.generate: temperature, top_k, top_p, seed, stop_at_eos, samples, stop,
     frequency_penalty, presence_penalty."""
-    from picogpt.api import load
+    from picogpt.generation.model import load
 
     key = str(model)
     if key not in _loaded:

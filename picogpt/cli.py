@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from picogpt import files
-from picogpt.chat import REPLY_STOP, Conversation
 from picogpt.errors import OutputExistsError, PicogptError, UnknownModelError
+from picogpt.generation.chat import REPLY_STOP, Conversation
 from picogpt.hub import download, sources
 
 COMMANDS = ("generate", "chat", "download", "eval", "serve", "train", "export")
@@ -387,7 +387,7 @@ def _main(argv):
 def _open_model(args):
     """--model as `picogpt.resolve` reads it (a folder, a GPT-2 size downloaded when missing, or a
     bundled model name), loaded; a name that names nothing is a usage error."""
-    from picogpt.api import load
+    from picogpt.generation.model import load
 
     try:
         return load(args.model, args.weights_dir, getattr(args, "base_url", None),
@@ -403,7 +403,7 @@ def _sampling(args):
 
 def _check_stops(stops, reserved=()):
     """The --stop strings, checked as the API checks them (before any model is loaded)."""
-    from picogpt.api import MAX_STOPS, check_stop
+    from picogpt.generation.model import MAX_STOPS, check_stop
 
     try:
         return list(check_stop([*reserved, *stops]))[len(reserved):]

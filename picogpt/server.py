@@ -45,9 +45,9 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from picogpt import files
-from picogpt.api import MAX_LOGPROBS, MAX_STOP_CHARS
-from picogpt.api import MAX_STOPS as MAX_STOP  # a chat's turn end is one of them
 from picogpt.errors import PicogptError
+from picogpt.generation.model import MAX_LOGPROBS, MAX_STOP_CHARS
+from picogpt.generation.model import MAX_STOPS as MAX_STOP  # a chat's turn end is one of them
 
 PAGE = Path(__file__).parent / "page"
 BODY_LIMIT = files.MB  # bytes of a request body
@@ -455,7 +455,7 @@ class Service:
         if top is not None and not logprobs:
             raise _invalid("top_logprobs", "top_logprobs needs logprobs: true")
         messages = _messages(body.get("messages"))
-        from picogpt import chat
+        from picogpt.generation import chat
 
         try:
             prompt = chat.chat_prompt(self.model, messages, options["n"])

@@ -1,5 +1,5 @@
-"""The chat prompt (picogpt/chat.py) that `picogpt chat` and the server share, and a reply that
-ends at its line end."""
+"""The chat prompt (picogpt/generation/chat.py) that `picogpt chat` and the server share, and a
+reply that ends at its line end."""
 
 import io
 from pathlib import Path
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import picogpt
-from picogpt import chat, cli
+from picogpt import cli
+from picogpt.generation import chat
 from picogpt.gpt2.engine import GPT, param_shapes
 
 TINY = Path(__file__).parent / "fixtures" / "gpt2-tiny"

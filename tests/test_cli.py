@@ -16,7 +16,7 @@ from _cli_server import ModelServer, closed_port_url
 
 import picogpt
 from picogpt import cli
-from picogpt.chat import Conversation
+from picogpt.generation.chat import Conversation
 from picogpt.hub import download as dl
 from picogpt.hub import sources
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import picogpt
-from picogpt import api, sampling
+from picogpt.generation import model as api
+from picogpt.generation import sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "gpt2-tiny"

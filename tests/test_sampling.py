@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from picogpt import sampling
+from picogpt.generation import sampling
 
 LOGITS = np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02])).astype(np.float32)
 DRAWS = 20_000

@@ -246,7 +246,7 @@ def test_a_request_that_extends_the_last_one_reuses_the_kv_cache():
         before = list(tiny.context)
         turn = [*first, {"role": "assistant", "content": reply},
                 {"role": "user", "content": "And?"}]
-        from picogpt import chat
+        from picogpt.generation import chat
 
         ids = tiny.encode(chat.chat_prompt(tiny, turn, 8))
         shared = next((i for i, (a, b) in enumerate(zip(before, ids)) if a != b),
@@ -310,7 +310,7 @@ MESSAGES = [{"role": "system", "content": "You are terse."},
 
 
 def chat_reference(model, messages, max_tokens, **options):
-    from picogpt import chat
+    from picogpt.generation import chat
 
     prompt = chat.chat_prompt(model, messages, max_tokens)
     return model.complete(prompt, max_tokens, stop=[chat.REPLY_STOP], **options)

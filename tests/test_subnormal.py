@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from picogpt import sampling
+from picogpt.generation import sampling
 from picogpt.gpt2 import engine
 
 

@@ -12,9 +12,9 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from picogpt import sampling
 from picogpt.errors import ModelError, PicogptError
 from picogpt.formats import tf_checkpoint
+from picogpt.generation import sampling
 from picogpt.gpt2.engine import GPT
 from picogpt.hub.folder import read_folder
 from picogpt.hub.resolve import resolve
