@@ -19,7 +19,7 @@ _LAZY = {
     "load": "picogpt.generation.model", "resolve": "picogpt.hub.resolve",
     "BUNDLED": "picogpt.hub.resolve", "Model": "picogpt.generation.model",
     "LogLikelihood": "picogpt.generation.model", "Completion": "picogpt.generation.model",
-    "Chunk": "picogpt.generation.model",
+    "Chunk": "picogpt.generation.decoding",
 }  # fmt: skip
 __all__ = ["load", "resolve", "generate", "Model", "Completion", "Chunk", "LogLikelihood",
            "BUNDLED", "ModelError", "PicogptError"]

@@ -403,7 +403,7 @@ def _sampling(args):
 
 def _check_stops(stops, reserved=()):
     """The --stop strings, checked as the API checks them (before any model is loaded)."""
-    from picogpt.generation.model import MAX_STOPS, check_stop
+    from picogpt.generation.stops import MAX_STOPS, check_stop
 
     try:
         return list(check_stop([*reserved, *stops]))[len(reserved):]

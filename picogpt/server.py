@@ -46,8 +46,9 @@ import numpy as np
 
 from picogpt import files
 from picogpt.errors import PicogptError
-from picogpt.generation.model import MAX_LOGPROBS, MAX_STOP_CHARS
-from picogpt.generation.model import MAX_STOPS as MAX_STOP  # a chat's turn end is one of them
+from picogpt.generation.options import MAX_LOGPROBS
+from picogpt.generation.stops import MAX_STOP_CHARS
+from picogpt.generation.stops import MAX_STOPS as MAX_STOP  # a chat's turn end is one of them
 
 PAGE = Path(__file__).parent / "page"
 BODY_LIMIT = files.MB  # bytes of a request body

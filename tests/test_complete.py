@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 import picogpt
-from picogpt.generation import model as api
-from picogpt.generation import sampling
+from picogpt.generation import decoding, sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "gpt2-tiny"
@@ -276,11 +275,11 @@ def test_samples_run_in_groups_of_bounded_memory(tiny, monkeypatch):
         return forward(ids, cache, all_logits)
 
     monkeypatch.setattr(tiny.gpt, "forward", recording)
-    monkeypatch.setattr(api, "MAX_GROUP", 4)
+    monkeypatch.setattr(decoding, "MAX_GROUP", 4)
     out = tiny.complete("Hi", 6, seed=40, samples=10, stop_at_eos=False)
     assert max(batches) == 4 and len(out) == 10
     monkeypatch.setattr(tiny.gpt, "forward", forward)
-    monkeypatch.setattr(api, "MAX_GROUP", 256)
+    monkeypatch.setattr(decoding, "MAX_GROUP", 256)
     # The groups change nothing: sample k still draws from seed + k.
     assert [c.tokens for c in out] == [c.tokens for c in
                                        tiny.complete("Hi", 6, seed=40, samples=10,
@@ -288,7 +287,7 @@ def test_samples_run_in_groups_of_bounded_memory(tiny, monkeypatch):
     assert tiny.sample_groups(10**6, 64) == 256 and tiny.sample_groups(3, 64) == 3
     # The memory bound: 2 layers x keys and values x 64 positions x 32 floats, plus vocab rows.
     per_row = 2 * 2 * 64 * 32 * 4 + 8 * 513 * 8
-    monkeypatch.setattr(api, "SAMPLES_MEMORY", 3 * per_row)
+    monkeypatch.setattr(decoding, "SAMPLES_MEMORY", 3 * per_row)
     assert tiny.sample_groups(10**6, 64) == 3 and tiny.sample_groups(10**6, 10**9) == 1
 
 

@@ -3,7 +3,8 @@
 `load(name)` builds one (hub/resolve.py finds the folder, hub/folder.py reads it); this module
 is what it can do: logits, generation (batched, streamed, with stop strings, penalties and
 log-probabilities, as OpenAI's completions define them), and the sliding-window log-likelihood of
-a text."""
+a text. It checks the options once (options.py, stops.py) and hands them, whole, to the decode
+loop (decoding.py)."""
 
 import contextlib
 import math
@@ -14,18 +15,12 @@ import numpy as np
 
 from picogpt.errors import ModelError, PicogptError
 from picogpt.formats import tf_checkpoint
-from picogpt.generation import sampling
+from picogpt.generation import decoding
+from picogpt.generation.options import Options, check_logprobs, check_sampling, check_seed
+from picogpt.generation.stops import check_stop
 from picogpt.gpt2.engine import GPT
 from picogpt.hub.folder import read_folder
 from picogpt.hub.resolve import resolve
-
-MAX_STOPS = 16
-MAX_STOP_CHARS = 1000  # per stop string: the hold-back search costs its length per token
-MAX_LOGPROBS = 20
-# Batched samples run in groups whose KV caches together stay within this many bytes (and at
-# most MAX_GROUP rows): samples=10**4 then needs the memory of one group, not of 10**4 rows.
-SAMPLES_MEMORY = 1 << 30
-MAX_GROUP = 256
 
 
 class Completion(NamedTuple):
@@ -47,167 +42,12 @@ class Completion(NamedTuple):
     prompt_tokens: int
 
 
-class Chunk(NamedTuple):
-    """One piece of `Model.stream_completion`: sample `index`'s text released at this step
-    ("" while held back), the token(s) of this step with their log-probabilities (lists, empty
-    in a sample's last chunk; None without logprobs), and finish_reason in its last chunk."""
-
-    index: int
-    text: str
-    tokens: list
-    token_logprobs: Optional[list]
-    top_logprobs: Optional[list]
-    finish_reason: Optional[str]
-
-
-class Sampling(NamedTuple):
-    """How one token is drawn from a row of logits (checked by check_sampling)."""
-
-    temperature: float
-    top_k: Optional[int]
-    top_p: Optional[float]
-    frequency_penalty: float
-    presence_penalty: float
-
-
-class _Options(NamedTuple):
-    sampling: Sampling
-    stop: tuple
-    logprobs: Optional[int]
-    stop_at_eos: bool
-
-
-def check_sampling(temperature, top_k, top_p, frequency_penalty=0.0, presence_penalty=0.0):
-    """The sampling options, or ValueError naming the one that means nothing."""
-    sampling.check_options(temperature, top_k, top_p)
-    sampling.check_penalties(frequency_penalty, presence_penalty)
-    return Sampling(temperature, top_k, top_p, float(frequency_penalty), float(presence_penalty))
-
-
-def check_stop(stop):
-    """`stop` as a tuple of strings: None (none), one string, or a list of up to 16 non-empty
-    strings; anything else is a ValueError naming `stop`."""
-    if stop is None:
-        return ()
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, (list, tuple)):
-        raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
-    if len(stops) > MAX_STOPS:
-        raise ValueError(f"stop takes at most {MAX_STOPS} strings, got {len(stops)}")
-    for s in stops:
-        if not isinstance(s, str):
-            raise ValueError(f"stop must be a string or a list of strings, got {s!r} in it")
-        if not 0 < len(s) <= MAX_STOP_CHARS:
-            raise ValueError(f"a stop string must have 1 to {MAX_STOP_CHARS} characters, "
-                             f"got {len(s)}")
-    return tuple(dict.fromkeys(stops))
-
-
-def check_logprobs(logprobs):
-    """None, or an integer K in 0..20 (how many alternatives to report)."""
-    if logprobs is None:
-        return None
-    if not isinstance(logprobs, (int, np.integer)) or isinstance(logprobs, bool) or \
-            not 0 <= logprobs <= MAX_LOGPROBS:
-        raise ValueError(f"logprobs must be None or an integer in 0..{MAX_LOGPROBS}, "
-                         f"got {logprobs!r}")
-    return int(logprobs)
-
-
-def check_seed(seed):
-    """The base seed: an integer >= 0 as given; None draws one from the OS."""
-    if seed is None:
-        return int(np.random.SeedSequence().entropy)
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
-    return int(seed)
-
-
-class StopText:
-    """A sample's text as it grows, cut before the first stop string, and how much of it is safe
-    to show: never a tail that may turn out to be the start of a stop string."""
-
-    def __init__(self, stops):
-        self.stops = stops
-        self.longest = max(map(len, stops), default=0)
-        self.text = ""
-        self.released = 0  # text[:released] has been shown
-        self.stopped = False
-
-    def add(self, piece):
-        """Append `piece`; return the text that became safe to show (maybe "")."""
-        if self.stopped or not piece:
-            return ""
-        start = max(0, len(self.text) - self.longest + 1)  # a new match ends inside `piece`
-        self.text += piece
-        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-        if hits:
-            self.text, self.stopped = self.text[: min(hits)], True
-            return self.release_all()
-        return self._release(len(self.text) - self._held())
-
-    def release_all(self):
-        """The rest of the text: there is no more to come."""
-        return self._release(len(self.text))
-
-    def _held(self):
-        """The length of the longest end of the text that is the beginning of a stop string."""
-        for k in range(min(self.longest - 1, len(self.text)), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.stops):
-                return k
-        return 0
-
-    def _release(self, end):
-        piece = self.text[self.released : end]
-        self.released = max(self.released, end)
-        return piece
-
-
 def _texts(chunks):
     """The non-empty texts of a sample's chunks; closing this closes the generation."""
     with contextlib.closing(chunks):
         for chunk in chunks:
             if chunk.text:
                 yield chunk.text
-
-
-class _Row:
-    """One sample being generated: its random draws, its penalty counts, its text."""
-
-    def __init__(self, index, rng, model, options):
-        self.index, self.rng = index, rng
-        s = options.sampling
-        penalized = s.frequency_penalty != 0 or s.presence_penalty != 0
-        self.counts = np.zeros(model.gpt.hparams["n_vocab"], np.int64) if penalized else None
-        self.decoder = model.tokenizer.decoder()
-        self.stop = StopText(options.stop)
-        self.finish = None  # "stop" or "length" once the row has ended
-
-    def choose(self, logits, s):
-        """The next token from this row's raw logits: penalties, then temperature/top-k/top-p."""
-        if self.counts is not None:
-            logits = sampling.penalize(logits, self.counts, s.frequency_penalty,
-                                       s.presence_penalty)
-        token = int(sampling.sample(logits[None], self.rng, s.temperature, s.top_k, s.top_p)[0])
-        if self.counts is not None:
-            self.counts[token] += 1
-        return token
-
-    def add(self, token):
-        """Take a generated token; the text now safe to show. A stop string ends the row."""
-        piece = self.stop.add(self.decoder.feed(token))
-        if self.stop.stopped:
-            self.finish = "stop"
-        return piece
-
-    def last_chunk(self, reason, with_logprobs):
-        """End the row: the rest of its text (a held-back tail, an unfinished character)."""
-        text = "" if self.stop.stopped else self.stop.add(self.decoder.flush())
-        text += self.stop.release_all()
-        self.finish = "stop" if self.stop.stopped else reason
-        return Chunk(self.index, text, [], [] if with_logprobs else None,
-                     [] if with_logprobs else None, self.finish)
 
 
 class LogLikelihood(NamedTuple):
@@ -243,20 +83,16 @@ class Model:
     def __init__(self, gpt, tokenizer, folder=None):
         self.gpt, self.tokenizer, self.folder = gpt, tokenizer, folder
         self.n_ctx = gpt.n_ctx
-        # Past n_ctx, generation keeps this many of the newest tokens and re-prefills them.
-        self.window_keep = max(1, gpt.n_ctx * 3 // 4)
-        self._cache = gpt.new_cache()
-        self._context = []  # the ids whose keys and values self._cache holds
+        self._kv = decoding.KVContext(gpt)
 
     def reset(self):
         """Forget the context: the next call prefills its whole prompt."""
-        self._cache.length = 0
-        self._context = []
+        self._kv.reset()
 
     @property
     def context(self):
         """The ids whose keys and values the KV cache holds (what the last logits followed)."""
-        return tuple(self._context)
+        return tuple(self._kv.ids)
 
     @property
     def hparams(self):
@@ -327,7 +163,7 @@ class Model:
         job = self._prepare(prompt, n, temperature, top_k, top_p, seed, stop, frequency_penalty,
                             presence_penalty, logprobs, samples, stop_at_eos)  # fmt: skip
         completions, parts = [None] * samples, {}
-        for chunk in self._chunks(*job):
+        for chunk in decoding.chunks(self._kv, self.tokenizer, *job):
             text, tokens, lps, tops = parts.setdefault(chunk.index, ([], [], [], []))
             text.append(chunk.text)
             tokens.extend(chunk.tokens)
@@ -347,17 +183,15 @@ class Model:
         (its text "" while held back: an unfinished character, or what may begin a stop string),
         then for each sample a last chunk with its finish_reason and the rest of its text.
         Closing the generator stops the generation. Options are checked before it starts."""
-        return self._chunks(*self._prepare(prompt, n, temperature, top_k, top_p, seed, stop,
-                                           frequency_penalty, presence_penalty, logprobs, samples,
-                                           stop_at_eos))  # fmt: skip
+        return decoding.chunks(self._kv, self.tokenizer, *self._prepare(
+            prompt, n, temperature, top_k, top_p, seed, stop, frequency_penalty, presence_penalty,
+            logprobs, samples, stop_at_eos))  # fmt: skip
 
     def sample_groups(self, samples, positions):
         """How many samples run together in one batch: as many as keep their KV cache within
         SAMPLES_MEMORY bytes (for `positions` positions each) and MAX_GROUP rows; at least one.
         A larger `samples` runs group after group, so memory stays bounded."""
-        per_row = 2 * self.gpt.hparams["n_layer"] * positions * self.gpt.hparams["n_embd"] * 4
-        per_row += 8 * self.gpt.hparams["n_vocab"] * 8  # logits, penalties, probabilities
-        return max(1, min(samples, MAX_GROUP, SAMPLES_MEMORY // per_row))
+        return decoding.sample_groups(self.gpt.hparams, samples, positions)
 
     def log_likelihood(self, text, stride=None, progress=None):
         """The negative log-likelihood of `text` under the model, as a `LogLikelihood`.
@@ -401,7 +235,7 @@ class Model:
     def _prepare(self, prompt, n, temperature, top_k, top_p, seed, stop, frequency_penalty,
                  presence_penalty, logprobs, samples, stop_at_eos):
         """Check every option before any work: (prompt ids, n, options, base seed, samples)."""
-        options = _Options(
+        options = Options(
             check_sampling(temperature, top_k, top_p, frequency_penalty, presence_penalty),
             check_stop(stop), check_logprobs(logprobs), bool(stop_at_eos))  # fmt: skip
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
@@ -434,120 +268,10 @@ class Model:
         except ValueError:
             raise ValueError("an empty prompt needs <|endoftext|> or a newline") from None
 
-    def _prefill(self, ids):
-        """Bring the cache to hold `ids`, reusing the longest common prefix; the last logits."""
-        if len(ids) > self.n_ctx:
-            ids = ids[-self.n_ctx :]
-        reuse = 0
-        for a, b in zip(self._context, ids):
-            if a != b:
-                break
-            reuse += 1
-        reuse = min(reuse, len(ids) - 1)  # at least one position must run to give logits
-        self._cache.length = reuse
-        self._context = ids[:reuse]
-        logits = self.gpt.forward(np.array([ids[reuse:]]), self._cache)
-        self._context = list(ids)
-        return logits
-
-    def _chunks(self, ids, n, options, base, samples):
-        """Every sample's chunks, running the samples in groups of bounded memory."""
-        group = self.sample_groups(samples, min(self.n_ctx, len(ids) + n))
-        for first in range(0, samples, group):
-            rows = [_Row(k, np.random.default_rng(base + k), self, options)
-                    for k in range(first, min(first + group, samples))]
-            yield from self._group_chunks(ids, n, options, rows)
-
-    def _group_chunks(self, ids, n, options, rows):
-        """The chunks of one group of samples generated together."""
-        with_logprobs = options.logprobs is not None
-        for step in self._steps(ids, n, options, rows):
-            for row, token, logits in step:
-                if token is None:  # <|endoftext|>
-                    yield row.last_chunk("stop", with_logprobs)
-                    continue
-                lp = top = None
-                if with_logprobs:
-                    lp, top = self._logprobs(logits, token, options.logprobs)
-                text = row.add(token)
-                yield Chunk(row.index, text, [token], None if lp is None else [lp],
-                            None if top is None else [top], None)
-                if row.stop.stopped:
-                    yield row.last_chunk("stop", with_logprobs)
-        for row in rows:
-            if row.finish is None:
-                yield row.last_chunk("length", with_logprobs)
-
-    def _logprobs(self, logits, token, k):
-        """The chosen token's log-probability and the k likeliest tokens' text -> log-probability,
-        from the raw logits (temperature 1, no penalties)."""
-        lp = sampling.log_softmax(logits)
-        return float(lp[token]), {self.token_text(int(j)): float(lp[j])
-                                  for j in sampling.top_ids(lp, k)}
-
     def token_text(self, token):
         """One token's text; a token that is not whole UTF-8 (part of a character) as
         "bytes:\\xe2\\x80" (OpenAI's convention), so every token has a distinct text."""
-        decode_bytes = getattr(self.tokenizer, "decode_bytes", None)
-        if decode_bytes is None:
-            return self.decode([token])
-        raw = decode_bytes([token])
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-
-    def _steps(self, ids, n, options, rows):
-        """Generate up to n tokens for each row, all rows in one batch. Yield per step a list of
-        (row, token, raw logits [n_vocab]) for the rows that drew a token, or (row, None, None)
-        for a row that drew <|endoftext|> (it ends there). A row whose .finish is set (here, or
-        by the caller for a stop string) draws no more."""
-        eot = getattr(self.tokenizer, "eot_id", None) if options.stop_at_eos else None
-        if n == 0:
-            return
-        logits = self._prefill(ids)  # [1, V]
-        if len(rows) > 1:
-            # The prompt ran once; its cache is copied into one row per sample, and every step
-            # then runs all rows together, sharing each read of the weights.
-            cache = self._cache.expand(len(rows))
-            logits = np.repeat(logits, len(rows), axis=0)  # [B, V]
-            contexts = [list(self._context) for _ in rows]
-        for step in range(n):
-            events, tokens = [], np.zeros(len(rows), dtype=np.int64)
-            for r, row in enumerate(rows):
-                if row.finish is not None:
-                    continue  # an ended row still runs (its slot in the batch); output ignored
-                token = row.choose(logits[r], options.sampling)
-                if token == eot:
-                    row.finish = "stop"
-                    events.append((row, None, None))
-                    continue
-                tokens[r] = token
-                events.append((row, token, logits[r]))
-            yield events
-            if step == n - 1 or all(row.finish is not None for row in rows):
-                return
-            if len(rows) == 1:
-                logits = self._advance(int(tokens[0]))
-                continue
-            for context, token in zip(contexts, tokens):
-                context.append(int(token))
-            if cache.length == self.n_ctx:  # slide every row's window, as _advance does
-                kept = np.array([c[-self.window_keep :] for c in contexts])
-                cache.length = 0
-                logits = self.gpt.forward(kept, cache)
-            else:
-                logits = self.gpt.forward(tokens[:, None], cache)
-
-    def _advance(self, token):
-        """Feed one new token; past n_ctx, slide the window and re-prefill what is kept."""
-        if self._cache.length == self.n_ctx:
-            kept = (self._context + [token])[-self.window_keep :]
-            self._cache.length, self._context = 0, []
-            return self._prefill(kept)
-        logits = self.gpt.forward(np.array([[token]]), self._cache)
-        self._context.append(token)
-        return logits
+        return decoding.token_text(self.tokenizer, token)
 
 
 def load(name="124M", weights_dir=None, base_url=None, source=None):
