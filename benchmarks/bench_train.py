@@ -51,11 +51,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe, peak_rss_mb  # noqa: E402
 
-from picogpt import train as tr  # noqa: E402
 from picogpt.gpt2 import cores  # noqa: E402
 from picogpt.gpt2.engine import keep_freed_memory  # noqa: E402
 from picogpt.tokenizers.bpe import GPT2_PATTERN  # noqa: E402
 from picogpt.tokenizers.chars import CharTokenizer  # noqa: E402
+from picogpt.training import loop as tr  # noqa: E402
 
 RECIPE = dict(tr.DEFAULTS)  # picogpt's defaults are nanoGPT's CPU recipe
 # chars --torch: steps each side runs before the other's turn. Rounds of seconds: each side's

@@ -332,7 +332,7 @@ def build_parser():
     _add_download_options(x)
 
     # Listed here for --help; the real `train` parser is built by _train below, which imports
-    # picogpt.train only when training is asked for (the only command that needs it).
+    # picogpt.training only when training is asked for (the only command that needs it).
     sub.add_parser("train", prog="picogpt train", help="train or fine-tune a GPT on a text file",
                    add_help=False, description="see picogpt train --help")
     return parser
@@ -750,7 +750,7 @@ _probability = _in_range(0, 1, high_open=True)
 _nonnegative = _in_range(0, None)
 
 # Every numeric training option: its group, the configuration key, its validator (which also
-# checks a resumed run's train_config.json), metavar and help. Defaults: picogpt.train.DEFAULTS.
+# checks a resumed run's train_config.json), metavar and help. Defaults: training DEFAULTS.
 TRAIN_OPTIONS = (
     ("model", "n_layer", _positive_int, "N", "transformer blocks"),
     ("model", "n_head", _positive_int, "N", "attention heads"),
@@ -822,7 +822,7 @@ def _check_train_config(saved, path):
 
 def _train(argv):
     try:
-        from picogpt import train
+        from picogpt.training import loop as train
     except ImportError as e:
         print(f"picogpt: error: training is not available ({e})", file=sys.stderr)
         return 1

@@ -105,7 +105,7 @@ def test_train_is_imported_only_when_asked_for():
             "with contextlib.redirect_stdout(io.StringIO()):\n"
             "    try: cli.main(['--help'])\n"
             "    except SystemExit: pass\n"
-            "print('picogpt.train' in sys.modules)")
+            "print('picogpt.training' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
     assert out.stdout.strip() == "False", out.stderr
@@ -351,7 +351,7 @@ def test_output_streams_and_ctrl_c_stops_cleanly(ready_env):
 
 
 def test_train_command_delegates_to_picogpt_train(env):
-    pytest.importorskip("picogpt.train")
+    pytest.importorskip("picogpt.training.loop")
     out = picogpt_cmd("train", "--help", env=env)
     assert out.returncode == 0 and "usage: picogpt train" in out.stdout, out.stderr
 

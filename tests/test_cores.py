@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from picogpt import train as tr
 from picogpt.gpt2 import cores, network
+from picogpt.training import loop as tr
 
 needs_threads = pytest.mark.skipif(
     cores.workers() < 2, reason="needs OpenBLAS found and at least 2 cores for it")

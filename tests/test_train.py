@@ -18,10 +18,10 @@ from _gradcheck import assert_close, check_layer, numerical_grad, randn
 from _reference import hf_model, hf_names
 
 import picogpt
-from picogpt import train as tr
 from picogpt.formats import tf_checkpoint as checkpoint
 from picogpt.gpt2 import network
 from picogpt.tokenizers.chars import CharTokenizer
+from picogpt.training import loop as tr
 
 
 def tiny_hparams(**overrides):
@@ -366,7 +366,7 @@ def test_bad_input_is_one_line_and_exit_2_or_1(text_file, tmp_path, args, messag
 
 def test_engine_does_not_import_training():
     code = ("import sys, picogpt; from picogpt import cli; "
-            "picogpt.load(sys.argv[1]).generate('a', n=3); print('picogpt.train' in sys.modules)")
+            "picogpt.load(sys.argv[1]).generate('a', n=3); print('picogpt.training' in sys.modules)")
     tiny = Path(__file__).parent / "fixtures" / "gpt2-tiny"
     out = subprocess.run([sys.executable, "-c", code, str(tiny)], capture_output=True,
                          text=True, check=True)  # fmt: skip
