@@ -27,8 +27,8 @@ biases and pad to 50,304 rows): ms/iter and the validation loss at the end, each
 log, both evaluating over --eval-iters batches.
 
 shards: one training step (random batches) as one shard against the batch split over the cores
-(gpt2/cores.py), alternating in one process, at several widths: nanoGPT's CPU sizes on characters and
-on GPT-2's vocabulary, 256 and 512 wide, and GPT-2 124M at batch 2 (which picogpt does not
+(gpt2/cores.py), alternating in one process, at several widths: nanoGPT's CPU sizes on characters
+and on GPT-2's vocabulary, 256 and 512 wide, and GPT-2 124M at batch 2 (which picogpt does not
 split: SHARD_MAX_WIDTH is raised here to show why).
 
 Run nothing else meanwhile: the machine's cores are shared by both sides.
@@ -51,13 +51,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe, peak_rss_mb  # noqa: E402
 
+import picogpt.training.memory  # noqa: E402
 from picogpt.gpt2 import cores  # noqa: E402
 from picogpt.gpt2.engine import keep_freed_memory  # noqa: E402
 from picogpt.tokenizers.bpe import GPT2_PATTERN  # noqa: E402
 from picogpt.tokenizers.chars import CharTokenizer  # noqa: E402
-from picogpt.training import loop as tr  # noqa: E402
+from picogpt.training.config import ARCHITECTURE, DEFAULTS, FINETUNE_DEFAULTS  # noqa: E402
+from picogpt.training.data import get_batch, split_data, vocabulary_files  # noqa: E402
+from picogpt.training.loop import Trainer, train  # noqa: E402
+from picogpt.training.optimizer import learning_rate  # noqa: E402
+from picogpt.training.run_folder import RunFolder  # noqa: E402
 
-RECIPE = dict(tr.DEFAULTS)  # picogpt's defaults are nanoGPT's CPU recipe
+RECIPE = dict(DEFAULTS)  # picogpt's defaults are nanoGPT's CPU recipe
 # chars --torch: steps each side runs before the other's turn. Rounds of seconds: each side's
 # idle BLAS/OpenMP worker threads may spin for a while after its turn, slowing the other's first
 # steps, and the median over a round of 50 leaves those out.
@@ -70,9 +75,9 @@ def run_picogpt(data, tokenizer, config, after_step=None):
     step_ms = []
     with tempfile.TemporaryDirectory() as out:
         hparams = {"n_vocab": tokenizer.n_vocab, "n_ctx": config["block_size"],
-                   **{k: config[k] for k in tr.ARCHITECTURE}}  # fmt: skip
-        folder = tr.RunFolder(out, [])
-        trainer = tr.Trainer(config, hparams, tokenizer, folder, tr.vocabulary_files(tokenizer))
+                   **{k: config[k] for k in ARCHITECTURE}}  # fmt: skip
+        folder = RunFolder(out, [])
+        trainer = Trainer(config, hparams, tokenizer, folder, vocabulary_files(tokenizer))
         trainer.initialize()
         step = trainer.step
 
@@ -84,7 +89,7 @@ def run_picogpt(data, tokenizer, config, after_step=None):
 
         trainer.step = timed_step
         status = None if after_step is None else lambda it, *_: after_step(it)
-        tr.train(trainer, data, report=lambda line: print("  picogpt", line), status=status)
+        train(trainer, data, report=lambda line: print("  picogpt", line), status=status)
         last = (Path(out) / "train_log.jsonl").read_text().splitlines()[-1]
     return statistics.median(step_ms), json.loads(last)["val_loss"]
 
@@ -146,7 +151,7 @@ def torch_run(data, n_vocab, config):
     train_data, val_data = data
 
     def batch(split, rng):
-        x, y = tr.get_batch(split, c["block_size"], c["batch_size"], rng)
+        x, y = get_batch(split, c["block_size"], c["batch_size"], rng)
         return torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
 
     def estimate(split, rng):
@@ -165,7 +170,7 @@ def torch_run(data, n_vocab, config):
         if it == c["max_iters"]:
             break
         x, y = batch(train_data, np.random.default_rng([c["seed"], 0, it]))
-        lr = tr.learning_rate(it, c["lr"], c["min_lr"], c["warmup_iters"], c["max_iters"])
+        lr = learning_rate(it, c["lr"], c["min_lr"], c["warmup_iters"], c["max_iters"])
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
@@ -186,11 +191,11 @@ GPT2_124M = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_la
 
 def step_picogpt(block_size, steps):
     """ms of each step of `picogpt train --init 124M`'s loop body on random weights."""
-    config = {**tr.DEFAULTS, **tr.FINETUNE_DEFAULTS, "block_size": block_size, "grad_accum": 1}
+    config = {**DEFAULTS, **FINETUNE_DEFAULTS, "block_size": block_size, "grad_accum": 1}
     config["min_lr"] = config["lr"]
-    config.update({k: GPT2_124M[k] for k in tr.ARCHITECTURE})
+    config.update({k: GPT2_124M[k] for k in ARCHITECTURE})
     with tempfile.TemporaryDirectory() as out:
-        trainer = tr.Trainer(config, GPT2_124M, None, tr.RunFolder(out, []), {})
+        trainer = Trainer(config, GPT2_124M, None, RunFolder(out, []), {})
         trainer.initialize()
         keep_freed_memory()  # as train() does
         rng = np.random.default_rng(0)
@@ -356,7 +361,7 @@ def chars(args):
     config = dict(RECIPE, max_iters=args.max_iters)
     text = args.text.read_text(encoding="utf-8")
     tokenizer = CharTokenizer.from_text(text)
-    data = tr.split_data(np.array(tokenizer.encode(text), np.uint16))
+    data = split_data(np.array(tokenizer.encode(text), np.uint16))
     print(f"{describe()}; Tiny Shakespeare, nanoGPT's CPU recipe, {args.max_iters} iters")
 
     if not args.torch:
@@ -408,15 +413,15 @@ def shards(args):
     if n == 1:
         sys.exit("one worker only: OpenBLAS not found, or 1 core / OPENBLAS_NUM_THREADS=1")
     keep_freed_memory()
-    tr.SHARD_MAX_WIDTH = 1 << 30  # every case may be split, GPT-2 124M's too
+    picogpt.training.memory.SHARD_MAX_WIDTH = 1 << 30  # every case may be split, GPT-2 124M's too
     print(f"| model | block x batch | one shard | {n} shards | {n} shards / one |\n"
           "|---|---|---|---|---|")
     for label, arch, T, B in SHARD_CASES:
         hparams = {**arch, "n_ctx": T}
-        config = {**tr.DEFAULTS, **{k: hparams[k] for k in tr.ARCHITECTURE}, "block_size": T,
+        config = {**DEFAULTS, **{k: hparams[k] for k in ARCHITECTURE}, "block_size": T,
                   "batch_size": B}  # fmt: skip
         with tempfile.TemporaryDirectory() as out:
-            trainer = tr.Trainer(config, hparams, None, tr.RunFolder(out, []), {})
+            trainer = Trainer(config, hparams, None, RunFolder(out, []), {})
             trainer.initialize()
             rng = np.random.default_rng(0)
             times = {1: [], n: []}

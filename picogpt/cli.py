@@ -822,31 +822,33 @@ def _check_train_config(saved, path):
 
 def _train(argv):
     try:
-        from picogpt.training import loop as train
+        from picogpt.training import loop
+        from picogpt.training.config import DEFAULTS, command_line
+        from picogpt.training.prepare import prepare
     except ImportError as e:
         print(f"picogpt: error: training is not available ({e})", file=sys.stderr)
         return 1
     from picogpt.errors import FileReadError, TrainingError
 
     parser = Parser(prog="picogpt train")
-    _add_train_arguments(parser, train.DEFAULTS)
+    _add_train_arguments(parser, DEFAULTS)
     args = parser.parse_args(argv)
     if args.init is not None and args.resume:
         parser.error("--init starts a run and --resume continues one: give one of them")
     if args.init is not None and args.tokenizer != "chars":
         parser.error("--init uses its model's tokenizer: --tokenizer goes with a run from scratch")
-    options = {key: getattr(args, key) for key in train.DEFAULTS}
+    options = {key: getattr(args, key) for key in DEFAULTS}
     progress = _TokenizeProgress(args.text)
     try:
-        plan = train.prepare(args.text, args.out, options, resume=args.resume, init=args.init,
-                             tokenizer=args.tokenizer, weights_dir=args.weights_dir,
-                             base_url=args.base_url, check_saved=_check_train_config,
-                             progress=progress, download_source=args.source)  # fmt: skip
+        plan = prepare(args.text, args.out, options, resume=args.resume, init=args.init,
+                       tokenizer=args.tokenizer, weights_dir=args.weights_dir,
+                       base_url=args.base_url, check_saved=_check_train_config,
+                       progress=progress, download_source=args.source)  # fmt: skip
         progress.close()
         config = plan.config
-        config["command"] = train.command_line(args.text, args.out, config)
-        trainer = train.Trainer(config, plan.hparams, plan.tokenizer, plan.folder,
-                                plan.vocabulary)  # fmt: skip
+        config["command"] = command_line(args.text, args.out, config)
+        trainer = loop.Trainer(config, plan.hparams, plan.tokenizer, plan.folder,
+                               plan.vocabulary)  # fmt: skip
         if plan.resume:
             trainer.load_state()
         else:
@@ -877,8 +879,8 @@ def _train(argv):
           f"memory{start}")  # fmt: skip
     status = _TrainStatus(sys.stdout, config["log_interval"])
     try:
-        train.train(trainer, plan.data, report=status.report, status=status.update,
-                    resumed=plan.resume)  # fmt: skip
+        loop.train(trainer, plan.data, report=status.report, status=status.update,
+                   resumed=plan.resume)  # fmt: skip
     except KeyboardInterrupt:
         status.report(f"interrupted at iter {trainer.iter}")
         _say_where(trainer, args, interrupted=True)

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 from picogpt.gpt2 import cores, network
-from picogpt.training import loop as tr
+from picogpt.training.config import DEFAULTS
+from picogpt.training.data import get_batch
+from picogpt.training.loop import Trainer
+from picogpt.training.memory import SHARD_MAX_WIDTH, shards
+from picogpt.training.run_folder import RunFolder
 
 needs_threads = pytest.mark.skipif(
     cores.workers() < 2, reason="needs OpenBLAS found and at least 2 cores for it")
@@ -60,8 +64,8 @@ def test_an_error_in_one_shard_is_raised_after_every_shard_ended():
 
 def make_trainer(out, **config):
     hparams = {"n_vocab": 11, "n_ctx": 16, "n_embd": 16, "n_head": 2, "n_layer": 2}
-    config = dict(tr.DEFAULTS, block_size=16, batch_size=5, **config)
-    trainer = tr.Trainer(config, hparams, None, tr.RunFolder(out, []), {})
+    config = dict(DEFAULTS, block_size=16, batch_size=5, **config)
+    trainer = Trainer(config, hparams, None, RunFolder(out, []), {})
     trainer.initialize()
     return trainer
 
@@ -70,8 +74,8 @@ def test_a_sharded_step_is_the_whole_batch_step(tmp_path):
     """Trainer.loss over shards against gpt_forward and gpt_backward over the whole batch, in
     one call: the same loss and gradient, to float32 rounding (5 sequences: unequal shards)."""
     trainer = make_trainer(tmp_path)
-    x, y = tr.get_batch(np.arange(200, dtype=np.uint16) % 11, 16, 5, np.random.default_rng(0))
-    assert len(tr.shards(trainer.hparams, 5)) == min(5, cores.workers())
+    x, y = get_batch(np.arange(200, dtype=np.uint16) % 11, 16, 5, np.random.default_rng(0))
+    assert len(shards(trainer.hparams, 5)) == min(5, cores.workers())
     loss = trainer.loss(x, y, backward=True)
     _, grads = network.flat_views(network.param_shapes(trainer.hparams))
     whole, cache = network.gpt_forward(trainer.params, trainer.hparams, x, y, grads=grads)
@@ -91,14 +95,14 @@ def test_sharded_steps_with_dropout_are_reproducible(tmp_path):
         data = np.arange(500, dtype=np.uint16) % 11
         for it in range(3):
             rng = np.random.default_rng([0, it])
-            trainer.step(*tr.get_batch(data, 16, 5, rng), 1e-2, rng)
+            trainer.step(*get_batch(data, 16, 5, rng), 1e-2, rng)
         runs.append(trainer.flat.copy())
     np.testing.assert_array_equal(runs[0], runs[1])
 
 
 def test_wide_models_are_not_sharded():
-    wide = {"n_embd": tr.SHARD_MAX_WIDTH * 3 // 2}
-    assert tr.shards(wide, 12) == [(0, 12)]
+    wide = {"n_embd": SHARD_MAX_WIDTH * 3 // 2}
+    assert shards(wide, 12) == [(0, 12)]
 
 
 def test_set_workers_bounds_the_shards():

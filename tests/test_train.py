@@ -18,10 +18,15 @@ from _gradcheck import assert_close, check_layer, numerical_grad, randn
 from _reference import hf_model, hf_names
 
 import picogpt
+import picogpt.training.data
+import picogpt.training.optimizer
 from picogpt.formats import tf_checkpoint as checkpoint
 from picogpt.gpt2 import network
 from picogpt.tokenizers.chars import CharTokenizer
-from picogpt.training import loop as tr
+from picogpt.training.data import encode, get_batch, split_data, vocabulary_files
+from picogpt.training.loop import Trainer
+from picogpt.training.optimizer import AdamW, clip_grad_norm, learning_rate
+from picogpt.training.prepare import prepare
 
 
 def tiny_hparams(**overrides):
@@ -129,12 +134,12 @@ def test_float32_training_step_matches_float64():
 @pytest.mark.parametrize("block", [7, 1 << 15])  # blocks across the decayed matrices' end; one
 def test_adamw_and_clipping_match_pytorch(block, monkeypatch):
     torch = pytest.importorskip("torch")
-    monkeypatch.setattr(tr, "ADAM_BLOCK", block)
+    monkeypatch.setattr(picogpt.training.optimizer, "ADAM_BLOCK", block)
     shapes = {"w": (5, 4), "b": (4,)}
     flat, views = network.flat_views(shapes, np.float64)
     flat[:] = np.random.default_rng(7).normal(size=flat.size)
     tensors = [torch.tensor(views[n].copy(), requires_grad=True) for n in shapes]
-    ours = tr.AdamW(flat, network.n_decayed(shapes), beta1=0.9, beta2=0.99, weight_decay=0.1)
+    ours = AdamW(flat, network.n_decayed(shapes), beta1=0.9, beta2=0.99, weight_decay=0.1)
     theirs = torch.optim.AdamW([{"params": tensors[:1], "weight_decay": 0.1},
                                 {"params": tensors[1:], "weight_decay": 0.0}],
                                lr=1e-2, betas=(0.9, 0.99), eps=1e-8)  # fmt: skip
@@ -144,7 +149,7 @@ def test_adamw_and_clipping_match_pytorch(block, monkeypatch):
         for t, g in zip(tensors, np.split(grad, [20])):
             t.grad = torch.tensor(g.reshape(t.shape))
         torch_norm = torch.nn.utils.clip_grad_norm_(tensors, 1.0).item()
-        assert tr.clip_grad_norm(grad, 1.0) == pytest.approx(torch_norm, rel=1e-12)
+        assert clip_grad_norm(grad, 1.0) == pytest.approx(torch_norm, rel=1e-12)
         lr = 1e-2 * (step + 1) / 6
         for group in theirs.param_groups:
             group["lr"] = lr
@@ -156,7 +161,7 @@ def test_adamw_and_clipping_match_pytorch(block, monkeypatch):
 
 def test_learning_rate_schedule():
     def lr(it):
-        return tr.learning_rate(it, 1e-3, 1e-4, warmup_iters=10, lr_decay_iters=110)
+        return learning_rate(it, 1e-3, 1e-4, warmup_iters=10, lr_decay_iters=110)
 
     warmup = [lr(i) for i in range(11)]
     assert warmup == sorted(warmup) and warmup[0] < 2e-4
@@ -169,13 +174,13 @@ def test_learning_rate_schedule():
 
 def test_batches_are_shifted_windows_and_seeded():
     data = np.arange(1000, dtype=np.uint16)
-    x, y = tr.get_batch(data, 8, 5, np.random.default_rng(1))
+    x, y = get_batch(data, 8, 5, np.random.default_rng(1))
     assert x.shape == y.shape == (5, 8)
     np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
     np.testing.assert_array_equal(np.diff(x, axis=1), 1)
-    x2, _ = tr.get_batch(data, 8, 5, np.random.default_rng(1))
+    x2, _ = get_batch(data, 8, 5, np.random.default_rng(1))
     np.testing.assert_array_equal(x, x2)
-    train, val = tr.split_data(data)
+    train, val = split_data(data)
     assert len(train) == 900 and val[0] == 900
 
 
@@ -269,12 +274,12 @@ def test_resume_continues_exactly_where_it_stopped(text_file, tmp_path):
 def test_a_crash_while_saving_leaves_the_last_good_model(text_file, tmp_path, monkeypatch):
     """Fault injection: the second save dies just before its last rename (the `checkpoint` file
     that names the new weights); the folder must still load the first save, bit for bit."""
-    plan = tr.prepare(text_file, tmp_path / "model", small_options(max_iters=20))
-    trainer = tr.Trainer(plan.config, plan.hparams, plan.tokenizer, plan.folder, plan.vocabulary)
+    plan = prepare(text_file, tmp_path / "model", small_options(max_iters=20))
+    trainer = Trainer(plan.config, plan.hparams, plan.tokenizer, plan.folder, plan.vocabulary)
     trainer.initialize()
     trainer.save_model(3.0)
     saved = {k: v.copy() for k, v in trainer.params.items()}
-    trainer.step(*tr.get_batch(plan.data[0], 32, 8, np.random.default_rng(0)), 1e-2, None)
+    trainer.step(*get_batch(plan.data[0], 32, 8, np.random.default_rng(0)), 1e-2, None)
     trainer.iter = 20
 
     real_replace = os.replace
@@ -365,8 +370,8 @@ def test_bad_input_is_one_line_and_exit_2_or_1(text_file, tmp_path, args, messag
 
 
 def test_engine_does_not_import_training():
-    code = ("import sys, picogpt; from picogpt import cli; "
-            "picogpt.load(sys.argv[1]).generate('a', n=3); print('picogpt.training' in sys.modules)")
+    code = ("import sys, picogpt; from picogpt import cli; picogpt.load(sys.argv[1])"
+            ".generate('a', n=3); print('picogpt.training' in sys.modules)")
     tiny = Path(__file__).parent / "fixtures" / "gpt2-tiny"
     out = subprocess.run([sys.executable, "-c", code, str(tiny)], capture_output=True,
                          text=True, check=True)  # fmt: skip
@@ -521,8 +526,8 @@ TINY = Path(__file__).parent / "fixtures" / "gpt2-tiny"  # written by TensorFlow
 
 def make_trainer(text_file, out, init=None, **options):
     base = small_options() if init is None else {}
-    plan = tr.prepare(text_file, out, {**base, **options}, init=init)
-    trainer = tr.Trainer(plan.config, plan.hparams, plan.tokenizer, plan.folder, plan.vocabulary)
+    plan = prepare(text_file, out, {**base, **options}, init=init)
+    trainer = Trainer(plan.config, plan.hparams, plan.tokenizer, plan.folder, plan.vocabulary)
     trainer.initialize(plan.init)
     return trainer, plan
 
@@ -532,7 +537,7 @@ def test_grad_accum_is_one_step_over_the_whole_batch(text_file, tmp_path):
     one, plan = make_trainer(text_file, tmp_path / "one", batch_size=8, grad_clip=0.0)
     four, _ = make_trainer(text_file, tmp_path / "four", batch_size=2, grad_accum=4,
                            grad_clip=0.0)  # fmt: skip
-    x, y = tr.get_batch(plan.data[0], 32, 8, np.random.default_rng(0))
+    x, y = get_batch(plan.data[0], 32, 8, np.random.default_rng(0))
     loss_one = one.step(x, y, 1e-3, None)
     loss_four = four.step(x, y, 1e-3, None)
     assert loss_four == pytest.approx(loss_one, rel=1e-6)
@@ -572,19 +577,20 @@ def test_text_ids_in_chunks_are_tiktokens_and_cached(tmp_path, monkeypatch):
     bpe = BPE.load(vocab)
     text = (TEXT + " naïve  café\n\n\t 12,345 don't  <|endoftext|>\u00a0\u3000end  ") * 7
     text += "🦜" * 200  # more tokens than characters
-    monkeypatch.setattr(tr, "TOKENIZE_CHUNK", 50)  # many cuts, at every kind of boundary
+    # many cuts, at every kind of boundary
+    monkeypatch.setattr(picogpt.training.data, "TOKENIZE_CHUNK", 50)
     seen = []
-    files = tr.vocabulary_files(bpe, vocab)
-    ids = tr.encode(text, bpe, tmp_path / "cache", files, lambda done, total: seen.append(done))
+    files = vocabulary_files(bpe, vocab)
+    ids = encode(text, bpe, tmp_path / "cache", files, lambda done, total: seen.append(done))
     assert ids.dtype == np.uint16 and ids.tolist() == enc.encode_ordinary(text)
     assert len(seen) > 10 and seen[-1] == len(text) and seen == sorted(seen)
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
 
     monkeypatch.setattr(BPE, "encode", lambda *a, **k: pytest.fail("tokenized again"))
-    again = tr.encode(text, bpe, tmp_path / "cache", files)
+    again = encode(text, bpe, tmp_path / "cache", files)
     np.testing.assert_array_equal(again, ids)
     chars = CharTokenizer.from_text(text)
-    np.testing.assert_array_equal(tr.encode(text, chars), chars.encode(text))
+    np.testing.assert_array_equal(encode(text, chars), chars.encode(text))
 
 
 def test_train_from_scratch_on_gpt2_tokens(text_file, tmp_path, capsys):
@@ -621,8 +627,8 @@ def test_fine_tuning_follows_pytorch_step_by_step(text_file, tmp_path):
                             lr=1e-3, betas=(c["beta1"], c["beta2"]), eps=1e-8)  # fmt: skip
     losses = []
     for it in range(10):
-        rng = np.random.default_rng([c["seed"], 0, it])  # as tr.train draws them
-        x, y = tr.get_batch(plan.data[0], 32, 4 * c["grad_accum"], rng)
+        rng = np.random.default_rng([c["seed"], 0, it])  # as train draws them
+        x, y = get_batch(plan.data[0], 32, 4 * c["grad_accum"], rng)
         ours = trainer.step(x, y, 1e-3, rng)
         mean_loss = 0.0
         for xi, yi in zip(np.split(x, c["grad_accum"]), np.split(y, c["grad_accum"])):

@@ -1,0 +1,72 @@
+"""The optimizer: AdamW over the flat parameter buffer (decay on the matrices only), gradient
+clipping by the global norm, and the learning-rate schedule (linear warm-up, cosine decay)."""
+
+import math
+
+import numpy as np
+
+ADAM_BLOCK = 1 << 15  # elements updated at a time: the update's temporaries stay in cache
+
+
+class AdamW:
+    """Adam with decoupled weight decay over one flat parameter buffer (as torch.optim.AdamW):
+
+        p *= 1 - lr * weight_decay            (matrices only: the first n_decay elements)
+        m = beta1 m + (1 - beta1) g
+        v = beta2 v + (1 - beta2) g^2
+        p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+    done ADAM_BLOCK elements at a time: GPT-2 124M's buffers are 500 MB each, and whole-buffer
+    expressions would stream them from memory a dozen times and allocate as many temporaries."""
+
+    def __init__(self, flat_params, n_decay, beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-8):
+        self.params, self.n_decay = flat_params, n_decay
+        self.beta1, self.beta2, self.weight_decay, self.eps = beta1, beta2, weight_decay, eps
+        self.m = np.zeros_like(flat_params)
+        self.v = np.zeros_like(flat_params)
+        self.step = 0
+
+    def update(self, grad, lr):
+        self.step += 1
+        b1, b2 = self.beta1, self.beta2
+        decay = 1.0 - lr * self.weight_decay
+        rescale = 1.0 / math.sqrt(1.0 - b2**self.step)
+        step_size = lr / (1.0 - b1**self.step)
+        t = np.empty(min(ADAM_BLOCK, self.params.size), self.params.dtype)
+        for start in range(0, self.params.size, ADAM_BLOCK):
+            stop = min(start + ADAM_BLOCK, self.params.size)
+            p, g, m, v = (a[start:stop] for a in (self.params, grad, self.m, self.v))
+            tmp = t[: stop - start]
+            if self.weight_decay and start < self.n_decay:
+                p[: self.n_decay - start] *= decay
+            m *= b1
+            np.multiply(g, 1.0 - b1, out=tmp)
+            m += tmp
+            v *= b2
+            np.multiply(g, g, out=tmp)
+            tmp *= 1.0 - b2
+            v += tmp
+            np.sqrt(v, out=tmp)
+            tmp *= rescale
+            tmp += self.eps
+            np.divide(m, tmp, out=tmp)
+            tmp *= step_size
+            p -= tmp
+
+
+def clip_grad_norm(grad, max_norm):
+    """Scale grad in place so its L2 norm is at most max_norm; the norm before clipping."""
+    norm = math.sqrt(float(np.dot(grad, grad)))
+    if max_norm and norm > max_norm:
+        grad *= max_norm / (norm + 1e-6)
+    return norm
+
+
+def learning_rate(it, lr, min_lr, warmup_iters, lr_decay_iters):
+    """Linear warmup to lr, then cosine decay to min_lr at lr_decay_iters (nanoGPT's schedule)."""
+    if it < warmup_iters:
+        return lr * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
