@@ -14,7 +14,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from _browser import Browser  # noqa: E402
 
 import picogpt  # noqa: E402
-from picogpt.server import Server  # noqa: E402
+from picogpt.serve.transport import Server  # noqa: E402
 
 QUERY = "prompt=ROMEO%3A&max_tokens=160&temperature=0.8&top_k=40&seed=7&run=1"
 FINISHED = "['done', 'error'].includes(document.body.dataset.state)"

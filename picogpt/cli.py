@@ -671,7 +671,7 @@ class _EvalProgress:
 # --- serve ----------------------------------------------------------------------------------------
 
 def _serve(args):
-    from picogpt import server
+    from picogpt.serve import transport as server
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("PICOGPT_API_KEY")
     if api_key is not None and not api_key.strip():

@@ -21,7 +21,7 @@ import pytest
 from _browser import Browser, chromium_path
 
 import picogpt
-from picogpt import server as srv
+from picogpt.serve import transport as srv
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "gpt2-tiny"
@@ -533,7 +533,7 @@ def test_an_error_before_the_body_is_read_closes_the_connection(server):
 def test_no_path_reaches_the_file_system(server):
     status, headers, page = request(server, "GET", "/")
     assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
-    assert page == (ROOT / "picogpt" / "page" / "index.html").read_bytes()
+    assert page == (ROOT / "picogpt" / "serve" / "page" / "index.html").read_bytes()
     assert "default-src 'self'" in headers["content-security-policy"]
     assert request(server, "GET", "/index.html?x=1")[2] == page
     for path in ("/../setup.cfg", "/%2e%2e/setup.cfg", "/index.html/../../server.py",

@@ -1,7 +1,7 @@
 """`picogpt serve`: OpenAI's HTTP API for one model, standard library only, and the page at `/`
 that shows each generated token shaded by its probability, with the alternatives the model weighed.
 
-    GET  /                       the page (picogpt/page/index.html)
+    GET  /                       the page (picogpt/serve/page/index.html)
     GET  /v1/models              the one model served
     POST /v1/completions         prompt -> text, OpenAI's request and response shapes
     POST /v1/chat/completions    messages -> the assistant's reply, as `picogpt chat` would say it
