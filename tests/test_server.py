@@ -22,6 +22,8 @@ from _browser import Browser, chromium_path
 
 import picogpt
 from picogpt.serve import transport as srv
+from picogpt.serve.api import FifoLock
+from picogpt.serve.fields import MAX_TOKENS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "gpt2-tiny"
@@ -626,7 +628,7 @@ def test_one_log_line_per_request(server):
 # --- load: one generation at a time, in order; clients that leave -------------------------------
 
 def test_fifo_lock_serves_in_arrival_order():
-    lock, order = srv.FifoLock(), []
+    lock, order = FifoLock(), []
     lock.acquire()
     threads = []
     for k in range(6):
@@ -686,7 +688,7 @@ def test_a_client_that_leaves_mid_stream_frees_the_model():
     model = picogpt.load("shakespeare-char")  # large enough that 4096 tokens take seconds
     lines = []
     with srv.Server(model, "shakespeare-char", port=0, log=lines.append) as s:
-        body = json.dumps({"prompt": "ROMEO:", "max_tokens": srv.MAX_TOKENS, "stream": True,
+        body = json.dumps({"prompt": "ROMEO:", "max_tokens": MAX_TOKENS, "stream": True,
                            "top_k": 0}).encode()
         sock = socket.create_connection(("127.0.0.1", s.port), timeout=30)
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -706,7 +708,7 @@ def test_a_client_that_leaves_mid_stream_frees_the_model():
         while not any(" 499 " in line for line in lines) and time.monotonic() < deadline:
             time.sleep(0.01)
         (left,) = [line for line in lines if " 499 " in line]
-        assert int(left.split(" 499 ")[1].split()[0]) < srv.MAX_TOKENS / 4, left
+        assert int(left.split(" 499 ")[1].split()[0]) < MAX_TOKENS / 4, left
 
 
 # --- the command line --------------------------------------------------------------------------
