@@ -64,21 +64,22 @@ def number(body, name, default, low, high, low_open=False):
 
 
 def boolean(body, name, default=False):
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise invalid(name, f"{name} must be true or false, got {json.dumps(value)[:40]}",
-                      code="invalid_type")
-    return value
+    return _typed(body, name, default, bool, "{name} must be true or false, got {value}")
 
 
 def string(body, name, default=None):
+    return _typed(body, name, default, str, "{name} must be a string")
+
+
+def _typed(body, name, default, kind, message):
+    """body[name] when it is a `kind`, `default` when it is absent or null; otherwise a 400 whose
+    `message` may name the field ({name}) and the value given ({value}, cut short)."""
     value = body.get(name)
     if value is None:
         return default
-    if not isinstance(value, str):
-        raise invalid(name, f"{name} must be a string", code="invalid_type")
+    if not isinstance(value, kind):
+        raise invalid(name, message.format(name=name, value=json.dumps(value)[:40]),
+                      code="invalid_type")
     return value
 
 
