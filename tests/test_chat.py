@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import picogpt
-from picogpt import cli
+from picogpt.cli.chat import _reply
 from picogpt.generation import chat
 from picogpt.gpt2.engine import GPT, param_shapes
 
@@ -99,7 +99,7 @@ def test_the_reply_ends_at_its_line_end(chars):
     c = chars.complete(prompt, 60, seed=seed, stop=chat.REPLY_STOP, stop_at_eos=False)
     assert c.text == expected and c.finish_reason == "stop"
     out = io.StringIO()
-    reply = cli._reply(chars, prompt, out, n=60, seed=seed, stop_at_eos=False)
+    reply = _reply(chars, prompt, out, n=60, seed=seed, stop_at_eos=False)
     assert reply == expected and out.getvalue() == expected.lstrip() + "\n"
 
 
@@ -109,5 +109,5 @@ def test_a_stop_string_of_the_user_ends_the_reply_sooner(chars):
     line = full[: full.find("\n")]
     stop = line.strip()[:2]  # occurs within the line, across characters (tokens)
     out = io.StringIO()
-    reply = cli._reply(chars, prompt, out, stop=[stop], n=60, seed=seed, stop_at_eos=False)
+    reply = _reply(chars, prompt, out, stop=[stop], n=60, seed=seed, stop_at_eos=False)
     assert reply == line[: line.find(stop)]

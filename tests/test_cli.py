@@ -15,7 +15,7 @@ import pytest
 from _cli_server import ModelServer, closed_port_url
 
 import picogpt
-from picogpt import cli
+from picogpt.cli.chat import _reply
 from picogpt.generation.chat import Conversation
 from picogpt.hub import download as dl
 from picogpt.hub import sources
@@ -322,14 +322,14 @@ def test_chat_turns_reuse_the_kv_cache():
     chat = Conversation(model, reply_tokens=8, preamble="A chat.\n")
     options = dict(n=8, temperature=1.0, top_k=40, top_p=None)
     first = chat.prompt("hi there")
-    reply = cli._reply(model, first, io.StringIO(), seed=1, **options)
+    reply = _reply(model, first, io.StringIO(), seed=1, **options)
     assert positions[0] == len(model.encode(first))  # a fresh model computes the whole prompt
     chat.add("hi there", reply)
 
     positions.clear()
     second = chat.prompt("and then?")
     assert second.startswith(first + reply + "\n")
-    cli._reply(model, second, io.StringIO(), seed=2, **options)
+    _reply(model, second, io.StringIO(), seed=2, **options)
     # Turn 1's prompt is still in the cache: at most the reply's line and the new message run
     # (all of the reply when its text re-encodes differently, as random weights' bytes may).
     assert positions[0] <= len(model.encode(second)) - len(model.encode(first)) + 1
