@@ -18,7 +18,7 @@ import numpy as np
 
 from picogpt import checkpoint, files
 from picogpt.errors import ModelError, PicogptError, TrainingError
-from picogpt.gpt2 import cores, engine, layers, network
+from picogpt.gpt2 import engine, layers, network, parallel
 
 # nanoGPT's CPU recipe for Tiny Shakespeare: trains in about a minute here.
 DEFAULTS = {
@@ -35,6 +35,7 @@ SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
 
 
 ADAM_BLOCK = 1 << 15  # elements updated at a time: the update's temporaries stay in cache
+ADAM_GRAIN = 8  # blocks a thread takes at least: fewer cost more to hand out than to update
 
 
 class AdamW:
@@ -46,7 +47,8 @@ class AdamW:
         p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
     done ADAM_BLOCK elements at a time: GPT-2 124M's buffers are 500 MB each, and whole-buffer
-    expressions would stream them from memory a dozen times and allocate as many temporaries."""
+    expressions would stream them from memory a dozen times and allocate as many temporaries.
+    The blocks are split over the cores (inside parallel.passes)."""
 
     def __init__(self, flat_params, n_decay, beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-8):
         self.params, self.n_decay = flat_params, n_decay
@@ -61,31 +63,38 @@ class AdamW:
         decay = 1.0 - lr * self.weight_decay
         rescale = 1.0 / math.sqrt(1.0 - b2**self.step)
         step_size = lr / (1.0 - b1**self.step)
-        t = np.empty(min(ADAM_BLOCK, self.params.size), self.params.dtype)
-        for start in range(0, self.params.size, ADAM_BLOCK):
-            stop = min(start + ADAM_BLOCK, self.params.size)
-            p, g, m, v = (a[start:stop] for a in (self.params, grad, self.m, self.v))
-            tmp = t[: stop - start]
-            if self.weight_decay and start < self.n_decay:
-                p[: self.n_decay - start] *= decay
-            m *= b1
-            np.multiply(g, 1.0 - b1, out=tmp)
-            m += tmp
-            v *= b2
-            np.multiply(g, g, out=tmp)
-            tmp *= 1.0 - b2
-            v += tmp
-            np.sqrt(v, out=tmp)
-            tmp *= rescale
-            tmp += self.eps
-            np.divide(m, tmp, out=tmp)
-            tmp *= step_size
-            p -= tmp
+
+        def blocks(first, last):  # blocks first..last-1, with a temporary of this thread's
+            t = np.empty(min(ADAM_BLOCK, self.params.size), self.params.dtype)
+            for start in range(first * ADAM_BLOCK, min(last * ADAM_BLOCK, self.params.size),
+                               ADAM_BLOCK):  # fmt: skip
+                stop = min(start + ADAM_BLOCK, self.params.size)
+                p, g, m, v = (a[start:stop] for a in (self.params, grad, self.m, self.v))
+                tmp = t[: stop - start]
+                if self.weight_decay and start < self.n_decay:
+                    p[: self.n_decay - start] *= decay
+                m *= b1
+                np.multiply(g, 1.0 - b1, out=tmp)
+                m += tmp
+                v *= b2
+                np.multiply(g, g, out=tmp)
+                tmp *= 1.0 - b2
+                v += tmp
+                np.sqrt(v, out=tmp)
+                tmp *= rescale
+                tmp += self.eps
+                np.divide(m, tmp, out=tmp)
+                tmp *= step_size
+                p -= tmp
+
+        parallel.run(blocks, -(-self.params.size // ADAM_BLOCK), ADAM_GRAIN)
 
 
 def clip_grad_norm(grad, max_norm):
-    """Scale grad in place so its L2 norm is at most max_norm; the norm before clipping."""
-    norm = math.sqrt(float(np.dot(grad, grad)))
+    """Scale grad in place so its L2 norm is at most max_norm; the norm before clipping. The sum
+    of squares is split over the cores (inside parallel.passes)."""
+    squares = parallel.run(lambda i, j: float(np.dot(grad[i:j], grad[i:j])), len(grad), 1 << 16)
+    norm = math.sqrt(sum(squares))
     if max_norm and norm > max_norm:
         grad *= max_norm / (norm + 1e-6)
     return norm
@@ -560,28 +569,14 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
                 init_params, notice, memory)  # fmt: skip
 
 
-# Models up to this wide have each batch split over the cores (gpt2/cores.py). Wider, the matrix
-# products are most of a step, BLAS's own threads already keep every core busy, and a shard
-# gains nothing while its gradient buffer costs 4 bytes a parameter (benchmarks/README.md has
-# the measured steps at each width).
-SHARD_MAX_WIDTH = 512
-
-
-def shards(hparams, n):
-    """[(start, stop)] of the shards n sequences are split into (Trainer.loss)."""
-    return cores.split(n) if hparams["n_embd"] <= SHARD_MAX_WIDTH else [(0, n)]
-
-
 def estimate_memory(hparams, config):
     """Bytes a training step needs at its peak, about: the parameters, their gradient and AdamW's
-    two moments (and a gradient sum with --grad-accum, and a gradient per shard after the first:
-    Trainer.loss), plus what one micro-batch's forward keeps for its backward (see BlockCache)
-    and the largest temporaries of the backward, in each of its shards at once."""
+    two moments (and a gradient sum with --grad-accum), plus what one micro-batch's forward keeps
+    for its backward (see BlockCache) and the largest temporaries of the backward."""
     C, L, H = hparams["n_embd"], hparams["n_layer"], hparams["n_head"]
     B, T = config["batch_size"], config["block_size"]
     n_params = (hparams["n_vocab"] + hparams["n_ctx"]) * C + L * (12 * C * C + 13 * C) + 2 * C
-    n_shards = len(shards(hparams, B))
-    buffers = 4 + (config["grad_accum"] > 1) + (n_shards - 1)
+    buffers = 4 + (config["grad_accum"] > 1)
     N = B * T
     dropout = config["dropout"] > 0
     # Attention keeps its row blocks' probabilities: each block's rows against the keys up to
@@ -590,8 +585,8 @@ def estimate_memory(hparams, config):
     scores = B * H * sum((min(T, s + R) - s) * min(T, s + R) for s in range(0, T, R))
     per_block = 4 * (N * C * (14 + 2 * dropout) + scores * (1 + 2 * dropout))
     backward = 4 * (3 * N * 4 * C + 3 * B * H * R * T)  # the MLP's and attention's temporaries
-    rows = min(N, n_shards * layers.LOSS_ROWS)  # of logits, over the shards
-    head = 4 * (rows * hparams["n_vocab"] + n_shards * layers.VOCAB_ROWS * C + 3 * N * C)
+    rows = min(N, layers.LOSS_ROWS)  # of logits
+    head = 4 * (rows * hparams["n_vocab"] + parallel.threads() * layers.VOCAB_ROWS * C + 3 * N * C)
     return 4 * n_params * buffers + L * per_block + backward + head + (200 << 20)  # + Python, NumPy
 
 
@@ -608,7 +603,6 @@ class Trainer:
         shapes = network.param_shapes(self.hparams)
         self.flat, self.params = network.flat_views(shapes)
         self.flat_grad, self.grads = network.flat_views(shapes)
-        self.shard_grads = []  # (flat, views) of each shard's gradient after the first's
         # With --grad-accum, the micro-batches' gradients are summed here.
         self.grad_sum = np.zeros_like(self.flat) if config["grad_accum"] > 1 else None
         self.optimizer = AdamW(self.flat, network.n_decayed(shapes), config["beta1"],
@@ -630,61 +624,37 @@ class Trainer:
 
     def step(self, x, y, lr, rng):
         """One optimizer step on a batch of grad_accum micro-batches: their mean gradient, as
-        one step over the whole batch. The batch's mean loss before the step."""
+        one step over the whole batch. The batch's mean loss before the step. Every pass of it
+        is split over the cores (parallel.passes)."""
         c = self.config
         n = c["grad_accum"]
         losses = []
-        for i, (xi, yi) in enumerate(zip(np.split(x, n), np.split(y, n))):
-            losses.append(self.loss(xi, yi, rng, backward=True))
+        with parallel.passes():
+            for i, (xi, yi) in enumerate(zip(np.split(x, n), np.split(y, n))):
+                losses.append(self.loss(xi, yi, rng, backward=True))
+                if self.grad_sum is not None:
+                    if i == 0:
+                        self.grad_sum[...] = self.flat_grad
+                    else:
+                        self.grad_sum += self.flat_grad
+            grad = self.flat_grad
             if self.grad_sum is not None:
-                if i == 0:
-                    self.grad_sum[...] = self.flat_grad
-                else:
-                    self.grad_sum += self.flat_grad
-        grad = self.flat_grad
-        if self.grad_sum is not None:
-            grad = self.grad_sum
-            grad *= 1.0 / n
-        clip_grad_norm(grad, c["grad_clip"])
-        self.optimizer.update(grad, lr)
+                grad = self.grad_sum
+                grad *= 1.0 / n
+            clip_grad_norm(grad, c["grad_clip"])
+            self.optimizer.update(grad, lr)
         return float(np.mean(losses))
 
     def loss(self, x, y, rng=None, backward=False):
-        """The mean loss of predicting y [B, T] from x [B, T], the sequences in shards over the
-        cores (shards()); with `backward`, with dropout and its gradient in self.flat_grad.
-
-        Each shard runs gpt_forward (and gpt_backward) on its own thread, into a gradient buffer
-        of its own (the first shard's is self.grads); the shards' losses and gradients are then
-        averaged, weighted by their sizes: the mean over the whole batch. Each shard draws its
-        dropout from its own generator, seeded from `rng`, so that no two threads share one."""
-        parts = shards(self.hparams, len(x))
-        if backward:
-            while len(self.shard_grads) < len(parts) - 1:
-                self.shard_grads.append(network.flat_views(network.param_shapes(self.hparams)))
-            grads = [self.grads] + [views for _, views in self.shard_grads]
-        rngs = [rng] * len(parts)
-        if rng is not None and len(parts) > 1:
-            seed = int(rng.integers(1 << 63))
-            rngs = [np.random.default_rng([seed, i]) for i in range(len(parts))]
-
-        def shard(i):
-            start, stop = parts[i]
-            xs, ys = x[start:stop], y[start:stop]
+        """The mean loss of predicting y [B, T] from x [B, T]; with `backward`, with dropout and
+        its gradient in self.flat_grad."""
+        with parallel.passes():
             if not backward:
-                return network.gpt_forward(self.params, self.hparams, xs, ys)[0]
-            loss, cache = network.gpt_forward(self.params, self.hparams, xs, ys,
-                                              self.config["dropout"], rngs[i], grads=grads[i])
-            network.gpt_backward(cache, self.params, self.hparams, grads[i])
+                return network.gpt_forward(self.params, self.hparams, x, y)[0]
+            loss, cache = network.gpt_forward(self.params, self.hparams, x, y,
+                                              self.config["dropout"], rng, grads=self.grads)
+            network.gpt_backward(cache, self.params, self.hparams, self.grads)
             return loss
-
-        losses = cores.run(shard, len(parts))
-        weights = [(stop - start) / len(x) for start, stop in parts]
-        if backward and len(parts) > 1:
-            self.flat_grad *= weights[0]
-            for w, (flat, _) in zip(weights[1:], self.shard_grads):
-                flat *= w
-                self.flat_grad += flat
-        return sum(w * loss for w, loss in zip(weights, losses))
 
     def estimate_loss(self, data, rng):
         """Mean loss over eval_iters random batches, without dropout."""

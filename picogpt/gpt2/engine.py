@@ -12,6 +12,7 @@ stay mapped from the file, read through transposed views: slower, but GPT-2 1558
 an 8 GB laptop. The embeddings, biases and LayerNorm parameters stay as they are.
 """
 
+import contextlib
 import ctypes
 import functools
 import math
@@ -20,6 +21,8 @@ import os
 import re
 
 import numpy as np
+
+from picogpt.gpt2 import parallel
 
 LN_EPS = 1e-5
 # Row blocks bound the temporaries of the two products that grow with the input: attention scores
@@ -34,6 +37,11 @@ SMALL_BATCH = 8  # up to this many rows, products run row by row (see matmul)
 # about 2 MB it runs on one, and 4 rows cost 3x one instead of 2x).
 MATVEC_CHUNK_BYTES = 3 << 20
 TRANSPOSE_ROWS = 16  # rows per band when copying weights into [n_out, n_in] order
+# A forward of more rows than SMALL_BATCH splits its passes over the cores (parallel.passes):
+# products by their output's columns, at least COLUMN_GRAIN a thread (narrower products lose
+# BLAS's speed), LayerNorm by rows, at least ROW_GRAIN a thread, attention by heads.
+COLUMN_GRAIN = 32
+ROW_GRAIN = 16
 GELU_C = math.sqrt(2 / math.pi)
 # Softmax weights exp(s - max) below e^-87.3 are subnormal floats, which Intel cores compute with
 # dozens of times slower (AMD's barely slow down), and GPT-2's attention rows are full of them. So
@@ -49,10 +57,20 @@ FLOOR_CUT = np.float32(np.exp(-48.0) * (1 + 2**-20))  # just above e^-48 in floa
 
 
 def layer_norm(x, g, b, eps=LN_EPS):
-    """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * g + b."""
+    """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * g + b; split by rows over
+    the cores (inside parallel.passes)."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = np.empty_like(rows)
+    parallel.run(lambda i, j: _layer_norm_rows(rows[i:j], g, b, eps, out[i:j]), len(rows),
+                 ROW_GRAIN)  # fmt: skip
+    return out.reshape(x.shape)
+
+
+def _layer_norm_rows(x, g, b, eps, out):
+    """layer_norm of x [N, C] into out [N, C], in place there."""
     mean = row_sums(x)
     mean *= 1.0 / x.shape[-1]
-    xc = x - mean
+    xc = np.subtract(x, mean, out=out)
     var = np.einsum("...i,...i->...", xc, xc)[..., None]
     var *= 1.0 / x.shape[-1]
     var += eps
@@ -100,11 +118,37 @@ def matmul(x, wt, out=None):
     return out
 
 
-def linear(x, wt, b):
-    """x @ wt.T + b over the last axis, for x of any leading shape."""
-    out = matmul(x.reshape(-1, x.shape[-1]), wt)
-    out += b
+def linear(x, wt, b, then=None):
+    """x @ wt.T + b over the last axis, for x of any leading shape; then `then(out_columns,
+    start, stop)` on each part of the output's columns (an elementwise epilogue: GELU, a
+    residual add). The output's columns are split over the cores (inside parallel.passes)."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = np.empty((len(rows), wt.shape[0]), np.float32)
+
+    def columns(start, stop):
+        o = matmul(rows, wt[start:stop], out=out[:, start:stop])
+        o += b[start:stop]
+        if then is not None:
+            then(o, start, stop)
+
+    parallel.run(columns, len(wt), COLUMN_GRAIN)
     return out.reshape(*x.shape[:-1], wt.shape[0])
+
+
+def gelu_columns(o, start, stop):
+    """linear's epilogue for the MLP: GELU on each part of the output."""
+    gelu_(o)
+
+
+def add_into(x):
+    """linear's epilogue for a residual: x[:, start:stop] += each part of the output ([N, C]
+    rows of x)."""
+    rows = x.reshape(-1, x.shape[-1])
+
+    def add(o, start, stop):
+        rows[:, start:stop] += o
+
+    return add
 
 
 def shifted_exp_(x):
@@ -158,18 +202,19 @@ def past_mask(n):
     return mask
 
 
-def attention(q, k, v, offset):
+def attention(q, k, v, offset, out=None):
     """Causal attention. q: [B, H, Tq, hd] holds positions offset..offset+Tq-1 (already scaled by
     1/sqrt(hd)); k, v: [B, H, offset+Tq, hd]. Query rows go in blocks, each seeing only the keys up
     to its last row's position: no [Tq, Tk] score matrix is ever whole, and the blocks skip most
-    of the masked upper triangle instead of computing it.
+    of the masked upper triangle instead of computing it. Into `out` [B, H, Tq, hd] if given
+    (a view: the heads of a [B, Tq, H, hd] array).
 
     softmax(s) v = (exp(s - max) v) / sum(exp(s - max)): the division is done on the [rows, hd]
     output, not on the [rows, n_keys] weights, a pass over memory fewer. The future keys' scores
     are -inf before the max (so it is over the past), and their weights, e^SOFTMAX_FLOOR after
     the floor, are multiplied by 0 (so they are exactly 0)."""
     B, H, Tq, hd = q.shape
-    out = np.empty_like(q)
+    out = np.empty_like(q) if out is None else out
     per_row = B * H * k.shape[2] * 4
     block = max(1, min(Tq, ATTN_BLOCK_BYTES // per_row, ATTN_MAX_ROWS))
     mask = past = None  # one query (decoding) sees every key
@@ -204,12 +249,17 @@ def transposed(w):
 
 
 def project(x, wte):
-    """Logits x @ wte.T for x [..., C] and wte [n_vocab, C], in row blocks into one output."""
+    """Logits x @ wte.T for x [..., C] and wte [n_vocab, C], in row blocks into one output; the
+    vocabulary split over the cores (inside parallel.passes)."""
     rows = x.reshape(-1, x.shape[-1])
     out = np.empty((len(rows), wte.shape[0]), np.float32)
-    for start in range(0, len(rows), LOGITS_BLOCK_ROWS):
-        stop = start + LOGITS_BLOCK_ROWS
-        matmul(rows[start:stop], wte, out=out[start:stop])
+
+    def vocabulary(start, stop):
+        for first in range(0, len(rows), LOGITS_BLOCK_ROWS):
+            last = first + LOGITS_BLOCK_ROWS
+            matmul(rows[first:last], wte[start:stop], out=out[first:last, start:stop])
+
+    parallel.run(vocabulary, len(wte), COLUMN_GRAIN)
     return out.reshape(*x.shape[:-1], -1)
 
 
@@ -389,31 +439,51 @@ class GPT:
     def forward(self, ids, cache, all_logits=False):
         """Run `ids` ([B, T] ints, positions cache.length..) through the network, appending their
         keys and values to `cache`. Returns logits [B, n_vocab] of the last position, or
-        [B, T, n_vocab] with all_logits (computed in row blocks)."""
+        [B, T, n_vocab] with all_logits (computed in row blocks). More than SMALL_BATCH rows
+        (a prefill) split each pass over the cores; fewer (decoding) leave the products to
+        BLAS's threads and the short passes whole."""
         ids = np.asarray(ids)
         B, T = ids.shape
-        start = cache.length
-        if start + T > cache.n_ctx:
-            raise ValueError(f"{start + T} positions do not fit a cache of {cache.n_ctx}")
+        if cache.length + T > cache.n_ctx:
+            raise ValueError(f"{cache.length + T} positions do not fit a cache of {cache.n_ctx}")
         if B != cache.batch:
             raise ValueError(f"batch of {B} rows for a cache of {cache.batch}")
+        with parallel.passes() if B * T > SMALL_BATCH else contextlib.nullcontext():
+            return self._forward(ids, cache, all_logits)
+
+    def _forward(self, ids, cache, all_logits):
+        B, T = ids.shape
+        start = cache.length
         x = self.wte[ids] + self.wpe[start : start + T]  # [B, T, C]
-        scale = np.float32(1.0 / math.sqrt(self.head_dim))
         for layer, blk in enumerate(self.blocks):
             h = layer_norm(x, *blk["ln_1"])
             qkv = linear(h, *blk["c_attn"])  # [B, T, 3C]
-            qkv = qkv.reshape(B, T, 3, self.n_head, self.head_dim).transpose(2, 0, 3, 1, 4)
-            q, k, v = qkv  # each [B, H, T, hd]
-            cache.k[layer][:, :, start : start + T] = k
-            cache.v[layer][:, :, start : start + T] = v
-            q = q * scale
-            a = attention(q, cache.k[layer][:, :, : start + T], cache.v[layer][:, :, : start + T],
-                          start)  # fmt: skip
-            a = a.transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, T, C]
-            x += linear(a, *blk["c_proj"])
+            q, k, v = qkv.reshape(B, T, 3, self.n_head, self.head_dim).transpose(2, 0, 3, 1, 4)
+            a = self.attend(q, k, v, cache, layer)  # each [B, H, T, hd] -> [B, T, C]
+            linear(a, *blk["c_proj"], then=add_into(x))  # x += a @ c_proj
             h = layer_norm(x, *blk["ln_2"])
-            x += linear(gelu_(linear(h, *blk["c_fc"])), *blk["mlp_proj"])
+            f = linear(h, *blk["c_fc"], then=gelu_columns)  # [B, T, 4C]
+            linear(f, *blk["mlp_proj"], then=add_into(x))  # x += f @ mlp_proj
         cache.length = start + T
         if not all_logits:
             return project(layer_norm(x[:, -1], *self.ln_f), self.wte)  # [B, V]: the last row
         return project(layer_norm(x, *self.ln_f), self.wte)
+
+    def attend(self, q, k, v, cache, layer):
+        """Append k, v [B, H, T, hd] to the layer's cache and attend q over it: [B, T, C]. The
+        heads are split over the cores (inside parallel.passes)."""
+        B, H, T, hd = q.shape
+        start = cache.length
+        scale = np.float32(1.0 / math.sqrt(hd))
+        out = np.empty((B, T, H, hd), np.float32)
+        heads_out = out.transpose(0, 2, 1, 3)  # [B, H, T, hd], a view of out
+
+        def heads(i, j):
+            keys, values = cache.k[layer][:, i:j], cache.v[layer][:, i:j]
+            keys[:, :, start : start + T] = k[:, i:j]
+            values[:, :, start : start + T] = v[:, i:j]
+            attention(q[:, i:j] * scale, keys[:, :, : start + T], values[:, :, : start + T],
+                      start, out=heads_out[:, i:j])  # fmt: skip
+
+        parallel.run(heads, H)
+        return out.reshape(B, T, H * hd)
