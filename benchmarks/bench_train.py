@@ -50,7 +50,7 @@ from machine import describe, peak_rss_mb  # noqa: E402
 from picogpt import train as tr  # noqa: E402
 from picogpt.bpe import GPT2_PATTERN  # noqa: E402
 from picogpt.chars import CharTokenizer  # noqa: E402
-from picogpt.gpt2.engine import keep_freed_memory  # noqa: E402
+from picogpt.gpt2.memory import keep_freed_memory  # noqa: E402
 
 RECIPE = dict(tr.DEFAULTS)  # picogpt's defaults are nanoGPT's CPU recipe
 # chars --torch: steps each side runs before the other's turn. Rounds of seconds: each side's

@@ -24,7 +24,8 @@ import numpy as np
 from picogpt import files, safetensors
 from picogpt.chars import CharTokenizer
 from picogpt.errors import ModelError, OutputExistsError, VocabularyError
-from picogpt.gpt2.engine import LN_EPS, param_shapes
+from picogpt.gpt2.kernels import LN_EPS
+from picogpt.gpt2.params import param_shapes
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"

@@ -11,7 +11,8 @@ from pathlib import Path
 from picogpt import checkpoint, download, files, hf
 from picogpt.api import Model
 from picogpt.errors import FileReadError, ModelError, PicogptError, UnknownModelError
-from picogpt.gpt2.engine import GPT, check_hparams, check_params
+from picogpt.gpt2.engine import GPT
+from picogpt.gpt2.params import check_hparams, check_params
 
 BUNDLED = Path(__file__).parent / "models"
 HPARAMS_LIMIT = 1 << 16  # bytes: a few integers

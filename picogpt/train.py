@@ -18,7 +18,8 @@ import numpy as np
 
 from picogpt import checkpoint, files
 from picogpt.errors import ModelError, PicogptError, TrainingError
-from picogpt.gpt2 import engine, layers, network, parallel
+from picogpt.gpt2 import layers, network, parallel
+from picogpt.gpt2.memory import keep_freed_memory, physical_memory
 
 # nanoGPT's CPU recipe for Tiny Shakespeare: trains in about a minute here.
 DEFAULTS = {
@@ -559,7 +560,7 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
                 f"{text_path} is too short for --block-size {config['block_size']}: its {name} "
                 f"({len(split):,} {unit}) must hold a window of {need}")
     memory = estimate_memory(hparams, config)
-    ram = engine.physical_memory()
+    ram = physical_memory()
     if ram is not None and memory > ram:
         raise TrainingError(
             f"this run needs about {memory / 1e9:.1f} GB of memory, more than this machine's "
@@ -729,7 +730,7 @@ def train(trainer, data, report=print, status=None, resumed=False):
     decay_iters = c["lr_decay_iters"] if c["lr_decay_iters"] is not None else max_iters
     step_ms = []
     first = trainer.iter
-    engine.keep_freed_memory()
+    keep_freed_memory()
     while True:
         it = trainer.iter
         due = it % c["eval_interval"] == 0 or it == max_iters

@@ -11,6 +11,7 @@ import pytest
 
 from picogpt import train as tr
 from picogpt.gpt2 import engine, network, parallel
+from picogpt.gpt2.params import param_shapes
 
 
 @pytest.fixture
@@ -108,7 +109,7 @@ def test_the_thread_count_is_a_setting(threads, monkeypatch):
 def random_params(hparams, seed=0):
     rng = np.random.default_rng(seed)
     params = {name: rng.standard_normal(shape).astype(np.float32) * np.float32(0.3)
-              for name, shape in engine.param_shapes(hparams).items()}  # fmt: skip
+              for name, shape in param_shapes(hparams).items()}  # fmt: skip
     for name in params:
         if name.endswith("/g"):
             params[name][:] = 1.0

@@ -9,34 +9,27 @@ Activations are [N, C] matrices, N = batch * block_size rows, so every product i
 call; attention alone works on [B, n_head, T, head_dim]. Inside parallel.passes() each pass is
 split over the cores: products by their output's columns, LayerNorm and GELU by rows, attention
 by (sequence, head) pairs, the loss by the vocabulary; outside, each runs whole on one thread.
-`params` and `grads` are dicts keyed by OpenAI's tensor names (engine.param_shapes), weights as
+`params` and `grads` are dicts keyed by OpenAI's tensor names (gpt2/params.py), weights as
 the checkpoint stores them ([1, nx, nf]).
 """
 
-import functools
 import math
 from typing import NamedTuple
 
 import numpy as np
 
-from picogpt.gpt2 import engine, parallel
-from picogpt.gpt2.engine import COLUMN_GRAIN, GELU_C, LN_EPS, ROW_GRAIN, causal_mask, past_mask
-
-GELU_A = 0.044715
-
-
-def column_sums(x, out):
-    """x.sum(axis=0) of x [N, F] into out [F], as ones(N) @ x: BLAS's matrix-vector product,
-    several times faster than NumPy's reduction over rows (and summed more accurately)."""
-    return np.matmul(_ones(len(x), x.dtype), x, out=out)
-
-
-@functools.lru_cache(maxsize=16)
-def _ones(n, dtype):
-    ones = np.ones(n, dtype)
-    ones.setflags(write=False)
-    return ones
-
+from picogpt.gpt2 import kernels, parallel
+from picogpt.gpt2.kernels import (
+    COLUMN_GRAIN,
+    ROW_GRAIN,
+    SOFTMAX_FLOOR,
+    causal_mask,
+    column_sums,
+    gelu_gate,
+    normalize,
+    past_mask,
+    row_sums,
+)
 
 # --- embedding ---------------------------------------------------------------------------------
 
@@ -71,15 +64,13 @@ class LayerNormCache(NamedTuple):
 
 
 def layer_norm_forward(x, g, b):
-    """(x - mean) / sqrt(var + eps) * g + b over the last axis of x [N, C]."""
+    """(x - mean) / sqrt(var + eps) * g + b over the last axis of x [N, C] (kernels.normalize,
+    as the engine's LayerNorm)."""
     out, xhat = np.empty_like(x), np.empty_like(x)
     rstd = np.empty((len(x), 1), x.dtype)
 
     def rows(i, j):
-        np.subtract(x[i:j], engine.row_sums(x[i:j]) / x.shape[-1], out=xhat[i:j])
-        var = np.einsum("ij,ij->i", xhat[i:j], xhat[i:j])[:, None] / x.shape[-1]
-        np.divide(1.0, np.sqrt(var + LN_EPS), out=rstd[i:j])  # [rows, 1]
-        xhat[i:j] *= rstd[i:j]
+        rstd[i:j] = normalize(x[i:j], xhat[i:j])
         np.multiply(xhat[i:j], g, out=out[i:j])
         out[i:j] += b
 
@@ -112,7 +103,7 @@ def layer_norm_backward(dout, cache, g, dg, db):
         d, xh = dout[i:j], xhat[i:j]
         part = np.einsum("ij,ij->j", d, xh), column_sums(d, np.empty(C, d.dtype))
         dxhat = np.multiply(d, g, out=dx[i:j])
-        mean_dxhat = engine.row_sums(dxhat) / C
+        mean_dxhat = row_sums(dxhat) / C
         mean_dxhat_xhat = np.einsum("ij,ij->i", dxhat, xh)[:, None] / C
         dxhat -= mean_dxhat
         dxhat -= xh * mean_dxhat_xhat
@@ -159,7 +150,7 @@ def linear_backward(dout, x, w, dw, db):
 
 # --- softmax and attention ---------------------------------------------------------------------
 
-softmax_forward = engine.softmax_  # the engine's: softmax over the last axis, in place
+softmax_forward = kernels.softmax_  # the engine's: softmax over the last axis, in place
 
 
 def softmax_backward(dout, y, out=None):
@@ -243,14 +234,14 @@ def _pair_slices(first, last, n_head):
 def _attention_probs(q, k, start, rows, out):
     """The attention probabilities [..., r, stop] of q's rows start..start+r-1 over k's keys
     0..stop-1, into `out`. The scores' exp is the engine's (floored at the row's max - 48: no
-    subnormal weights, see engine.SOFTMAX_FLOOR), or, when the scores span less than the floor,
+    subnormal weights, see kernels.SOFTMAX_FLOOR), or, when the scores span less than the floor,
     shifted by each row's score against itself instead of its max (the same softmax; nothing to
     floor). The future's weights are then multiplied by 0, so their probabilities are exactly 0,
     and so are the gradients flowing to them."""
     r, stop = out.shape[-2:]
     att = np.matmul(q, k.swapaxes(-1, -2), out=out)  # [..., r, stop]
     own = att[..., start:stop]  # the block's own keys: the diagonal, with the future
-    if att.max() - att.min() <= -engine.SOFTMAX_FLOOR:
+    if att.max() - att.min() <= -SOFTMAX_FLOOR:
         # The scores (the future's too) span less than the floor, so shifted by any of them, by
         # each row's own score against itself say, exp stays within e^(+-SOFTMAX_FLOOR):
         # nothing to floor, no overflow, and the rows' maxima (a slow reduction over short rows)
@@ -260,9 +251,9 @@ def _attention_probs(q, k, start, rows, out):
         np.exp(att, out=att)
     else:
         own += causal_mask(rows)[:r, :r]  # the max is over the past
-        engine.shifted_exp_(att)
+        kernels.shifted_exp_(att)
     own *= past_mask(rows)[:r, :r]
-    sums = engine.row_sums(att)  # [..., r, 1]
+    sums = row_sums(att)  # [..., r, 1]
     att *= np.reciprocal(sums, out=sums)
     return att
 
@@ -311,20 +302,12 @@ class GeluCache(NamedTuple):
 
 
 def gelu_forward(x):
-    """GPT-2's tanh GELU: 0.5 x (1 + tanh(c (x + a x^3))) = x * gate, written as 8 passes over
-    [N, 4C]: u = x (c + c a x^2), gate = 0.5 tanh(u) + 0.5, out = x gate. In float32 the gate is
-    0 or at least 2^-25 (tanh near -1 steps by 2^-24), so no subnormal comes out of it."""
+    """GPT-2's tanh GELU: 0.5 x (1 + tanh(c (x + a x^3))) = x * gate (kernels.gelu_gate, as the
+    engine's GELU); keeps x and the gate for the backward."""
     gate, out = np.empty_like(x), np.empty_like(x)
 
     def rows(i, j):
-        g = np.multiply(x[i:j], x[i:j], out=gate[i:j])  # x*x*x, never x**3 (a slow generic power)
-        g *= GELU_C * GELU_A
-        g += GELU_C
-        g *= x[i:j]
-        np.tanh(g, out=g)
-        g *= 0.5
-        g += 0.5
-        np.multiply(x[i:j], g, out=out[i:j])
+        np.multiply(x[i:j], gelu_gate(x[i:j], gate[i:j]), out=out[i:j])
 
     parallel.run(rows, len(x), ROW_GRAIN)
     return out, GeluCache(x, gate)
@@ -346,8 +329,8 @@ def gelu_backward(dout, cache):
 
     def rows(i, j):
         d = np.multiply(x[i:j], x[i:j], out=dx[i:j])
-        d *= 6 * GELU_C * GELU_A
-        d += 2 * GELU_C
+        d *= 6 * kernels.GELU_C * kernels.GELU_A
+        d += 2 * kernels.GELU_C
         d *= x[i:j]  # 2 c x (1 + 3 a x^2)
         d *= 1.0 - gate[i:j]
         d += 1.0
@@ -385,12 +368,6 @@ LOSS_ROWS = 256  # rows of logits [rows, n_vocab] alive at a time: 51 MB for GPT
 # 12 MB for GPT-2 124M, still in cache when it is added, instead of a second [n_vocab, C].
 VOCAB_ROWS = 4096
 VOCAB_GRAIN = 1024  # the vocabulary is split over the cores in slices of at least this many rows
-# Logits more than this far below their row's maximum are raised to it before exp: exp(-60) is
-# about 1e-26, so probabilities and their gradient (divided by up to 10^7 rows) stay normal
-# floats. Below about exp(-87) float32 goes subnormal, which Intel CPUs compute many times
-# slower, and a 50,257-way softmax has thousands of such entries per row. The raised entries
-# change a probability by less than 1e-26 absolute (the sum of a row by less than 1e-21).
-EXP_FLOOR = np.float32(-60.0)
 
 
 def classifier_forward(h, wte, targets, dwte=None, rows=LOSS_ROWS):
@@ -426,9 +403,13 @@ def classifier_forward(h, wte, targets, dwte=None, rows=LOSS_ROWS):
             part = block[:, a:b]
             part -= row_max
             # Clip, not np.maximum: with a scalar bound NumPy's maximum takes a much slower loop.
-            np.clip(part, EXP_FLOOR, 0.0, out=part)  # part <= 0: the upper bound is moot
+            # Floored as attention's exp is (kernels.SOFTMAX_FLOOR): a 50,257-way softmax has
+            # thousands of weights per row below float32's normal range, which Intel cores
+            # compute many times slower; floored, probabilities / N stay normal for N up to 10^7
+            # rows, and each moves by under e^-48 absolute.
+            np.clip(part, SOFTMAX_FLOOR, 0.0, out=part)  # part <= 0: the upper bound is moot
             np.exp(part, out=part)
-            return engine.row_sums(part)  # [r, 1]
+            return row_sums(part)  # [r, 1]
 
         sums = np.sum(parallel.run(exps, len(wte), VOCAB_GRAIN), axis=0)  # [r, 1]
         total += float(np.sum(np.log(sums[:, 0]) - picked, dtype=np.float64))
