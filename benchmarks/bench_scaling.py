@@ -1,6 +1,7 @@
 """picogpt against PyTorch at 1, 2, 4, ... threads, side by side in one run.
 
     python benchmarks/bench_scaling.py [--threads 1 2 4 8 16] [--quick] [--dir DIR]
+    python benchmarks/bench_scaling.py --passes [--threads 1 2]
 
 For each thread count n (by default the powers of two up to the cores this process may use, and
 that count itself), each engine runs in a fresh subprocess pinned to the same first n cores:
@@ -16,6 +17,11 @@ picogpt's process also measures the memory bound on decoding: the bytes of weigh
 streams divided by the rate np.matmul(W, x) streams a 256 MB float32 matrix at (machine.py), on
 the same n threads. The tables end with issue 21's targets. --quick runs 1 thread and the most,
 with fewer repetitions.
+
+--passes profiles picogpt alone, in one process, at each thread count in turn: the time inside
+each pass (cProfile's cumulative time of the function that splits it) of a 512-token prefill
+and of a fine-tuning step at T=1024 and a char recipe step, and each pass's speed-up over the
+first count: what each pass gains from more cores, and what is left on one.
 """
 
 import argparse
@@ -183,6 +189,75 @@ def report(results, counts):
                                       + "\n- ".join(failed)))  # fmt: skip
 
 
+PASSES = {
+    "prefill": ("kernels.py:layer_norm", "engine.py:linear", "engine.py:attend",
+                "engine.py:project"),
+    "step": ("layers.py:layer_norm_forward", "layers.py:layer_norm_backward",
+             "layers.py:layer_norm_output", "layers.py:linear_forward",
+             "layers.py:linear_backward", "layers.py:attention_forward",
+             "layers.py:attention_backward", "layers.py:gelu_forward", "layers.py:gelu_backward",
+             "layers.py:gelu_output", "layers.py:classifier_forward",
+             "layers.py:embedding_backward", "loop.py:update", "loop.py:clip_grad_norm",
+             "train.py:update", "train.py:clip_grad_norm", "optimizer.py:update",
+             "optimizer.py:clip_grad_norm"),
+}  # fmt: skip
+
+
+def profile_passes(counts, reps):
+    """The per-pass profile of --passes (see the module's docstring)."""
+    import cProfile
+    import pstats
+
+    from picogpt import train as tr
+    from picogpt.gpt2 import engine, parallel, params
+
+    gpt2 = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
+    rng = np.random.default_rng(0)
+    weights = {name: rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+               for name, shape in params.param_shapes(gpt2).items()}  # fmt: skip
+    gpt = engine.GPT(weights, gpt2)
+    ids = rng.integers(0, 50257, (1, PREFILL))
+
+    def trainer(hparams, B, T):
+        config = {**tr.DEFAULTS, **{k: hparams[k] for k in tr.ARCHITECTURE}, "block_size": T,
+                  "batch_size": B}  # fmt: skip
+        t = tr.Trainer(config, hparams, None, tr.RunFolder(tempfile.mkdtemp(), []), {})
+        t.initialize()
+        batch = rng.integers(0, hparams["n_vocab"], (B, T + 1))
+        return lambda: t.step(batch[:, :-1], batch[:, 1:], 1e-4, rng)
+
+    cases = {"prefill 512 (124M)": (lambda: gpt.forward(ids, gpt.new_cache()), "prefill"),
+             f"fine-tuning step T={FINETUNE_T} (124M)": (trainer(gpt2, 1, FINETUNE_T), "step"),
+             "char recipe step": (trainer(CHAR, CHAR_BATCH, CHAR["n_ctx"]), "step")}  # fmt: skip
+    for title, (run, kind) in cases.items():
+        table, totals = {}, {}
+        for n in counts:
+            parallel.set_threads(n)
+            run()  # warm-up at this count
+            profile = cProfile.Profile()
+            t = time.perf_counter()
+            profile.enable()
+            for _ in range(reps):
+                run()
+            profile.disable()
+            totals[n] = (time.perf_counter() - t) / reps * 1e3
+            stats = pstats.Stats(profile).stats
+            for (path, _, func), (_, _, _, cumulative, _) in stats.items():
+                name = f"{Path(path).name}:{func}"
+                if name in PASSES[kind]:
+                    table.setdefault(name, {})[n] = cumulative / reps * 1e3
+        parallel.set_threads(None)
+        first = counts[0]
+        print(f"\n{title}: ms inside each pass (under cProfile), speed-up over {first} thread(s)"
+              f"\n\n| pass | " + " | ".join(f"{n} threads" for n in counts) + " |\n"
+              + "|---" * (len(counts) + 1) + "|")  # fmt: skip
+        rows = sorted(table.items(), key=lambda item: -item[1].get(first, 0))
+        for name, ms in rows + [("whole", totals)]:
+            cells = [f"{ms[n]:,.1f}" + (f" ({ms[first] / ms[n]:.2f}x)" if n != first else "")
+                     for n in counts if n in ms]  # fmt: skip
+            print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, nargs="+", help="thread counts (default: 1, 2, "
@@ -192,6 +267,8 @@ def main():
                         help="where the random 124M model is written (kept for later runs)")
     parser.add_argument("--text", type=Path, help="ignored: the char recipe runs on random "
                         "batches (accepted for the many-core kit's script)")  # fmt: skip
+    parser.add_argument("--passes", action="store_true", help="picogpt's per-pass profile at "
+                        "each thread count, instead of the sweep against PyTorch")  # fmt: skip
     parser.add_argument("--child", choices=["picogpt", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     reps = ({"decode": 16, "prefill": 2, "chars": 10, "finetune": 1} if args.quick else
@@ -204,6 +281,10 @@ def main():
         return
     usable = len(os.sched_getaffinity(0))
     counts = args.threads or sorted({1 << i for i in range(usable.bit_length())} | {usable})
+    if args.passes:
+        print(f"{describe()}\nGPT-2 124M's shapes with random weights; picogpt alone")
+        profile_passes(counts, 2 if args.quick else 3)
+        return
     if args.quick and not args.threads:
         counts = sorted({1, usable})
     print(f"{describe()}\nGPT-2 124M's shapes with random weights; each engine in its own "

@@ -110,6 +110,7 @@ def matmul(x, wt, out=None):
             np.matmul(chunk, row, out=row_out[start : start + step])
     return out
 
+
 def shifted_exp_(x):
     """exp(x - rowmax(x)) over the last axis, in place, with every weight below e^SOFTMAX_FLOOR
     raised to it (see SOFTMAX_FLOOR): entries in [e^-48, 1], never subnormal. A -inf (masked)
