@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from picogpt.gpt2 import kernels, memory, parallel
+from picogpt.gpt2 import compact, kernels, memory, parallel
 from picogpt.gpt2.kernels import (
     COLUMN_GRAIN,
     SMALL_BATCH,
@@ -108,6 +108,11 @@ def attention(q, k, v, offset, out=None):
     return out
 
 
+def embed(wte, ids):
+    """The token embedding's rows of ids [B, T]: [B, T, C] float32."""
+    return wte[ids] if isinstance(wte, np.ndarray) else wte.take(ids)
+
+
 def transposed(w):
     """A contiguous copy of w.T, made in bands of TRANSPOSE_ROWS rows of w, so that each row of
     the copy takes one cache line per band. A plain w.T copy reads whole columns, a page per
@@ -160,11 +165,15 @@ class KVCache:
 class GPT:
     """GPT-2 over a params dict; `forward` runs new tokens through it, extending a KV cache."""
 
-    def __init__(self, params, hparams, release=None):
+    def __init__(self, params, hparams, release=None, dtype=None):
         """`release(array)`, if given, is called on each block matrix once its reordered copy is
-        made: the loader hands back a mapped file's pages there (the network knows no files)."""
+        made: the loader hands back a mapped file's pages there (the network knows no files).
+        `dtype` is what the weight matrices are kept in (compact.DTYPES); None keeps each as
+        its tensor is (float32, or a file's float16 / bfloat16)."""
         self.hparams = dict(hparams)
         check_params(params, self.hparams)
+        if dtype is not None and dtype not in compact.DTYPES:
+            raise ValueError(f"dtype {dtype!r}: one of {', '.join(compact.DTYPES)}")
         keep_freed_memory()
         self.n_ctx, self.n_head = self.hparams["n_ctx"], self.hparams["n_head"]
         n_embd, n_layer = self.hparams["n_embd"], self.hparams["n_layer"]
@@ -174,16 +183,24 @@ class GPT:
         matrices = [name for name in expected if name.startswith("model/h") and name.endswith("/w")]
         ram = memory.physical_memory()
         self.reordered = ram is None or sum(params[n].nbytes for n in matrices) <= ram // 2
+        self.dtype = dtype or compact.dtype_of(params["model/wte"])
 
         def w(name):
-            if not self.reordered:
+            kind = dtype or compact.dtype_of(params[name])
+            if kind != "float32":  # [nf, nx] in `kind`, copied band by band from any source
+                wt = compact.reordered(params[name][0], kind)
+            elif compact.dtype_of(params[name]) != "float32":
+                wt = transposed(compact.widened(params[name][0]))
+            elif not self.reordered:
                 return params[name][0].T  # [nf, nx], a view of OpenAI's [nx, nf] order
-            wt = transposed(params[name][0])  # [1, nx, nf] -> [nf, nx]
+            else:
+                wt = transposed(params[name][0])  # [1, nx, nf] -> [nf, nx]
             if release is not None:
                 release(params[name])  # the copy is used from now on, not the mapped file
             return wt
 
-        self.wte, self.wpe = params["model/wte"], params["model/wpe"]
+        self.wte = compact.converted(params["model/wte"], dtype)
+        self.wpe = params["model/wpe"]
         self.ln_f = params["model/ln_f/g"], params["model/ln_f/b"]
         self.blocks = []
         for i in range(n_layer):
@@ -207,20 +224,22 @@ class GPT:
         keys and values to `cache`. Returns logits [B, n_vocab] of the last position, or
         [B, T, n_vocab] with all_logits (computed in row blocks). More than SMALL_BATCH rows
         (a prefill) split each pass over the cores; fewer (decoding) leave the products to
-        BLAS's threads and the short passes whole."""
+        BLAS's threads and the short passes whole, unless the weights are compact."""
         ids = np.asarray(ids)
         B, T = ids.shape
         if cache.length + T > cache.n_ctx:
             raise ValueError(f"{cache.length + T} positions do not fit a cache of {cache.n_ctx}")
         if B != cache.batch:
             raise ValueError(f"batch of {B} rows for a cache of {cache.batch}")
-        with parallel.passes() if B * T > SMALL_BATCH else contextlib.nullcontext():
+        # Compact weights are widened on every core, also when decoding.
+        split = B * T > SMALL_BATCH or self.dtype != "float32"
+        with parallel.passes() if split else contextlib.nullcontext():
             return self._forward(ids, cache, all_logits)
 
     def _forward(self, ids, cache, all_logits):
         B, T = ids.shape
         start = cache.length
-        x = self.wte[ids] + self.wpe[start : start + T]  # [B, T, C]
+        x = embed(self.wte, ids) + self.wpe[start : start + T]  # [B, T, C]
         for layer, blk in enumerate(self.blocks):
             h = layer_norm(x, *blk["ln_1"])
             qkv = linear(h, *blk["c_attn"])  # [B, T, 3C]

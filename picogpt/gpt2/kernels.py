@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from picogpt.gpt2 import parallel
+from picogpt.gpt2 import compact, parallel
 
 LN_EPS = 1e-5
 SMALL_BATCH = 8  # up to this many rows, products run row by row (see matmul)
@@ -96,8 +96,10 @@ def matmul(x, wt, out=None):
     For a few rows (batched decoding) one such product per row beats gemm, which repacks all
     of wt on every call. The rows go through wt in chunks of MATVEC_CHUNK_BYTES: the first row
     streams a chunk from memory and the others find it in cache (GPT-2 1558M's matrices, whole,
-    do not fit)."""
+    do not fit). A compact wt (gpt2/compact.py) is widened block by block inside the product."""
     out = np.empty((len(x), wt.shape[0]), np.float32) if out is None else out
+    if not isinstance(wt, np.ndarray):  # float16, bfloat16 or int8, widened inside
+        return compact.matmul(x, wt, out)
     if len(x) > SMALL_BATCH:
         return np.matmul(x, wt.T, out=out)
     # One row, or a transposed view (see GPT) whose rows are strided: wt whole, in one product.

@@ -7,8 +7,6 @@ into them (formats/). Weights are in OpenAI's [1, n_in, n_out] shape.
 
 import re
 
-import numpy as np
-
 
 def param_shapes(hparams):
     """Every tensor of a GPT-2 checkpoint: OpenAI's name -> shape, in the network's order."""
@@ -44,8 +42,16 @@ def check_hparams(hparams):
                          f"{hparams['n_head']}")
 
 
+def is_matrix(name):
+    """Whether tensor `name` is one of the weight matrices a product streams (the blocks' and the
+    token embedding): those may be float16 or bfloat16 too (gpt2/compact.py); the rest, small,
+    are float32."""
+    return name == "model/wte" or (name.startswith("model/h") and name.endswith("/w"))
+
+
 def check_params(params, hparams):
-    """Raise ValueError unless `params` are exactly the float32 tensors `hparams` describe.
+    """Raise ValueError unless `params` are exactly the tensors `hparams` describe: float32, or
+    float16 / bfloat16 for the matrices (is_matrix).
 
     Nothing is built from hparams before it is compared with the tensors: n_layer is checked
     against the layers the names show first, so the table of shapes is never longer than the
@@ -62,8 +68,10 @@ def check_params(params, hparams):
         if tuple(params[name].shape) != shape:
             raise ValueError(f"tensor {name!r} has shape {tuple(params[name].shape)}; these "
                              f"hparams need {shape}")
-        if params[name].dtype != np.float32:
-            raise ValueError(f"tensor {name!r} is {params[name].dtype}, expected float32")
+        dtype = str(params[name].dtype)
+        allowed = ("float32", "float16", "bfloat16") if is_matrix(name) else ("float32",)
+        if dtype not in allowed:
+            raise ValueError(f"tensor {name!r} is {dtype}, expected {' or '.join(allowed)}")
     extra = sorted(set(params) - expected.keys())
     if extra:
         more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
