@@ -346,11 +346,11 @@ def wide_params(hparams, rng, widen):
     """Random weights of hparams' shapes, the queries' and keys' `widen` times wider than GPT-2's
     init: the attention scores then span hundreds, like GPT-2's trained ones (a few keys take
     almost all the weight, and the rest's exp underflows)."""
-    from picogpt.gpt2 import engine
+    from picogpt.gpt2.params import param_shapes
 
     d = hparams["n_embd"]
     params = {}
-    for name, shape in engine.param_shapes(hparams).items():
+    for name, shape in param_shapes(hparams).items():
         params[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
         if name.endswith("/g"):
             params[name][:] = 1.0
@@ -364,6 +364,9 @@ def count_engine(model_module, sampling_module, counts):
     hparams = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
     rng = np.random.default_rng(0)
     undo = counting(model_module, ENGINE_FUNCTIONS, counts, "model")
+    # The exp the engine calls through its kernels module (gpt2/kernels.py), where it has one.
+    kernels = getattr(model_module, "kernels", None)
+    undo_kernels = counting(kernels, ("shifted_exp_",), counts, "model") if kernels else list
     undo_sampling = counting(sampling_module, ("candidates",), counts, "sampling")
     try:
         gpt = model_module.GPT(wide_params(hparams, rng, 10), hparams)
@@ -371,6 +374,7 @@ def count_engine(model_module, sampling_module, counts):
         sampling_module.candidates(logits[0] * 100, temperature=0.1)  # a range past float64's exp
     finally:
         undo()
+        undo_kernels()
         undo_sampling()
 
 

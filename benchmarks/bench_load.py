@@ -41,7 +41,7 @@ CASES = [
 def make_models(root):
     """The random 124M-shaped model in the three folders, once."""
     from picogpt.formats import tf_checkpoint as checkpoint
-    from picogpt.gpt2.engine import param_shapes
+    from picogpt.gpt2.params import param_shapes
     from picogpt.hub.export import export
 
     openai = root / "openai"

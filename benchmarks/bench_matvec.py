@@ -8,7 +8,7 @@ and wte for the logits). With random weights of a size's shapes this times, over
   (column updates): the reason the engine copies the weights at load;
 - 4 rows as the engine runs them (one matrix-vector product per row: the first streams the
   weights from memory, the other three find them in cache) and as one matrix product, both ways;
-- the rate of a matrix-vector product over one chunk of a matrix (engine.matmul) already in
+- the rate of a matrix-vector product over one chunk of a matrix (kernels.matmul) already in
   cache.
 If 4 rows must read each matrix once from memory and 3 more times from cache, they cost at least
 1 + 3 x (memory rate / cache rate) times one row; gemm avoids the re-reads but repacks the weights.
@@ -25,7 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe  # noqa: E402
 
-from picogpt.gpt2.engine import MATVEC_CHUNK_BYTES, matmul, project  # noqa: E402
+from picogpt.gpt2.engine import project  # noqa: E402
+from picogpt.gpt2.kernels import MATVEC_CHUNK_BYTES, matmul  # noqa: E402
 
 SIZES = {"124M": (768, 12), "355M": (1024, 24), "774M": (1280, 36), "1558M": (1600, 48)}
 N_VOCAB = 50257

@@ -3,7 +3,6 @@
     python benchmarks/bench_train.py chars TEXT [--torch] [--max-iters 2000]
     python benchmarks/bench_train.py finetune [--block-size 512 1024] [--steps 5] [--no-torch]
     python benchmarks/bench_train.py bpe TEXT --nanogpt DIR [--max-iters 2000]
-    python benchmarks/bench_train.py shards [--rounds 3]
 
 chars: nanoGPT's CPU recipe for Tiny Shakespeare, character-level (n_layer 4, n_head 4,
 n_embd 128, block_size 64, batch_size 12, 2000 iters, lr 1e-3 -> 1e-4, warmup 100, cosine,
@@ -26,10 +25,7 @@ with GPT-2's biases and unpadded vocabulary (picogpt's model; nanoGPT's defaults
 biases and pad to 50,304 rows): ms/iter and the validation loss at the end, each from its own
 log, both evaluating over --eval-iters batches.
 
-shards: one training step (random batches) as one shard against the batch split over the cores
-(gpt2/cores.py), alternating in one process, at several widths: nanoGPT's CPU sizes on characters
-and on GPT-2's vocabulary, 256 and 512 wide, and GPT-2 124M at batch 2 (which picogpt does not
-split: SHARD_MAX_WIDTH is raised here to show why).
+How each figure moves with the thread count, against PyTorch at the same count: bench_scaling.py.
 
 Run nothing else meanwhile: the machine's cores are shared by both sides.
 """
@@ -51,9 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe, peak_rss_mb  # noqa: E402
 
-import picogpt.training.memory  # noqa: E402
-from picogpt.gpt2 import cores  # noqa: E402
-from picogpt.gpt2.engine import keep_freed_memory  # noqa: E402
+from picogpt.gpt2.memory import keep_freed_memory  # noqa: E402
 from picogpt.tokenizers.bpe import GPT2_PATTERN  # noqa: E402
 from picogpt.tokenizers.chars import CharTokenizer  # noqa: E402
 from picogpt.training.config import ARCHITECTURE, DEFAULTS, FINETUNE_DEFAULTS  # noqa: E402
@@ -94,10 +88,8 @@ def run_picogpt(data, tokenizer, config, after_step=None):
     return statistics.median(step_ms), json.loads(last)["val_loss"]
 
 
-def torch_run(data, n_vocab, config):
-    """The recipe in PyTorch, as a generator that yields after each step (so that its steps can
-    alternate with picogpt's) and returns the median ms per step, the final validation loss and
-    torch's version."""
+def torch_char_model(config, n_vocab):
+    """nanoGPT's GPT-2 in torch.nn at the recipe's sizes, and its AdamW: (model, optimizer)."""
     import torch
     from torch import nn
     from torch.nn import functional as F
@@ -148,6 +140,17 @@ def torch_run(data, n_vocab, config):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c["weight_decay"]},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=c["lr"], betas=(c["beta1"], c["beta2"]))  # fmt: skip
+    return model, optimizer
+
+
+def torch_run(data, n_vocab, config):
+    """The recipe in PyTorch, as a generator that yields after each step (so that its steps can
+    alternate with picogpt's) and returns the median ms per step, the final validation loss and
+    torch's version."""
+    import torch
+
+    c = config
+    model, optimizer = torch_char_model(c, n_vocab)
     train_data, val_data = data
 
     def batch(split, rng):
@@ -391,55 +394,6 @@ def chars(args):
           + " | ".join(f"{val:.4f}" for _, val in rows.values()) + " |")  # fmt: skip
 
 
-# --- shards: one shard against the batch split over the cores ------------------------------------
-
-# (label, hparams, block_size, batch_size)
-SHARD_CASES = [
-    ("nanoGPT's CPU recipe, 128 wide, 65 characters",
-     {"n_vocab": 65, "n_embd": 128, "n_head": 4, "n_layer": 4}, 64, 12),
-    ("the same on GPT-2's 50,257 tokens", {"n_vocab": 50257, "n_embd": 128, "n_head": 4,
-                                           "n_layer": 4}, 64, 12),
-    ("256 wide", {"n_vocab": 65, "n_embd": 256, "n_head": 4, "n_layer": 4}, 64, 12),
-    ("512 wide, block 256", {"n_vocab": 65, "n_embd": 512, "n_head": 8, "n_layer": 4}, 256, 12),
-    ("GPT-2 124M, 768 wide, block 256", {"n_vocab": 50257, "n_embd": 768, "n_head": 12,
-                                         "n_layer": 12}, 256, 2),
-]  # fmt: skip
-
-
-def shards(args):
-    print(f"{describe()}\none training step (forward, backward, clipping, AdamW) on random "
-          f"batches, median ms; alternating in rounds of {args.steps} steps\n")
-    n = cores.workers()
-    if n == 1:
-        sys.exit("one worker only: OpenBLAS not found, or 1 core / OPENBLAS_NUM_THREADS=1")
-    keep_freed_memory()
-    picogpt.training.memory.SHARD_MAX_WIDTH = 1 << 30  # every case may be split, GPT-2 124M's too
-    print(f"| model | block x batch | one shard | {n} shards | {n} shards / one |\n"
-          "|---|---|---|---|---|")
-    for label, arch, T, B in SHARD_CASES:
-        hparams = {**arch, "n_ctx": T}
-        config = {**DEFAULTS, **{k: hparams[k] for k in ARCHITECTURE}, "block_size": T,
-                  "batch_size": B}  # fmt: skip
-        with tempfile.TemporaryDirectory() as out:
-            trainer = Trainer(config, hparams, None, RunFolder(out, []), {})
-            trainer.initialize()
-            rng = np.random.default_rng(0)
-            times = {1: [], n: []}
-            for _ in range(args.rounds):
-                for k in times:
-                    cores.set_workers(k)
-                    for i in range(args.steps + 1):  # the first of each round is not timed
-                        ids = rng.integers(0, hparams["n_vocab"], (B, T + 1))
-                        t0 = time.perf_counter()
-                        trainer.step(ids[:, :-1], ids[:, 1:], 1e-4, rng)
-                        if i:
-                            times[k].append((time.perf_counter() - t0) * 1e3)
-            cores.set_workers(None)
-        one, split = statistics.median(times[1]), statistics.median(times[n])
-        print(f"| {label} | {T} x {B} | {one:,.1f} ms | {split:,.1f} ms | {split / one:.2f}x |",
-              flush=True)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -462,16 +416,12 @@ def main():
                    help="batches per evaluation, on both sides: the recipe's 20 leave each "
                         "validation loss a standard error about as large as the 0.05 the two "
                         "are compared within (benchmarks/README.md)")
-    h = sub.add_parser("shards", help="one shard against the batch split over the cores")
-    h.add_argument("--rounds", type=int, default=3)
-    h.add_argument("--steps", type=int, default=5, help="timed steps a round, each side")
     s = sub.add_parser("_step")  # the child process of finetune
     s.add_argument("impl", choices=["picogpt", "torch"])
     s.add_argument("block_size", type=int)
     s.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
-    modes = {"chars": chars, "finetune": finetune, "bpe": bpe, "shards": shards,
-             "_step": one_step_process}  # fmt: skip
+    modes = {"chars": chars, "finetune": finetune, "bpe": bpe, "_step": one_step_process}
     modes[args.mode](args)
 
 

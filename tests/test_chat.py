@@ -10,7 +10,8 @@ import pytest
 import picogpt
 from picogpt.cli.chat import _reply
 from picogpt.generation import chat
-from picogpt.gpt2.engine import GPT, param_shapes
+from picogpt.gpt2.engine import GPT
+from picogpt.gpt2.params import param_shapes
 
 TINY = Path(__file__).parent / "fixtures" / "gpt2-tiny"
 

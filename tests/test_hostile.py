@@ -23,6 +23,7 @@ import picogpt
 from picogpt.errors import CheckpointError, ModelError, VocabularyError
 from picogpt.formats import tf_checkpoint as checkpoint
 from picogpt.gpt2 import engine
+from picogpt.gpt2.params import param_shapes
 from picogpt.tokenizers.chars import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ def make_char_model(folder, chars, n_ctx, n_layer=1, n_embd=8, n_head=2, seed=0)
     hparams = dict(n_vocab=len(chars), n_ctx=n_ctx, n_embd=n_embd, n_head=n_head, n_layer=n_layer)
     rng = np.random.default_rng(seed)
     params = {name: rng.normal(0, 0.5, shape).astype(np.float32)
-              for name, shape in engine.param_shapes(hparams).items()}
+              for name, shape in param_shapes(hparams).items()}
     folder.mkdir(parents=True)
     write_json(folder / "hparams.json", hparams)
     checkpoint.write(folder / "model.ckpt", params)

@@ -12,7 +12,8 @@ from _reference import hf_model
 
 import picogpt
 from picogpt.formats import tf_checkpoint as checkpoint
-from picogpt.gpt2 import engine
+from picogpt.gpt2 import engine, kernels, memory
+from picogpt.gpt2.params import param_shapes
 
 TINY = Path(__file__).parent / "fixtures" / "gpt2-tiny"
 
@@ -130,13 +131,13 @@ def test_row_blocks_give_the_same_logits(tiny, monkeypatch, hparams):
 
 def test_attention_blocks_never_hold_the_whole_score_matrix(monkeypatch):
     seen = []
-    real_exp = engine.shifted_exp_
+    real_exp = kernels.shifted_exp_
 
     def recording_exp(x):
         seen.append(x.shape)
         return real_exp(x)
 
-    monkeypatch.setattr(engine, "shifted_exp_", recording_exp)
+    monkeypatch.setattr(kernels, "shifted_exp_", recording_exp)
     monkeypatch.setattr(engine, "ATTN_BLOCK_BYTES", 64 * 4 * 4 * 16)  # 16 rows of 64 keys, 4 heads
     rng = np.random.default_rng(3)
     q, k, v = (rng.standard_normal((1, 4, 64, 8)).astype(np.float32) for _ in range(3))
@@ -155,14 +156,15 @@ def test_everything_stays_float32(tiny):
 
 @pytest.mark.parametrize("rows", [1, 2, 4, 8, 9, 300])
 def test_matmul_takes_every_path_to_the_same_product(monkeypatch, rows):
-    monkeypatch.setattr(engine, "MATVEC_CHUNK_BYTES", 7 * 40 * 4)  # 7 weight rows: 15 chunks
+    monkeypatch.setattr(kernels, "MATVEC_CHUNK_BYTES", 7 * 40 * 4)  # 7 weight rows: 15 chunks
     rng = np.random.default_rng(rows)
     x = rng.standard_normal((rows, 40)).astype(np.float32)
     wt = rng.standard_normal((100, 40)).astype(np.float32)
     expected = x.astype(np.float64) @ wt.T.astype(np.float64)
-    assert np.allclose(engine.matmul(x, wt), expected, rtol=1e-4, atol=1e-4)
+    assert np.allclose(kernels.matmul(x, wt), expected, rtol=1e-4, atol=1e-4)
     out = np.full((rows, 100), np.nan, np.float32)
-    assert engine.matmul(x, wt, out=out) is out and np.allclose(out, expected, rtol=1e-4, atol=1e-4)
+    assert kernels.matmul(x, wt, out=out) is out
+    assert np.allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (15, 7), (16, 3), (17, 40), (100, 33), (0, 4)])
@@ -179,7 +181,7 @@ def test_loading_keeps_no_second_copy_of_the_block_weights(tmp_path, hparams):
     big = dict(hparams, n_embd=256, n_head=4, n_layer=2)
     rng = np.random.default_rng(0)
     tensors = {name: rng.standard_normal(shape).astype(np.float32) * 0.02
-               for name, shape in engine.param_shapes(big).items()}  # fmt: skip
+               for name, shape in param_shapes(big).items()}  # fmt: skip
     checkpoint.write(tmp_path / "model.ckpt", tensors)
     params = checkpoint.read(tmp_path)
     gpt = engine.GPT(params, big, release=checkpoint.release)  # as the loader does
@@ -193,7 +195,7 @@ def test_loading_keeps_no_second_copy_of_the_block_weights(tmp_path, hparams):
 
 def test_weights_stay_mapped_when_memory_is_short(monkeypatch, params, hparams):
     reordered = engine.GPT(params, hparams)
-    monkeypatch.setattr(engine, "physical_memory", lambda: 64 << 10)  # less than twice the blocks
+    monkeypatch.setattr(memory, "physical_memory", lambda: 64 << 10)  # less than twice the blocks
     mapped = engine.GPT(params, hparams)
     assert reordered.reordered and not mapped.reordered
     wt = mapped.blocks[0]["c_fc"][0]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from picogpt.generation import sampling
-from picogpt.gpt2 import engine
+from picogpt.gpt2 import engine, kernels
 
 
 def subnormals(x):
@@ -43,7 +43,7 @@ def test_softmax_has_no_subnormals_and_matches_float64():
     x[:, :, 200:] = -np.inf  # masked
     assert subnormals(naive_softmax(x)) > 100
     expected = reference_softmax(x)
-    got = engine.softmax_(x.copy())
+    got = kernels.softmax_(x.copy())
     assert got.dtype == np.float32 and subnormals(got) == 0
     assert np.all(got[:, :, 200:] == 0)  # masked: exactly 0
     # Below e^-48 a probability may be 0 (flushed); above, float32's rounding.
@@ -55,7 +55,7 @@ def test_softmax_has_no_subnormals_and_matches_float64():
 def test_softmax_flushes_only_below_the_floor():
     # Weights just above the floor survive (barely changed), ones below become exactly 0.
     x = np.array([[0.0, -47.0, -47.9, -48.5, -60.0, -200.0]], np.float32)
-    got = engine.softmax_(x.copy())[0]
+    got = kernels.softmax_(x.copy())[0]
     expected = reference_softmax(x)[0]
     assert got[0] == np.float32(expected[0])
     assert got[1] > 0 and abs(got[1] - expected[1]) < 1.01 * math.exp(-48)
@@ -67,7 +67,7 @@ def test_shifted_exp_stays_in_the_normal_range():
     x = wide_scores(np.random.default_rng(1), (6, 500))
     x[:, 0] = 0.0
     x[:, 1] = -np.inf
-    got = engine.shifted_exp_(x.copy())
+    got = kernels.shifted_exp_(x.copy())
     assert subnormals(got) == 0
     assert got.min() >= np.float32(math.exp(-48)) * (1 - 1e-6) and got.max() == 1.0
     kept = x >= -48
@@ -97,8 +97,8 @@ def test_attention_with_wide_scores(monkeypatch, block_bytes, offset, tq):
     assert subnormals(naive_softmax(q @ k.swapaxes(-1, -2))) > 0
     expected = reference_attention(q, k, v, offset)
     weights = []  # what the product with v gets: subnormals there would slow it down
-    real_exp = engine.shifted_exp_
-    monkeypatch.setattr(engine, "shifted_exp_", lambda x: weights.append(real_exp(x)) or x)
+    real_exp = kernels.shifted_exp_
+    monkeypatch.setattr(kernels, "shifted_exp_", lambda x: weights.append(real_exp(x)) or x)
     got = engine.attention(q, k, v, offset)
     assert weights and sum(subnormals(w) for w in weights) == 0
     assert got.dtype == np.float32 and subnormals(got) == 0
@@ -127,7 +127,7 @@ def test_gelu_has_no_subnormals_and_matches_float64():
     # Large negative inputs drive 1 + tanh(.) towards 0: in float32 it is 0 or at least 2^-24.
     x = np.concatenate([np.linspace(-40, 40, 20001, dtype=np.float32),
                         np.float32([-1e-3, 1e-30, -1e-30, 0.0])])  # fmt: skip
-    got = engine.gelu_(x.copy())
+    got = kernels.gelu_(x.copy())
     assert subnormals(got) == 0
     np.testing.assert_allclose(got, reference_gelu(x), rtol=1e-5, atol=2e-6)
 

@@ -22,7 +22,8 @@ import numpy as np
 from picogpt import files
 from picogpt.errors import ModelError, VocabularyError
 from picogpt.formats import safetensors
-from picogpt.gpt2.engine import LN_EPS, param_shapes
+from picogpt.gpt2.kernels import LN_EPS
+from picogpt.gpt2.params import param_shapes
 from picogpt.tokenizers.chars import CharTokenizer
 
 CONFIG = "config.json"

@@ -8,7 +8,7 @@ from pathlib import Path
 from picogpt import files
 from picogpt.errors import FileReadError, ModelError
 from picogpt.formats.hf import write_bpe
-from picogpt.gpt2.engine import check_hparams, param_shapes
+from picogpt.gpt2.params import check_hparams, param_shapes
 from picogpt.tokenizers.chars import CharTokenizer
 
 

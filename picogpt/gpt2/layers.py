@@ -6,34 +6,30 @@ the buffers it is given and returns the gradient of the input. The tests check e
 against finite differences (float64) and the whole network against PyTorch's autograd.
 
 Activations are [N, C] matrices, N = batch * block_size rows, so every product is one 2-D BLAS
-call; attention alone works on [B, n_head, T, head_dim]. `params` and `grads` are dicts keyed by
-OpenAI's tensor names (engine.param_shapes), weights as the checkpoint stores them ([1, nx, nf]).
+call; attention alone works on [B, n_head, T, head_dim]. Inside parallel.passes() each pass is
+split over the cores: products by their output's columns, LayerNorm and GELU by rows, attention
+by (sequence, head) pairs, the loss by the vocabulary; outside, each runs whole on one thread.
+`params` and `grads` are dicts keyed by OpenAI's tensor names (gpt2/params.py), weights as
+the checkpoint stores them ([1, nx, nf]).
 """
 
-import functools
 import math
 from typing import NamedTuple
 
 import numpy as np
 
-from picogpt.gpt2 import engine
-from picogpt.gpt2.engine import GELU_C, LN_EPS, causal_mask, past_mask
-
-GELU_A = 0.044715
-
-
-def column_sums(x, out):
-    """x.sum(axis=0) of x [N, F] into out [F], as ones(N) @ x: BLAS's matrix-vector product,
-    several times faster than NumPy's reduction over rows (and summed more accurately)."""
-    return np.matmul(_ones(len(x), x.dtype), x, out=out)
-
-
-@functools.lru_cache(maxsize=16)
-def _ones(n, dtype):
-    ones = np.ones(n, dtype)
-    ones.setflags(write=False)
-    return ones
-
+from picogpt.gpt2 import kernels, parallel
+from picogpt.gpt2.kernels import (
+    COLUMN_GRAIN,
+    ROW_GRAIN,
+    SOFTMAX_FLOOR,
+    causal_mask,
+    column_sums,
+    gelu_gate,
+    normalize,
+    past_mask,
+    row_sums,
+)
 
 # --- embedding ---------------------------------------------------------------------------------
 
@@ -68,33 +64,58 @@ class LayerNormCache(NamedTuple):
 
 
 def layer_norm_forward(x, g, b):
-    """(x - mean) / sqrt(var + eps) * g + b over the last axis of x [N, C]."""
-    xhat = x - engine.row_sums(x) / x.shape[-1]
-    var = np.einsum("ij,ij->i", xhat, xhat)[:, None] / x.shape[-1]
-    rstd = 1.0 / np.sqrt(var + LN_EPS)  # [N, 1]
-    xhat *= rstd
-    return xhat * g + b, LayerNormCache(xhat, rstd)
+    """(x - mean) / sqrt(var + eps) * g + b over the last axis of x [N, C] (kernels.normalize,
+    as the engine's LayerNorm)."""
+    out, xhat = np.empty_like(x), np.empty_like(x)
+    rstd = np.empty((len(x), 1), x.dtype)
+
+    def rows(i, j):
+        rstd[i:j] = normalize(x[i:j], xhat[i:j])
+        np.multiply(xhat[i:j], g, out=out[i:j])
+        out[i:j] += b
+
+    parallel.run(rows, len(x), ROW_GRAIN)
+    return out, LayerNormCache(xhat, rstd)
 
 
 def layer_norm_output(cache, g, b):
     """The forward's output again, from its cache: cheaper to recompute than to keep."""
-    return cache.xhat * g + b
+    out = np.empty_like(cache.xhat)
+
+    def rows(i, j):
+        np.multiply(cache.xhat[i:j], g, out=out[i:j])
+        out[i:j] += b
+
+    parallel.run(rows, len(out), ROW_GRAIN)
+    return out
 
 
 def layer_norm_backward(dout, cache, g, dg, db):
+    """dg = sum(dout xhat), db = sum(dout) over rows; dx = rstd (dxhat - mean(dxhat) - xhat
+    mean(dxhat xhat)) with dxhat = dout g: the mean and the variance depend on every x of the
+    row, so the gradient loses its row mean and its component along xhat. Each thread sums its
+    rows' dg and db, added up after."""
     xhat, rstd = cache
-    np.einsum("ij,ij->j", dout, xhat, out=dg)
-    column_sums(dout, db)
-    dxhat = dout * g
-    # The mean and the variance depend on every x of the row: the gradient loses its row mean
-    # and its component along xhat.
     C = dout.shape[-1]
-    mean_dxhat = engine.row_sums(dxhat) / C
-    mean_dxhat_xhat = np.einsum("ij,ij->i", dxhat, xhat)[:, None] / C
-    dxhat -= mean_dxhat
-    dxhat -= xhat * mean_dxhat_xhat
-    dxhat *= rstd
-    return dxhat
+    dx = np.empty_like(dout)
+
+    def rows(i, j):
+        d, xh = dout[i:j], xhat[i:j]
+        part = np.einsum("ij,ij->j", d, xh), column_sums(d, np.empty(C, d.dtype))
+        dxhat = np.multiply(d, g, out=dx[i:j])
+        mean_dxhat = row_sums(dxhat) / C
+        mean_dxhat_xhat = np.einsum("ij,ij->i", dxhat, xh)[:, None] / C
+        dxhat -= mean_dxhat
+        dxhat -= xh * mean_dxhat_xhat
+        dxhat *= rstd[i:j]
+        return part
+
+    parts = parallel.run(rows, len(dout), ROW_GRAIN)
+    dg[...], db[...] = parts[0]
+    for part_dg, part_db in parts[1:]:
+        dg += part_dg
+        db += part_db
+    return dx
 
 
 # --- linear ------------------------------------------------------------------------------------
@@ -102,20 +123,34 @@ def layer_norm_backward(dout, cache, g, dg, db):
 
 def linear_forward(x, w, b):
     """x [N, nx] @ w [nx, nf] + b."""
-    out = x @ w
-    out += b
+    out = np.empty((len(x), w.shape[1]), np.result_type(x, w))
+
+    def columns(i, j):
+        np.matmul(x, w[:, i:j], out=out[:, i:j])
+        out[:, i:j] += b[i:j]
+
+    parallel.run(columns, w.shape[1], COLUMN_GRAIN)
     return out
 
 
 def linear_backward(dout, x, w, dw, db):
-    np.matmul(x.T, dout, out=dw)
-    column_sums(dout, db)
-    return dout @ w.T
+    """dw = x^T dout and db = sum(dout) over rows, split by dw's columns; dx = dout w^T, split by
+    dx's columns."""
+
+    def weight_columns(i, j):
+        np.matmul(x.T, dout[:, i:j], out=dw[:, i:j])
+        column_sums(dout[:, i:j], db[i:j])
+
+    parallel.run(weight_columns, w.shape[1], COLUMN_GRAIN)
+    dx = np.empty((len(dout), w.shape[0]), np.result_type(dout, w))
+    parallel.run(lambda i, j: np.matmul(dout, w[i:j].T, out=dx[:, i:j]), w.shape[0],
+                 COLUMN_GRAIN)  # fmt: skip
+    return dx
 
 
 # --- softmax and attention ---------------------------------------------------------------------
 
-softmax_forward = engine.softmax_  # the engine's: softmax over the last axis, in place
+softmax_forward = kernels.softmax_  # the engine's: softmax over the last axis, in place
 
 
 def softmax_backward(dout, y, out=None):
@@ -148,12 +183,9 @@ def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None, rows=ATTN_ROWS):
     go in blocks of `rows`, each against the keys up to its last row (as the engine's
     engine.attention does): the masked upper triangle beyond the diagonal blocks is neither
     computed nor kept, about half of [T, T] at T = 1024, and a block's softmax passes stay in
-    cache. The scale goes on q ([T, hd]) rather than on the scores; the scores' exp is the
-    engine's (floored at the row's max - 48: no subnormal weights, see engine.SOFTMAX_FLOOR), or,
-    when a block's scores span less than the floor, shifted by each row's score against itself
-    instead of its max (the same softmax; nothing to floor). The future's weights are then
-    multiplied by 0, so their probabilities are exactly 0, and so are the gradients flowing to
-    them."""
+    cache. The scale goes on q ([T, hd]) rather than on the scores. The (sequence, head) pairs
+    are split over the cores (inside parallel.passes; without dropout, whose mask is drawn in
+    order from one generator)."""
     C = qkv.shape[-1] // 3
     hd = C // n_head
     # Each [B, H, T, hd], copied contiguous: NumPy multiplies stacks of strided matrices (views
@@ -162,64 +194,102 @@ def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None, rows=ATTN_ROWS):
     scale = np.float32(1.0 / math.sqrt(hd))
     q *= scale  # in the copy: [T, hd] multiplies instead of [T, T]
     rows = min(rows, T)
-    future, past = causal_mask(rows), past_mask(rows)  # the engine's: -inf / 0 above the diagonal
     out = np.empty((B * T, C), q.dtype)
     y = out.reshape(B, T, n_head, hd).transpose(0, 2, 1, 3)  # [B, H, T, hd], a view of out
-    probs, dropped, masks = [], [], []
-    for start in range(0, T, rows):
-        stop = min(T, start + rows)
-        r = stop - start
-        att = q[:, :, start:stop] @ k[:, :, :stop].swapaxes(-1, -2)  # [B, H, r, stop]
-        own = att[..., start:stop]  # the block's own keys: the diagonal, with the future
-        if att.max() - att.min() <= -engine.SOFTMAX_FLOOR:
-            # The block's scores (the future's too) span less than the floor, so shifted by any
-            # of them, by each row's own score against itself say, exp stays within
-            # e^(+-SOFTMAX_FLOOR): nothing to floor, no overflow, and the rows' maxima (a slow
-            # reduction over short rows) need not be found. (The row's own score, not the
-            # block's max: that would make a row's rounding depend on later positions.)
-            att -= np.diagonal(own, axis1=-2, axis2=-1).copy()[..., None]  # (own is a view of att)
-            np.exp(att, out=att)
-        else:
-            own += future[:r, :r]  # the max is over the past
-            engine.shifted_exp_(att)
-        own *= past[:r, :r]
-        sums = engine.row_sums(att)  # [B, H, r, 1]
-        att *= np.reciprocal(sums, out=sums)
-        att_dropped, mask = dropout_forward(att, dropout, rng)
-        # Written into [B*T, C] through its [B, H, T, hd] view: BLAS takes the strided rows as
-        # they are, and no copy is left to make.
-        np.matmul(att_dropped, v[:, :, :stop], out=y[:, :, start:stop])  # [B, H, r, hd]
-        probs.append(att)
-        dropped.append(att_dropped)
-        masks.append(mask)
+    spans = [(start, min(T, start + rows)) for start in range(0, T, rows)]
+    probs = [np.empty((B, n_head, stop - start, stop), q.dtype) for start, stop in spans]
+    dropped, masks = list(probs), [None] * len(spans)
+
+    def pairs(first, last):
+        for b, h in _pair_slices(first, last, n_head):
+            for i, (start, stop) in enumerate(spans):
+                p = probs[i][b, h]
+                _attention_probs(q[b, h, start:stop], k[b, h, :stop], start, rows, out=p)
+                if dropout:
+                    dropped[i], masks[i] = dropout_forward(p, dropout, rng)
+                # Written into [B*T, C] through its [B, H, T, hd] view: BLAS takes the strided
+                # rows as they are, and no copy is left to make.
+                np.matmul(dropped[i][b, h], v[b, h, :stop], out=y[b, h, start:stop])
+
+    if dropout:
+        pairs(0, B * n_head)
+    else:
+        parallel.run(pairs, B * n_head)
     return out, AttentionCache(q, k, v, probs, dropped, masks, scale, rows)
+
+
+def _pair_slices(first, last, n_head):
+    """(b, h) index pairs of slices covering the (sequence, head) pairs first..last-1 in
+    sequence-major order: whole sequences where the range holds them."""
+    if first % n_head == 0 and last % n_head == 0:
+        yield slice(first // n_head, last // n_head), slice(None)
+        return
+    while first < last:
+        b, h = divmod(first, n_head)
+        stop = min(last, (b + 1) * n_head)
+        yield slice(b, b + 1), slice(h, h + stop - b * n_head)
+        first = stop
+
+
+def _attention_probs(q, k, start, rows, out):
+    """The attention probabilities [..., r, stop] of q's rows start..start+r-1 over k's keys
+    0..stop-1, into `out`. The scores' exp is the engine's (floored at the row's max - 48: no
+    subnormal weights, see kernels.SOFTMAX_FLOOR), or, when the scores span less than the floor,
+    shifted by each row's score against itself instead of its max (the same softmax; nothing to
+    floor). The future's weights are then multiplied by 0, so their probabilities are exactly 0,
+    and so are the gradients flowing to them."""
+    r, stop = out.shape[-2:]
+    att = np.matmul(q, k.swapaxes(-1, -2), out=out)  # [..., r, stop]
+    own = att[..., start:stop]  # the block's own keys: the diagonal, with the future
+    if att.max() - att.min() <= -SOFTMAX_FLOOR:
+        # The scores (the future's too) span less than the floor, so shifted by any of them, by
+        # each row's own score against itself say, exp stays within e^(+-SOFTMAX_FLOOR):
+        # nothing to floor, no overflow, and the rows' maxima (a slow reduction over short rows)
+        # need not be found. (The row's own score, not the block's max: that would make a row's
+        # rounding depend on later positions.)
+        att -= np.diagonal(own, axis1=-2, axis2=-1).copy()[..., None]  # (own is a view of att)
+        np.exp(att, out=att)
+    else:
+        own += causal_mask(rows)[:r, :r]  # the max is over the past
+        kernels.shifted_exp_(att)
+    own *= past_mask(rows)[:r, :r]
+    sums = row_sums(att)  # [..., r, 1]
+    att *= np.reciprocal(sums, out=sums)
+    return att
 
 
 def attention_backward(dy, cache):
     """Block by block as the forward, the last first: a block's rows give dq of its rows, and add
     to dk and dv of the keys they saw. The last block saw all T keys, so it writes dk and dv
-    whole and only the others add (with one block, nothing is added)."""
+    whole and only the others add (with one block, nothing is added). The (sequence, head) pairs
+    are split over the cores (inside parallel.passes)."""
     q, k, v, probs, dropped, masks, scale, rows = cache
     B, H, T, hd = q.shape
     dy = np.ascontiguousarray(dy.reshape(B, T, H, hd).transpose(0, 2, 1, 3))  # [B, H, T, hd]
     out = np.empty((B * T, 3 * H * hd), dy.dtype)  # d qkv, written through [B, H, T, hd] views
     dq, dk, dv = out.reshape(B, T, 3, H, hd).transpose(2, 0, 3, 1, 4)
-    parts = np.empty((2, B, H, T, hd), dy.dtype) if T > rows else None  # a narrower block's dk, dv
-    for i, start in reversed(list(enumerate(range(0, T, rows)))):
-        stop = min(T, start + rows)
-        dk_i, dv_i = (dk, dv) if stop == T else parts[:, :, :, :stop]
-        dy_rows = dy[:, :, start:stop]  # [B, H, r, hd]
-        np.matmul(dropped[i].swapaxes(-1, -2), dy_rows, out=dv_i)
-        datt = dy_rows @ v[:, :, :stop].swapaxes(-1, -2)  # [B, H, r, stop]
-        if masks[i] is not None:
-            datt *= masks[i]  # dropout's backward, in place
-        dscores = softmax_backward(datt, probs[i], out=datt)
-        np.matmul(dscores, k[:, :, :stop], out=dq[:, :, start:stop])
-        np.matmul(dscores.swapaxes(-1, -2), q[:, :, start:stop], out=dk_i)  # (q is scaled)
-        if stop < T:
-            dk[:, :, :stop] += dk_i
-            dv[:, :, :stop] += dv_i
-    dq *= scale  # the gradient of the unscaled q
+    spans = [(start, min(T, start + rows)) for start in range(0, T, rows)]
+
+    def pairs(first, last):
+        for b, h in _pair_slices(first, last, H):
+            shape = q[b, h].shape  # [b, h, T, hd]
+            parts = np.empty((2, *shape), dy.dtype) if T > rows else None  # a block's dk, dv
+            for i, (start, stop) in reversed(list(enumerate(spans))):
+                dk_i, dv_i = (dk[b, h], dv[b, h]) if stop == T else parts[..., :stop, :]
+                dy_rows = dy[b, h, start:stop]  # [b, h, r, hd]
+                np.matmul(dropped[i][b, h].swapaxes(-1, -2), dy_rows, out=dv_i)
+                datt = dy_rows @ v[b, h, :stop].swapaxes(-1, -2)  # [b, h, r, stop]
+                if masks[i] is not None:
+                    datt *= masks[i][b, h]  # dropout's backward, in place
+                dscores = softmax_backward(datt, probs[i][b, h], out=datt)
+                np.matmul(dscores, k[b, h, :stop], out=dq[b, h, start:stop])
+                np.matmul(dscores.swapaxes(-1, -2), q[b, h, start:stop], out=dk_i)  # (q scaled)
+                if stop < T:
+                    dk[b, h, :stop] += dk_i
+                    dv[b, h, :stop] += dv_i
+            dq[b, h] *= scale  # the gradient of the unscaled q
+
+    parallel.run(pairs, B * H)
     return out
 
 
@@ -232,36 +302,42 @@ class GeluCache(NamedTuple):
 
 
 def gelu_forward(x):
-    """GPT-2's tanh GELU: 0.5 x (1 + tanh(c (x + a x^3))) = x * gate, written as 8 passes over
-    [N, 4C]: u = x (c + c a x^2), gate = 0.5 tanh(u) + 0.5, out = x gate. In float32 the gate is
-    0 or at least 2^-25 (tanh near -1 steps by 2^-24), so no subnormal comes out of it."""
-    gate = x * x  # x*x*x, never x**3 (a slow generic power)
-    gate *= GELU_C * GELU_A
-    gate += GELU_C
-    gate *= x
-    np.tanh(gate, out=gate)
-    gate *= 0.5
-    gate += 0.5
-    return x * gate, GeluCache(x, gate)
+    """GPT-2's tanh GELU: 0.5 x (1 + tanh(c (x + a x^3))) = x * gate (kernels.gelu_gate, as the
+    engine's GELU); keeps x and the gate for the backward."""
+    gate, out = np.empty_like(x), np.empty_like(x)
+
+    def rows(i, j):
+        np.multiply(x[i:j], gelu_gate(x[i:j], gate[i:j]), out=out[i:j])
+
+    parallel.run(rows, len(x), ROW_GRAIN)
+    return out, GeluCache(x, gate)
 
 
 def gelu_output(cache):
     """The forward's output again, x gate, from its cache: one pass, cheaper than keeping it."""
-    return cache.x * cache.gate
+    out = np.empty_like(cache.x)
+    parallel.run(lambda i, j: np.multiply(cache.x[i:j], cache.gate[i:j], out=out[i:j]),
+                 len(out), ROW_GRAIN)  # fmt: skip
+    return out
 
 
 def gelu_backward(dout, cache):
     """d/dx = gate + x dgate/dx = gate (1 + (1 - gate) 2 c x (1 + 3 a x^2)), since
     d tanh(u)/du = 1 - tanh^2 = 4 gate (1 - gate): 9 passes over [N, 4C]."""
     x, gate = cache
-    dx = x * x
-    dx *= 6 * GELU_C * GELU_A
-    dx += 2 * GELU_C
-    dx *= x  # 2 c x (1 + 3 a x^2)
-    dx *= 1.0 - gate
-    dx += 1.0
-    dx *= gate
-    dx *= dout
+    dx = np.empty_like(x)
+
+    def rows(i, j):
+        d = np.multiply(x[i:j], x[i:j], out=dx[i:j])
+        d *= 6 * kernels.GELU_C * kernels.GELU_A
+        d += 2 * kernels.GELU_C
+        d *= x[i:j]  # 2 c x (1 + 3 a x^2)
+        d *= 1.0 - gate[i:j]
+        d += 1.0
+        d *= gate[i:j]
+        d *= dout[i:j]
+
+    parallel.run(rows, len(x), ROW_GRAIN)
     return dx
 
 
@@ -291,12 +367,7 @@ LOSS_ROWS = 256  # rows of logits [rows, n_vocab] alive at a time: 51 MB for GPT
 # d loss / d wte gets each row block's part through [VOCAB_ROWS, C] slices: a temporary of
 # 12 MB for GPT-2 124M, still in cache when it is added, instead of a second [n_vocab, C].
 VOCAB_ROWS = 4096
-# Logits more than this far below their row's maximum are raised to it before exp: exp(-60) is
-# about 1e-26, so probabilities and their gradient (divided by up to 10^7 rows) stay normal
-# floats. Below about exp(-87) float32 goes subnormal, which Intel CPUs compute many times
-# slower, and a 50,257-way softmax has thousands of such entries per row. The raised entries
-# change a probability by less than 1e-26 absolute (the sum of a row by less than 1e-21).
-EXP_FLOOR = np.float32(-60.0)
+VOCAB_GRAIN = 1024  # the vocabulary is split over the cores in slices of at least this many rows
 
 
 def classifier_forward(h, wte, targets, dwte=None, rows=LOSS_ROWS):
@@ -306,7 +377,9 @@ def classifier_forward(h, wte, targets, dwte=None, rows=LOSS_ROWS):
 
     The logits go `rows` rows at a time, each block becoming its probabilities and then its
     gradient (softmax - one_hot(targets)) / N in place, in one buffer: [N, n_vocab] is never
-    whole, and the logits are never recomputed for the backward."""
+    whole, and the logits are never recomputed for the backward. Within a block the vocabulary
+    is split over the cores (inside parallel.passes): each thread its slice's logits, their exp
+    and their gradient, with each row's max and sum gathered between."""
     N = len(targets)
     total = 0.0
     dh = None if dwte is None else np.empty_like(h)
@@ -314,29 +387,53 @@ def classifier_forward(h, wte, targets, dwte=None, rows=LOSS_ROWS):
     # One buffer for every block: 51 MB for GPT-2's vocabulary, which malloc maps anew for each
     # allocation, so it is faulted in once a call rather than once a block.
     buffer = np.empty((min(rows, N), len(wte)), dtype)
-    part = None  # a slice of dwte's contribution from one block, after the first
     for start in range(0, N, rows):
         stop = min(N, start + rows)
+        hb, tb = h[start:stop], targets[start:stop]
         i = np.arange(stop - start)
-        block = np.matmul(h[start:stop], wte.T, out=buffer[: stop - start])  # [r, C] -> [r, V]
-        block -= block.max(axis=-1, keepdims=True)
-        picked = block[i, targets[start:stop]]  # the targets' shifted logits
-        # Clip, not np.maximum: with a scalar bound NumPy's maximum takes a much slower loop.
-        np.clip(block, EXP_FLOOR, 0.0, out=block)  # block <= 0: the upper bound is moot
-        np.exp(block, out=block)
-        sums = engine.row_sums(block)  # [r, 1]
+        block = buffer[: stop - start]
+
+        def logits(a, b, hb=hb, block=block):  # [r, C] -> [r, b - a]; each row's max there
+            return np.matmul(hb, wte[a:b].T, out=block[:, a:b]).max(axis=-1, keepdims=True)
+
+        row_max = np.max(parallel.run(logits, len(wte), VOCAB_GRAIN), axis=0)  # [r, 1]
+        picked = block[i, tb] - row_max[:, 0]  # the targets' shifted logits
+
+        def exps(a, b, block=block, row_max=row_max):
+            part = block[:, a:b]
+            part -= row_max
+            # Clip, not np.maximum: with a scalar bound NumPy's maximum takes a much slower loop.
+            # Floored as attention's exp is (kernels.SOFTMAX_FLOOR): a 50,257-way softmax has
+            # thousands of weights per row below float32's normal range, which Intel cores
+            # compute many times slower; floored, probabilities / N stay normal for N up to 10^7
+            # rows, and each moves by under e^-48 absolute.
+            np.clip(part, SOFTMAX_FLOOR, 0.0, out=part)  # part <= 0: the upper bound is moot
+            np.exp(part, out=part)
+            return row_sums(part)  # [r, 1]
+
+        sums = np.sum(parallel.run(exps, len(wte), VOCAB_GRAIN), axis=0)  # [r, 1]
         total += float(np.sum(np.log(sums[:, 0]) - picked, dtype=np.float64))
         if dwte is None:
             continue
-        block *= 1.0 / (sums * N)  # the probabilities / N
-        block[i, targets[start:stop]] -= 1.0 / N  # -> d loss / d logits
-        np.matmul(block, wte, out=dh[start:stop])  # [r, V] -> [r, C]
-        if start == 0:
-            np.matmul(block.T, h[start:stop], out=dwte)  # [V, r] @ [r, C] -> [V, C]
-            continue
-        if part is None:
-            part = np.empty((min(VOCAB_ROWS, len(wte)), h.shape[1]), dtype)
-        for v in range(0, len(wte), VOCAB_ROWS):
-            w = min(len(wte), v + VOCAB_ROWS) - v
-            dwte[v : v + w] += np.matmul(block[:, v : v + w].T, h[start:stop], out=part[:w])
+        scale = 1.0 / (sums * N)
+
+        def gradients(a, b, hb=hb, tb=tb, block=block, scale=scale, first=start == 0):
+            part = block[:, a:b]
+            part *= scale  # the probabilities / N
+            mine = (tb >= a) & (tb < b)
+            part[np.flatnonzero(mine), tb[mine] - a] -= 1.0 / N  # -> d loss / d logits
+            if first:
+                np.matmul(part.T, hb, out=dwte[a:b])  # [b - a, r] @ [r, C] -> [b - a, C]
+            else:  # added through slices of VOCAB_ROWS rows, not a second [b - a, C]
+                tmp = np.empty((min(VOCAB_ROWS, b - a), hb.shape[1]), dtype)
+                for v in range(a, b, VOCAB_ROWS):
+                    w = min(b, v + VOCAB_ROWS)
+                    dwte[v:w] += np.matmul(part[:, v - a : w - a].T, hb, out=tmp[: w - v])
+            return part @ wte[a:b]  # this slice's part of d loss / d h [r, C]
+
+        parts = parallel.run(gradients, len(wte), VOCAB_GRAIN)
+        dh_block = dh[start:stop]
+        dh_block[...] = parts[0]
+        for part in parts[1:]:
+            dh_block += part
     return total / N, dh

@@ -13,7 +13,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from picogpt.gpt2 import engine, layers
+from picogpt.gpt2 import layers
+from picogpt.gpt2 import params as table
 
 # --- the model over the layers: a transformer block ----------------------------------------
 
@@ -145,9 +146,9 @@ def gpt_backward(cache, params, hparams, grads):
 
 
 def param_shapes(hparams):
-    """Every parameter's name and shape, as the engine reads them (engine.param_shapes), with the
+    """Every parameter's name and shape, as the engine reads them (gpt2/params.py), with the
     matrices, which weight decay applies to, first."""
-    shapes = engine.param_shapes(hparams)
+    shapes = table.param_shapes(hparams)
     matrices = {name: shape for name, shape in shapes.items() if len(shape) >= 2}
     return {**matrices, **{name: shape for name, shape in shapes.items() if len(shape) < 2}}
 

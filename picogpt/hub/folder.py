@@ -5,7 +5,7 @@ from pathlib import Path
 
 from picogpt.errors import ModelError
 from picogpt.formats import hf, openai, tf_checkpoint
-from picogpt.gpt2.engine import check_params
+from picogpt.gpt2.params import check_params
 
 
 def read_folder(folder):

@@ -14,9 +14,9 @@ import numpy as np
 
 from picogpt.errors import PicogptError, TrainingError
 from picogpt.formats import tf_checkpoint
-from picogpt.gpt2 import cores, engine, network
+from picogpt.gpt2 import network, parallel
+from picogpt.gpt2.memory import keep_freed_memory
 from picogpt.training.data import get_batch
-from picogpt.training.memory import shards
 from picogpt.training.optimizer import AdamW, clip_grad_norm, learning_rate
 from picogpt.training.run_folder import STATE_DIR
 
@@ -31,7 +31,6 @@ class Trainer:
         shapes = network.param_shapes(self.hparams)
         self.flat, self.params = network.flat_views(shapes)
         self.flat_grad, self.grads = network.flat_views(shapes)
-        self.shard_grads = []  # (flat, views) of each shard's gradient after the first's
         # With --grad-accum, the micro-batches' gradients are summed here.
         self.grad_sum = np.zeros_like(self.flat) if config["grad_accum"] > 1 else None
         self.optimizer = AdamW(self.flat, network.n_decayed(shapes), config["beta1"],
@@ -53,61 +52,37 @@ class Trainer:
 
     def step(self, x, y, lr, rng):
         """One optimizer step on a batch of grad_accum micro-batches: their mean gradient, as
-        one step over the whole batch. The batch's mean loss before the step."""
+        one step over the whole batch. The batch's mean loss before the step. Every pass of it
+        is split over the cores (parallel.passes)."""
         c = self.config
         n = c["grad_accum"]
         losses = []
-        for i, (xi, yi) in enumerate(zip(np.split(x, n), np.split(y, n))):
-            losses.append(self.loss(xi, yi, rng, backward=True))
+        with parallel.passes():
+            for i, (xi, yi) in enumerate(zip(np.split(x, n), np.split(y, n))):
+                losses.append(self.loss(xi, yi, rng, backward=True))
+                if self.grad_sum is not None:
+                    if i == 0:
+                        self.grad_sum[...] = self.flat_grad
+                    else:
+                        self.grad_sum += self.flat_grad
+            grad = self.flat_grad
             if self.grad_sum is not None:
-                if i == 0:
-                    self.grad_sum[...] = self.flat_grad
-                else:
-                    self.grad_sum += self.flat_grad
-        grad = self.flat_grad
-        if self.grad_sum is not None:
-            grad = self.grad_sum
-            grad *= 1.0 / n
-        clip_grad_norm(grad, c["grad_clip"])
-        self.optimizer.update(grad, lr)
+                grad = self.grad_sum
+                grad *= 1.0 / n
+            clip_grad_norm(grad, c["grad_clip"])
+            self.optimizer.update(grad, lr)
         return float(np.mean(losses))
 
     def loss(self, x, y, rng=None, backward=False):
-        """The mean loss of predicting y [B, T] from x [B, T], the sequences in shards over the
-        cores (shards()); with `backward`, with dropout and its gradient in self.flat_grad.
-
-        Each shard runs gpt_forward (and gpt_backward) on its own thread, into a gradient buffer
-        of its own (the first shard's is self.grads); the shards' losses and gradients are then
-        averaged, weighted by their sizes: the mean over the whole batch. Each shard draws its
-        dropout from its own generator, seeded from `rng`, so that no two threads share one."""
-        parts = shards(self.hparams, len(x))
-        if backward:
-            while len(self.shard_grads) < len(parts) - 1:
-                self.shard_grads.append(network.flat_views(network.param_shapes(self.hparams)))
-            grads = [self.grads] + [views for _, views in self.shard_grads]
-        rngs = [rng] * len(parts)
-        if rng is not None and len(parts) > 1:
-            seed = int(rng.integers(1 << 63))
-            rngs = [np.random.default_rng([seed, i]) for i in range(len(parts))]
-
-        def shard(i):
-            start, stop = parts[i]
-            xs, ys = x[start:stop], y[start:stop]
+        """The mean loss of predicting y [B, T] from x [B, T]; with `backward`, with dropout and
+        its gradient in self.flat_grad."""
+        with parallel.passes():
             if not backward:
-                return network.gpt_forward(self.params, self.hparams, xs, ys)[0]
-            loss, cache = network.gpt_forward(self.params, self.hparams, xs, ys,
-                                              self.config["dropout"], rngs[i], grads=grads[i])
-            network.gpt_backward(cache, self.params, self.hparams, grads[i])
+                return network.gpt_forward(self.params, self.hparams, x, y)[0]
+            loss, cache = network.gpt_forward(self.params, self.hparams, x, y,
+                                              self.config["dropout"], rng, grads=self.grads)
+            network.gpt_backward(cache, self.params, self.hparams, self.grads)
             return loss
-
-        losses = cores.run(shard, len(parts))
-        weights = [(stop - start) / len(x) for start, stop in parts]
-        if backward and len(parts) > 1:
-            self.flat_grad *= weights[0]
-            for w, (flat, _) in zip(weights[1:], self.shard_grads):
-                flat *= w
-                self.flat_grad += flat
-        return sum(w * loss for w, loss in zip(weights, losses))
 
     def estimate_loss(self, data, rng):
         """Mean loss over eval_iters random batches, without dropout."""
@@ -182,7 +157,7 @@ def train(trainer, data, report=print, status=None, resumed=False):
     decay_iters = c["lr_decay_iters"] if c["lr_decay_iters"] is not None else max_iters
     step_ms = []
     first = trainer.iter
-    engine.keep_freed_memory()
+    keep_freed_memory()
     while True:
         it = trainer.iter
         due = it % c["eval_interval"] == 0 or it == max_iters

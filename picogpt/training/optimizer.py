@@ -5,7 +5,10 @@ import math
 
 import numpy as np
 
+from picogpt.gpt2 import parallel
+
 ADAM_BLOCK = 1 << 15  # elements updated at a time: the update's temporaries stay in cache
+ADAM_GRAIN = 8  # blocks a thread takes at least: fewer cost more to hand out than to update
 
 
 class AdamW:
@@ -17,7 +20,8 @@ class AdamW:
         p -= lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 
     done ADAM_BLOCK elements at a time: GPT-2 124M's buffers are 500 MB each, and whole-buffer
-    expressions would stream them from memory a dozen times and allocate as many temporaries."""
+    expressions would stream them from memory a dozen times and allocate as many temporaries.
+    The blocks are split over the cores (inside parallel.passes)."""
 
     def __init__(self, flat_params, n_decay, beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-8):
         self.params, self.n_decay = flat_params, n_decay
@@ -32,31 +36,38 @@ class AdamW:
         decay = 1.0 - lr * self.weight_decay
         rescale = 1.0 / math.sqrt(1.0 - b2**self.step)
         step_size = lr / (1.0 - b1**self.step)
-        t = np.empty(min(ADAM_BLOCK, self.params.size), self.params.dtype)
-        for start in range(0, self.params.size, ADAM_BLOCK):
-            stop = min(start + ADAM_BLOCK, self.params.size)
-            p, g, m, v = (a[start:stop] for a in (self.params, grad, self.m, self.v))
-            tmp = t[: stop - start]
-            if self.weight_decay and start < self.n_decay:
-                p[: self.n_decay - start] *= decay
-            m *= b1
-            np.multiply(g, 1.0 - b1, out=tmp)
-            m += tmp
-            v *= b2
-            np.multiply(g, g, out=tmp)
-            tmp *= 1.0 - b2
-            v += tmp
-            np.sqrt(v, out=tmp)
-            tmp *= rescale
-            tmp += self.eps
-            np.divide(m, tmp, out=tmp)
-            tmp *= step_size
-            p -= tmp
+
+        def blocks(first, last):  # blocks first..last-1, with a temporary of this thread's
+            t = np.empty(min(ADAM_BLOCK, self.params.size), self.params.dtype)
+            for start in range(first * ADAM_BLOCK, min(last * ADAM_BLOCK, self.params.size),
+                               ADAM_BLOCK):  # fmt: skip
+                stop = min(start + ADAM_BLOCK, self.params.size)
+                p, g, m, v = (a[start:stop] for a in (self.params, grad, self.m, self.v))
+                tmp = t[: stop - start]
+                if self.weight_decay and start < self.n_decay:
+                    p[: self.n_decay - start] *= decay
+                m *= b1
+                np.multiply(g, 1.0 - b1, out=tmp)
+                m += tmp
+                v *= b2
+                np.multiply(g, g, out=tmp)
+                tmp *= 1.0 - b2
+                v += tmp
+                np.sqrt(v, out=tmp)
+                tmp *= rescale
+                tmp += self.eps
+                np.divide(m, tmp, out=tmp)
+                tmp *= step_size
+                p -= tmp
+
+        parallel.run(blocks, -(-self.params.size // ADAM_BLOCK), ADAM_GRAIN)
 
 
 def clip_grad_norm(grad, max_norm):
-    """Scale grad in place so its L2 norm is at most max_norm; the norm before clipping."""
-    norm = math.sqrt(float(np.dot(grad, grad)))
+    """Scale grad in place so its L2 norm is at most max_norm; the norm before clipping. The sum
+    of squares is split over the cores (inside parallel.passes)."""
+    squares = parallel.run(lambda i, j: float(np.dot(grad[i:j], grad[i:j])), len(grad), 1 << 16)
+    norm = math.sqrt(sum(squares))
     if max_norm and norm > max_norm:
         grad *= max_norm / (norm + 1e-6)
     return norm

@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional
 
 from picogpt import files
 from picogpt.errors import ModelError, PicogptError, TrainingError
-from picogpt.gpt2 import engine
+from picogpt.gpt2.memory import physical_memory
 from picogpt.training.config import ARCHITECTURE, make_config
 from picogpt.training.data import encode, read_text, split_data, vocabulary_files
 from picogpt.training.memory import estimate_memory
@@ -106,7 +106,7 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
                 f"{text_path} is too short for --block-size {config['block_size']}: its {name} "
                 f"({len(split):,} {unit}) must hold a window of {need}")
     memory = estimate_memory(hparams, config)
-    ram = engine.physical_memory()
+    ram = physical_memory()
     if ram is not None and memory > ram:
         raise TrainingError(
             f"this run needs about {memory / 1e9:.1f} GB of memory, more than this machine's "

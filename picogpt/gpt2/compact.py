@@ -1,0 +1,239 @@
+"""Weight matrices kept compact in memory (float16, bfloat16 or int8) and widened to float32 a
+cache-sized block of rows at a time, inside the products.
+
+Decoding streams every weight from memory once a token, so fewer bytes a weight means less to
+stream, and a model twice or four times larger fits the same memory. BLAS multiplies float32
+only: each product widens WIDEN_BYTES of float32 rows into a buffer of its thread's, which stays
+in the core's cache, and multiplies that (matmul). Widening is done with NumPy's integer
+operations, several times faster than its float16 cast:
+
+- float16: sign-extended, shifted into float32's place and scaled by 2^112 (exact for normal
+  and subnormal halves alike);
+- bfloat16: the upper half of a float32, shifted into place;
+- int8: symmetric, one float32 scale per block of QBLOCK values along a row (ggml's Q8_0, with
+  a float32 scale); a row whose length is not a multiple of QBLOCK ends in a shorter block with
+  its own scale.
+
+A matrix is [n_out, n_in], each output's weights contiguous (as the engine orders them); slicing
+its rows gives a matrix of the same kind. `compress` makes one from float32, `of_halves` and
+`of_bfloat16` take a file's raw 16-bit data as they are (memory-mapped, never widened whole).
+"""
+
+import threading
+
+import numpy as np
+
+DTYPES = ("float32", "float16", "bfloat16", "int8")
+QBLOCK = 32  # int8 values per scale
+WIDEN_BYTES = 1 << 20  # float32 bytes widened at a time for a few rows: a block in L2
+PRODUCT_ROWS = 256  # rows of weights widened at least at a time for many rows
+_buffers = threading.local()  # each thread's widening buffers, reused
+
+
+class Compact:
+    """A [n_out, n_in] weight matrix in a compact dtype: `data` holds the values (and `scales`
+    int8's block scales); `widen(out)` writes it as float32 into out."""
+
+    dtype = None
+
+    def __init__(self, data, scales=None):
+        self.data, self.scales = data, scales
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def nbytes(self):
+        return self.data.nbytes + (0 if self.scales is None else self.scales.nbytes)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, rows):
+        if not isinstance(rows, slice):
+            raise TypeError("a compact matrix is sliced by rows only")
+        return type(self)(self.data[rows], None if self.scales is None else self.scales[rows])
+
+    def take(self, ids):
+        """Rows `ids` (any shape of ints) as float32 [*ids.shape, n_in]: the token embedding's
+        lookup."""
+        ids = np.asarray(ids)
+        picked = type(self)(self.data[ids.reshape(-1)],
+                            None if self.scales is None else self.scales[ids.reshape(-1)])
+        out = np.empty((ids.size, self.shape[1]), np.float32)
+        return picked.widen(out).reshape(*ids.shape, self.shape[1])
+
+    def widen(self, out):
+        raise NotImplementedError
+
+    def widen_rows(self, start, stop, out):
+        """Rows start..stop-1 widened into out."""
+        return self[start:stop].widen(out)
+
+
+class Float16(Compact):
+    dtype = "float16"
+    MAGNITUDE_SCALE = np.float32(2.0**112)  # float16's exponent bias 15 against float32's 127
+    KEEP = np.int32(-0x70000001)  # 0x8FFFFFFF: the sign bit and the 28 low bits
+
+    def widen(self, out):
+        """float32(h) for each half h, in 4 passes: h sign-extended to 32 bits and shifted left
+        by 13 puts its exponent and mantissa in float32's low 28 bits and its sign in bit 31
+        (bits 28-30 copies of it, cleared); read as a float32 that is h times 2^-112, subnormal
+        halves too, so a product by 2^112 is exact."""
+        bits = out.view(np.int32)
+        np.copyto(bits, self.data.view(np.int16), casting="unsafe")  # sign-extending
+        bits <<= 13
+        bits &= self.KEEP
+        out *= self.MAGNITUDE_SCALE
+        return out
+
+
+class BFloat16(Compact):
+    dtype = "bfloat16"
+
+    def widen(self, out):
+        """float32 bits = bfloat16 bits << 16."""
+        bits = out.view(np.uint32)
+        np.copyto(bits, self.data, casting="unsafe")
+        bits <<= 16
+        return out
+
+
+class Int8(Compact):
+    dtype = "int8"
+
+    def widen(self, out):
+        """q * scale of q's block, block by block along each row."""
+        np.copyto(out, self.data, casting="unsafe")
+        n_in = out.shape[1]
+        whole = n_in // QBLOCK * QBLOCK
+        if whole:
+            blocks = out[:, :whole].reshape(len(out), -1, QBLOCK)
+            blocks *= self.scales[:, : whole // QBLOCK, None]
+        if whole < n_in:  # the shorter last block
+            out[:, whole:] *= self.scales[:, -1:]
+        return out
+
+
+KINDS = {cls.dtype: cls for cls in (Float16, BFloat16, Int8)}
+
+
+def of_halves(data):
+    """A float16 matrix over raw float16 (or its uint16 bits) data, as it is: no copy."""
+    return Float16(data.view(np.uint16))
+
+
+def of_bfloat16(data):
+    """A bfloat16 matrix over raw bfloat16 bits (uint16), as they are: no copy."""
+    return BFloat16(data.view(np.uint16))
+
+
+def compress(w, dtype):
+    """float32 w [n_out, n_in] in `dtype` (float16 or bfloat16 rounded to nearest, int8 with a
+    scale per block of QBLOCK: max |w| / 127), done a band of rows at a time."""
+    if dtype not in KINDS:
+        raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    n_out, n_in = w.shape
+    data = np.empty(w.shape, np.int8 if dtype == "int8" else np.uint16)
+    scales = np.empty((n_out, -(-n_in // QBLOCK)), np.float32) if dtype == "int8" else None
+    band = max(1, WIDEN_BYTES // (4 * max(1, n_in)))
+    for start in range(0, n_out, band):
+        rows = np.ascontiguousarray(w[start : start + band], np.float32)
+        if dtype == "float16":
+            data[start : start + band] = rows.astype(np.float16).view(np.uint16)
+        elif dtype == "bfloat16":
+            data[start : start + band] = _round_to_bfloat16(rows)
+        else:
+            data[start : start + band], scales[start : start + band] = _quantize(rows)
+    return KINDS[dtype](data, scales)
+
+
+def _round_to_bfloat16(rows):
+    """The upper 16 bits of each float32, rounded to nearest, ties to even."""
+    bits = rows.view(np.uint32).astype(np.uint64)
+    bits += 0x7FFF + ((bits >> 16) & 1)
+    return (bits >> 16).astype(np.uint16)
+
+
+def _quantize(rows):
+    """int8 values and float32 scales of rows [n, n_in], a scale per block of QBLOCK."""
+    n, n_in = rows.shape
+    nb = -(-n_in // QBLOCK)
+    padded = np.zeros((n, nb * QBLOCK), np.float32)
+    padded[:, :n_in] = rows
+    blocks = padded.reshape(n, nb, QBLOCK)
+    scales = np.abs(blocks).max(axis=-1) / np.float32(127)
+    safe = np.where(scales > 0, scales, np.float32(1))
+    q = np.rint(blocks / safe[..., None]).clip(-127, 127).astype(np.int8)
+    return q.reshape(n, -1)[:, :n_in], scales
+
+
+def dtype_of(tensor):
+    """'float32', 'float16', 'bfloat16' or 'int8': what a tensor (an array or a Compact) holds."""
+    return tensor.dtype if isinstance(tensor, Compact) else str(tensor.dtype)
+
+
+def widened(tensor):
+    """A tensor as float32: an array of a file's float16, or a Compact widened whole."""
+    if isinstance(tensor, Compact):
+        return tensor.widen(np.empty(tensor.shape, np.float32))
+    return np.asarray(tensor, np.float32)
+
+
+def converted(tensor, dtype):
+    """A [n_out, n_in] tensor (as a file holds it: float32, float16 or a BFloat16) in `dtype`,
+    None for its own: float32 as an array, anything else as a Compact."""
+    own = dtype_of(tensor)
+    dtype = dtype or own
+    if dtype == own:
+        if own == "float16":
+            return of_halves(tensor)
+        return tensor
+    if dtype == "float32":
+        return widened(tensor)
+    return compress(tensor, dtype)
+
+
+def reordered(tensor, dtype):
+    """A [n_in, n_out] tensor (OpenAI's order, as a file holds it) as [n_out, n_in] in `dtype`
+    (not float32), copied a band of rows at a time."""
+    own = dtype_of(tensor)
+    if own == dtype:  # float16 or bfloat16 as they are: their 16 bits reordered
+        raw = tensor.data if isinstance(tensor, Compact) else tensor.view(np.uint16)
+        out = np.empty(raw.shape[::-1], np.uint16)
+        for start in range(0, raw.shape[0], 16):
+            out[:, start : start + 16] = raw[start : start + 16].T
+        return KINDS[dtype](out)
+    if isinstance(tensor, Compact):
+        tensor = widened(tensor)
+    return compress(tensor.T, dtype)
+
+
+def _scratch(shape, dtype):
+    """A buffer of this thread's for the widening's temporaries, reused from call to call."""
+    size = int(np.prod(shape))
+    buffer = getattr(_buffers, str(np.dtype(dtype)), None)
+    if buffer is None or buffer.size < size:
+        buffer = np.empty(max(size, WIDEN_BYTES // 4), dtype)
+        setattr(_buffers, str(np.dtype(dtype)), buffer)
+    return buffer[:size].reshape(shape)
+
+
+def matmul(x, w, out):
+    """x [M, K] @ w.T for a compact w [N, K], into out [M, N]: a band of w's rows widened at a
+    time into this thread's buffer, then one BLAS product each. A band is WIDEN_BYTES of float32
+    for a few rows of x (decoding: the band stays in cache for the product), and at least
+    PRODUCT_ROWS rows for many (a prefill: a product over fewer rows of w repacks all of x for
+    little work)."""
+    n_in = w.shape[1]
+    band = max(1, WIDEN_BYTES // (4 * n_in))
+    if len(x) > 8:
+        band = max(band, PRODUCT_ROWS)
+    buffer = _scratch((min(band, len(w)), n_in), np.float32)
+    for start in range(0, len(w), band):
+        stop = min(len(w), start + band)
+        block = w.widen_rows(start, stop, buffer[: stop - start])
+        np.matmul(x, block.T, out=out[:, start:stop])
+    return out

@@ -1,0 +1,117 @@
+"""Weights kept in float16, bfloat16 or int8 and widened inside the products: the widening is
+exact where it can be (every float16, bfloat16 as PyTorch rounds it), int8 is within half a
+block's scale, products equal those of the widened weights, and the bundled model keeps its
+perplexity and its predictions on held-out text."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import picogpt
+from picogpt.formats import tf_checkpoint as checkpoint
+from picogpt.gpt2 import compact, engine, parallel
+from picogpt.tokenizers.chars import CharTokenizer
+
+FOLDER = picogpt.BUNDLED / "shakespeare-char"
+HELD_OUT = Path(__file__).parent / "fixtures" / "held_out.txt"  # Tiny Shakespeare's last lines
+
+
+def test_every_finite_half_widens_exactly():
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    halves = bits.view(np.float16)
+    finite = np.isfinite(halves)  # (non-finite weights are the logits check's to catch)
+    out = np.empty((1, finite.sum()), np.float32)
+    compact.Float16(bits[finite][None]).widen(out)
+    expected = halves[finite].astype(np.float32)[None]
+    np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))  # -0.0 too
+
+
+def test_bfloat16_rounds_to_nearest_even_as_pytorch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    w = np.concatenate([rng.standard_normal((8, 64)).astype(np.float32),
+                        # ties: the lower 16 bits exactly 0x8000, with even and odd upper halves
+                        np.array([[0x3F808000, 0x3F818000, 0xBF808000, 0x00008000] * 16],
+                                 np.uint32).view(np.float32)])  # fmt: skip
+    ours = compact.compress(w, "bfloat16")
+    theirs = torch.from_numpy(w).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(ours.data, theirs)
+    out = ours.widen(np.empty(w.shape, np.float32))
+    np.testing.assert_array_equal(out, torch.from_numpy(w).to(torch.bfloat16).float().numpy())
+
+
+@pytest.mark.parametrize("n_in", [176, 64, 7])
+def test_int8_is_within_half_a_block_scale(n_in):
+    """Rows of 176 end in a shorter block of 16 with a scale of its own."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((40, n_in)).astype(np.float32)
+    w[3, -1] = 50.0  # a large value in the last (short) block only
+    q = compact.compress(w, "int8")
+    assert q.scales.shape == (40, -(-n_in // compact.QBLOCK))
+    out = q.widen(np.empty(w.shape, np.float32))
+    per_value = np.repeat(q.scales, compact.QBLOCK, axis=1)[:, :n_in]
+    assert np.all(np.abs(out - w) <= per_value / 2 * (1 + 1e-6))
+    others = (n_in - 1) // compact.QBLOCK * compact.QBLOCK  # the blocks before the large value's
+    assert np.abs(out[3, :others] - w[3, :others]).max(initial=0) < 0.05
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
+def test_products_are_those_of_the_widened_weights(dtype, monkeypatch):
+    """Several widening bands a product, rows in and out of a band, 1 row and many."""
+    monkeypatch.setattr(compact, "WIDEN_BYTES", 7 * 176 * 4)  # 7 rows a band
+    rng = np.random.default_rng(2)
+    w = compact.compress(rng.standard_normal((50, 176)).astype(np.float32), dtype)
+    widened = w.widen(np.empty(w.shape, np.float32))
+    for rows in (1, 3, 20):
+        x = rng.standard_normal((rows, 176)).astype(np.float32)
+        got = compact.matmul(x, w, np.empty((rows, 50), np.float32))
+        np.testing.assert_allclose(got, x @ widened.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(w[10:20].widen(np.empty((10, 176), np.float32)),
+                                  widened[10:20])  # fmt: skip
+    ids = np.array([[4, 0], [49, 4]])
+    np.testing.assert_array_equal(w.take(ids), widened[ids])
+
+
+def bundled_logits(dtype, ids, n_ctx):
+    """Teacher-forced logits of the bundled model, in windows of n_ctx, with `dtype` weights."""
+    hparams = json.loads((FOLDER / "hparams.json").read_text())
+    gpt = engine.GPT(checkpoint.read(FOLDER), hparams, dtype=dtype)
+    windows = ids[: len(ids) // (n_ctx + 1) * (n_ctx + 1)].reshape(-1, n_ctx + 1)
+    logits = gpt.forward(windows[:, :-1], gpt.new_cache(len(windows)), all_logits=True)
+    return logits.astype(np.float64), windows[:, 1:]
+
+
+def perplexity(logits, targets):
+    logits = logits - logits.max(axis=-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    return float(np.exp(-np.take_along_axis(logp, targets[..., None], axis=-1).mean()))
+
+
+@pytest.mark.parametrize("dtype, ppl_within, agreement", [
+    ("float16", 1e-3, 0.99), ("bfloat16", 1e-3, 0.99), ("int8", 1e-2, 0.95)])
+def test_the_bundled_model_keeps_its_perplexity_and_its_predictions(dtype, ppl_within, agreement):
+    """On held-out text (the end of Tiny Shakespeare, ~3,800 characters): perplexity within
+    0.1% (float16, bfloat16) or 1% (int8) of float32's, and the next character's argmax the
+    same as float32's at >= 99% (95% for int8) of positions. At 1 thread and at 3."""
+    tokenizer = CharTokenizer.load(FOLDER)
+    ids = np.array(tokenizer.encode(HELD_OUT.read_text(encoding="utf-8")))
+    reference, targets = bundled_logits("float32", ids, 127)
+    before = parallel.set_threads(1)
+    try:
+        for threads in (1, 3):
+            parallel.set_threads(threads)
+            logits, _ = bundled_logits(dtype, ids, 127)
+            ratio = perplexity(logits, targets) / perplexity(reference, targets)
+            assert abs(ratio - 1) <= ppl_within, ratio
+            same = (logits.argmax(-1) == reference.argmax(-1)).mean()
+            assert same >= agreement, same
+    finally:
+        parallel.set_threads(before)
+
+
+def test_an_unknown_dtype_is_refused():
+    hparams = json.loads((FOLDER / "hparams.json").read_text())
+    with pytest.raises(ValueError, match="one of float32, float16, bfloat16, int8"):
+        engine.GPT(checkpoint.read(FOLDER), hparams, dtype="float8")
