@@ -4,6 +4,10 @@ A checkpoint `model.ckpt` is an index (`model.ckpt.index`, an SSTable mapping te
 protobuf entries) and data shards (`model.ckpt.data-00000-of-00001`, raw tensor bytes). The byte
 format is written up in docs/tf-checkpoint-format.md. Reading memory-maps the shards and returns
 read-only views, so opening GPT-2 copies nothing; `verify` checks every CRC32C.
+
+Why one module of about 700 lines: it is one file format, read and written, and its parts serve
+both directions: CRC32C in NumPy (its tables, several lanes at a time), the SSTable index, the
+protobuf entries. Each section below is one of them, reading and writing at the end.
 """
 
 import mmap

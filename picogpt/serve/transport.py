@@ -27,7 +27,9 @@ How it behaves:
 
 This module is the HTTP transport (the handler, the server, the page's files); OpenAI's semantics,
 requests to Model calls to response shapes, are api.py's, and each request field's check is
-fields.py's.
+fields.py's. It is about 500 lines because HTTP/1.1's details belong together: bodies by length
+or chunked, server-sent events and clients that leave, the Host and key checks, a bound on
+connections, errors in OpenAI's shape.
 """
 
 import hmac
