@@ -19,10 +19,10 @@ _LAZY = {
     "load": "picogpt.generation.model", "resolve": "picogpt.hub.resolve",
     "BUNDLED": "picogpt.hub.resolve", "Model": "picogpt.generation.model",
     "LogLikelihood": "picogpt.generation.model", "Completion": "picogpt.generation.model",
-    "Chunk": "picogpt.generation.decoding",
+    "set_threads": "picogpt.gpt2.parallel", "Chunk": "picogpt.generation.decoding",
 }  # fmt: skip
 __all__ = ["load", "resolve", "generate", "Model", "Completion", "Chunk", "LogLikelihood",
-           "BUNDLED", "ModelError", "PicogptError"]
+           "BUNDLED", "set_threads", "ModelError", "PicogptError"]
 
 
 def __getattr__(name):

@@ -92,12 +92,36 @@ def test_help_explains_with_examples(env):
     ["chat", "--presence-penalty", "3"],
     ["download", "125M"],
     ["eval", "no-such-file.txt"],
+    ["Hello", "--threads", "0"],
+    ["chat", "--threads", "many"],
+    ["train", "no-such-file.txt", "--out", "x", "--threads", "-2"],
 ])
 def test_bad_input_is_one_line_and_exit_2(args, env, server):
     out = picogpt_cmd(*args, env=env)
     assert_clean_failure(out, 2)
     assert out.stderr.startswith("picogpt: error: ") and out.stderr.count("\n") == 1, out.stderr
     assert server.requests == []  # nothing fetched for a command that cannot run
+
+
+@pytest.mark.parametrize("command", [["Hello"], ["eval", "no-such-file.txt"],
+                                     ["train", "no-such-file.txt", "--out", "x"]])
+def test_a_bad_picogpt_threads_is_one_line_and_exit_2(command, env, server):
+    out = picogpt_cmd(*command, env=dict(env, PICOGPT_THREADS="1.5"))
+    assert_clean_failure(out, 2)
+    assert "PICOGPT_THREADS='1.5'" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert server.requests == []
+
+
+def test_any_thread_count_generates_the_same_text(env):
+    """Greedy decoding of the bundled model after a prompt long enough to be split: the same
+    text at 1 thread and at 3 (--threads, and PICOGPT_THREADS)."""
+    prompt = "ROMEO:\nWhat light through yonder window breaks? " * 2
+    args = ["--model", "shakespeare-char", "--n", "40", "--temperature", "0"]
+    one = picogpt_cmd(prompt, *args, "--threads", "1", env=env)
+    three = picogpt_cmd(prompt, *args, "--threads", "3", env=env)
+    from_env = picogpt_cmd(prompt, *args, env=dict(env, PICOGPT_THREADS="3"))
+    assert one.returncode == three.returncode == from_env.returncode == 0, three.stderr
+    assert one.stdout == three.stdout == from_env.stdout and len(one.stdout) > len(prompt)
 
 
 def test_train_is_imported_only_when_asked_for():

@@ -30,3 +30,15 @@ def test_the_console_script_points_at_a_callable_main():
     targets = {name.strip(): target.strip() for name, target in scripts}
     module, function = targets["picogpt"].split(":")
     assert callable(getattr(importlib.import_module(module), function))
+
+
+def test_set_threads_is_public():
+    import picogpt
+    from picogpt.gpt2 import parallel
+
+    assert "set_threads" in picogpt.__all__
+    before = picogpt.set_threads(2)
+    try:
+        assert parallel.threads() == 2
+    finally:
+        picogpt.set_threads(before)

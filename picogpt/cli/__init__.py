@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from picogpt.cli import chat, download, evaluate, export, generate, serve, train
-from picogpt.cli.arguments import Parser, UsageError
+from picogpt.cli.arguments import Parser, UsageError, apply_threads
 from picogpt.errors import PicogptError
 
 COMMANDS = ("generate", "chat", "download", "eval", "serve", "train", "export")
@@ -105,6 +105,8 @@ def _main(argv):
     command = {"generate": generate.run, "chat": chat.run, "download": download.run,
                "eval": evaluate.run, "serve": serve.run, "export": export.run}
     try:
+        if hasattr(args, "threads"):
+            apply_threads(args)
         return command[args.command](args)
     except UsageError as e:
         print(f"picogpt: error: {e}", file=sys.stderr)

@@ -146,6 +146,26 @@ def add_model_options(p, default="124M"):
                    help=f"GPT-2 size, bundled model name or model folder (default {default})")
     p.add_argument("--weights-dir", metavar="DIR", help="where GPT-2 sizes are downloaded to")
     add_download_options(p)
+    add_threads_option(p)
+
+
+def add_threads_option(p):
+    """--threads, for every command that runs a model."""
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="threads to compute on (default $PICOGPT_THREADS, else every core this "
+                        "process may use)")
+
+
+def apply_threads(args):
+    """Set --threads, else check $PICOGPT_THREADS: a bad value is a usage error, said before any
+    work starts."""
+    from picogpt.gpt2 import parallel
+
+    try:
+        parallel.set_threads(args.threads)
+        parallel.threads()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def add_sampling_options(p, n, temperature=1.0, unit="sample"):

@@ -7,7 +7,16 @@ import json
 import sys
 import time
 
-from picogpt.cli.arguments import Parser, add_download_options, in_range, positive_int, whole_number
+from picogpt.cli.arguments import (
+    Parser,
+    UsageError,
+    add_download_options,
+    add_threads_option,
+    apply_threads,
+    in_range,
+    positive_int,
+    whole_number,
+)
 from picogpt.errors import PicogptError, UnknownModelError
 
 
@@ -92,6 +101,7 @@ def _add_train_arguments(parser, defaults):
     parser.add_argument("--weights-dir", metavar="DIR",
                         help="where GPT-2 sizes are downloaded to (and tokenized texts cached)")
     add_download_options(parser)
+    add_threads_option(parser)
     groups = {"model": parser.add_argument_group("model (fixed once training starts)"),
               "training": parser.add_argument_group(
                   "training (--resume keeps the saved values unless given)")}  # fmt: skip
@@ -133,6 +143,10 @@ def run(argv):
     parser = Parser(prog="picogpt train")
     _add_train_arguments(parser, DEFAULTS)
     args = parser.parse_args(argv)
+    try:
+        apply_threads(args)
+    except UsageError as e:
+        parser.error(str(e))
     if args.init is not None and args.resume:
         parser.error("--init starts a run and --resume continues one: give one of them")
     if args.init is not None and args.tokenizer != "chars":
