@@ -84,7 +84,7 @@ def main():
         return n_bytes / statistics.median(times) / 1e6
 
     print(f"text: {args.text} ({n_bytes:,} bytes, {len(ids):,} tokens); vocab: {vocab}")
-    print(f"import picogpt.bpe          {import_time * 1e3:7.1f} ms")
+    print(f"import tokenizers.bpe       {import_time * 1e3:7.1f} ms")
     print(f"BPE.load                    {statistics.median(load_times) * 1e3:7.1f} ms (median)")
     print(f"encode  picogpt, cold cache {mb_s(cold):7.2f} MB/s  {statistics.median(cold):.3f} s")
     print(f"encode  picogpt, warm cache {mb_s(warm):7.2f} MB/s  {statistics.median(warm):.3f} s")

@@ -1,4 +1,4 @@
-"""picogpt.bpe against tiktoken, built from the same local GPT-2 vocabulary files.
+"""picogpt.tokenizers.bpe against tiktoken, built from the same local GPT-2 vocabulary files.
 
 The reference is tiktoken's own algorithm and pre-tokenizing pattern (r50k_pat_str), with the
 mergeable ranks decoded here independently of picogpt (tiktoken's construction of GPT-2's byte

@@ -1,4 +1,5 @@
-"""picogpt.download against a real HTTP server on 127.0.0.1 serving the TF-written fixture model."""
+"""picogpt.hub.download against a real HTTP server on 127.0.0.1 serving the TF-written fixture
+model."""
 
 import hashlib
 import json
