@@ -494,7 +494,7 @@ def char_model(folder, chars, seed=0):
     rng = np.random.default_rng(seed)
     hparams = {"n_vocab": len(chars), "n_ctx": 32, "n_embd": 8, "n_head": 2, "n_layer": 1}
     params = {name: (rng.standard_normal(shape) * 0.5).astype(np.float32)
-              for name, shape in picogpt.gpt2.engine.param_shapes(hparams).items()}
+              for name, shape in picogpt.gpt2.params.param_shapes(hparams).items()}
     folder.mkdir()
     (folder / "hparams.json").write_text(json.dumps(hparams))
     checkpoint.write(folder / "model.ckpt", params)

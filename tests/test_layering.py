@@ -1,6 +1,7 @@
 """The package's layers, read from its source: every module belongs to a layer, imports only from
 its own layer or the layers below, and no modules import each other in a circle. Imports inside
-functions count as much as those at the top (they run, only later).
+functions count as much as those at the top (they run, only later). And a module over 500 lines
+says at its top why it is one module.
 
 The order, most basic first (docs/internals.md and the README's layout table follow it):"""
 
@@ -123,6 +124,19 @@ def test_the_layers_cover_every_folder_of_the_package():
     folders = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
     named = {name for layer in LAYERS for name in layer}
     assert folders <= named, folders - named
+
+
+LONG = 500  # lines: a module longer than this says at its top why it is one module
+
+
+def test_a_long_module_says_why_at_its_top():
+    unexplained = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        if text.count("\n") > LONG and " lines" not in doc:
+            unexplained.append(f"{path.relative_to(ROOT)}: {text.count(chr(10))} lines")
+    assert unexplained == []
 
 
 # --- the checks themselves, on a small made-up package -------------------------------------------

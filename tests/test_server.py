@@ -22,8 +22,8 @@ from _browser import Browser, chromium_path
 
 import picogpt
 from picogpt.serve import transport as srv
-from picogpt.serve.api import FifoLock
 from picogpt.serve.fields import MAX_TOKENS
+from picogpt.serve.openai_api import FifoLock
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "gpt2-tiny"

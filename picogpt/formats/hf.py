@@ -13,7 +13,6 @@ HF's tensor names map to OpenAI's in one table, `hf_names`. Both store matrices 
 [n_in, n_out] order; OpenAI's have a leading 1 ([1, n_in, n_out]), a free reshape.
 """
 
-import json
 import re
 from pathlib import Path
 
@@ -412,7 +411,7 @@ def _write_hf_tokenizer(out, tokenizer, hparams):
     """vocab.json + merges.txt (and tokenizer_config.json), which GPT2Tokenizer(Fast) loads. A
     character model keeps its chars.json (which picogpt reads) and gains the same vocabulary as
     a byte-level BPE (see char_bpe), which transformers reads."""
-    from picogpt.tokenizers.bpe import ENDOFTEXT
+    from picogpt.tokenizers.bpe import ENDOFTEXT, table_files
 
     if isinstance(tokenizer, CharTokenizer):
         tokenizer.save(out)
@@ -421,17 +420,13 @@ def _write_hf_tokenizer(out, tokenizer, hparams):
     else:
         encoder, merges = tokenizer.encoder, tokenizer.merges
         special = ENDOFTEXT if ENDOFTEXT in encoder else None
-    write_bpe(out / BPE_FILES[0], out / BPE_FILES[1], encoder, merges)
+    for name, data in table_files(encoder, merges, BPE_FILES).items():
+        files.atomic_write(out / name, data)
     files.write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": hparams["n_ctx"],
         "add_prefix_space": False, "bos_token": special, "eos_token": special,
         "unk_token": special, "errors": "replace",
     })  # fmt: skip
-
-
-def write_bpe(encoder_path, merges_path, encoder, merges):
-    files.atomic_write(encoder_path, json.dumps(encoder, ensure_ascii=False))
-    files.atomic_write(merges_path, "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
 
 
 def char_bpe(chars):

@@ -7,9 +7,7 @@ from pathlib import Path
 
 from picogpt import files
 from picogpt.errors import FileReadError, ModelError
-from picogpt.formats.hf import write_bpe
 from picogpt.gpt2.params import check_hparams, param_shapes
-from picogpt.tokenizers.chars import CharTokenizer
 
 
 def write_folder(out, hparams, tokenizer, params):
@@ -18,10 +16,8 @@ def write_folder(out, hparams, tokenizer, params):
     files.write_json(out / "hparams.json", {k: hparams[k] for k in
                                             ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")})
     tf_checkpoint.write(out / "model.ckpt", {name: params[name] for name in param_shapes(hparams)})
-    if isinstance(tokenizer, CharTokenizer):
-        tokenizer.save(out)
-    else:
-        write_bpe(out / "encoder.json", out / "vocab.bpe", tokenizer.encoder, tokenizer.merges)
+    for name, data in tokenizer.file_bytes().items():  # chars.json, or encoder.json + vocab.bpe
+        files.atomic_write(out / name, data)
 
 
 HPARAMS_LIMIT = 1 << 16  # bytes: a few integers

@@ -27,6 +27,15 @@ def read_folder(folder):
     return hparams, tokenizer, params
 
 
+def read_tokenizer(folder):
+    """The tokenizer of a model folder in either layout, or of a folder that holds only a
+    tokenizer in OpenAI's files: an HF folder's is read with its model, and checked against it."""
+    folder = Path(folder)
+    if hf.is_hf_folder(folder):
+        return read_folder(folder)[1]
+    return openai.read_tokenizer(folder)
+
+
 def check_tokenizer(tokenizer, n_vocab, folder):
     """A tokenizer must have a token for every id the model can produce, and no more: one that
     is smaller fails mid-stream on the first id it lacks, one that is larger on its first use."""

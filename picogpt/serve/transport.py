@@ -26,8 +26,8 @@ How it behaves:
 - One log line per request: time, client, method, path, status, tokens generated, seconds.
 
 This module is the HTTP transport (the handler, the server, the page's files); OpenAI's semantics,
-requests to Model calls to response shapes, are api.py's, and each request field's check is
-fields.py's. It is about 500 lines because HTTP/1.1's details belong together: bodies by length
+requests to Model calls to response shapes, are openai_api.py's, and each request field's check
+is fields.py's. It is about 500 lines because HTTP/1.1's details belong together: bodies by length
 or chunked, server-sent events and clients that leave, the Host and key checks, a bound on
 connections, errors in OpenAI's shape.
 """
@@ -46,8 +46,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from picogpt import files
-from picogpt.serve.api import Service, Stats
 from picogpt.serve.fields import APIError
+from picogpt.serve.openai_api import Service, Stats
 
 PAGE = Path(__file__).parent / "page"
 BODY_LIMIT = files.MB  # bytes of a request body

@@ -19,6 +19,7 @@ import codecs
 import errno
 import functools
 import heapq
+import json
 import re
 from itertools import filterfalse, repeat
 from pathlib import Path
@@ -166,6 +167,10 @@ class BPE:
                 token = first + second
                 return f"merge {rank} ({first!r}, {second!r}): {token!r} is not in the encoder"
         raise AssertionError("unreachable")
+
+    def file_bytes(self, names=("encoder.json", "vocab.bpe")):
+        """The files that hold this tokenizer in a model folder: name -> bytes."""
+        return table_files(self.encoder, self.merges, names)
 
     @classmethod
     def load(cls, folder, names=("encoder.json", "vocab.bpe")):
@@ -327,6 +332,14 @@ class _PieceCache(dict):
                 self.clear()
             self[piece] = ids
         return ids
+
+
+def table_files(encoder, merges, names=("encoder.json", "vocab.bpe")):
+    """A BPE's two tables as files, name -> bytes: the vocabulary as JSON (OpenAI's encoder.json,
+    HF's vocab.json) and the merges one a line after a version line (vocab.bpe, merges.txt)."""
+    text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+    return {names[0]: json.dumps(encoder, ensure_ascii=False).encode("utf-8"),
+            names[1]: text.encode("utf-8")}
 
 
 def _could_be_special(token):

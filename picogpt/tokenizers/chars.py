@@ -56,10 +56,14 @@ class CharTokenizer:
         tokenizer.path = path
         return tokenizer
 
+    def file_bytes(self):
+        """The file that holds this tokenizer in a model folder: name -> bytes."""
+        return {FILENAME: (json.dumps(self.chars, ensure_ascii=False) + "\n").encode("utf-8")}
+
     def save(self, folder):
         """Write chars.json into `folder`, atomically (a reader never sees half a file)."""
         path = Path(folder) / FILENAME
-        files.atomic_write(path, json.dumps(self.chars, ensure_ascii=False) + "\n")
+        files.atomic_write(path, self.file_bytes()[FILENAME])
         return path
 
     def encode(self, text):

@@ -4,7 +4,6 @@ training and validation ids, and random batches."""
 
 import hashlib
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -46,19 +45,10 @@ def read_text(path):
 def vocabulary_files(tokenizer, source=None):
     """The files that hold `tokenizer` in a model folder (name -> bytes): copied from the folder
     it came from when it has them (byte for byte, as OpenAI wrote them), else written out."""
-    from picogpt.tokenizers.chars import CharTokenizer
-
-    if isinstance(tokenizer, CharTokenizer):
-        names = ("chars.json",)
-    else:
-        names = ("encoder.json", "vocab.bpe")
-    if source is not None and all((Path(source) / n).is_file() for n in names):
-        return {n: files.read_bytes(Path(source) / n, VOCAB_LIMIT, n) for n in names}
-    if isinstance(tokenizer, CharTokenizer):
-        return {"chars.json": (json.dumps(tokenizer.chars, ensure_ascii=False) + "\n").encode()}
-    merges = "".join(f"{a} {b}\n" for a, b in tokenizer.merges)
-    return {"encoder.json": json.dumps(tokenizer.encoder, ensure_ascii=False).encode(),
-            "vocab.bpe": f"#version: 0.2\n{merges}".encode()}  # fmt: skip
+    written = tokenizer.file_bytes()  # chars.json, or encoder.json + vocab.bpe
+    if source is not None and all((Path(source) / n).is_file() for n in written):
+        return {n: files.read_bytes(Path(source) / n, VOCAB_LIMIT, n) for n in written}
+    return written
 
 
 def encode(text, tokenizer, cache_dir=None, vocabulary=None, progress=None):

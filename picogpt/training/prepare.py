@@ -36,9 +36,9 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
     (hub.resolve; a GPT-2 size is downloaded from `download_source`); `check_saved(config,
     path)` validates a resumed run's saved configuration; `progress(done, total)` hears how
     tokenizing goes. Nothing is written until all is checked."""
-    from picogpt.formats import hf, openai
+    from picogpt.formats import openai
     from picogpt.hub import sources
-    from picogpt.hub.folder import read_folder
+    from picogpt.hub.folder import read_folder, read_tokenizer
     from picogpt.hub.resolve import resolve
 
     text = read_text(text_path)
@@ -82,8 +82,7 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
             else:
                 source = resolve(tokenizer, weights_dir, base_url, download_source)
                 try:  # a model folder in either layout, or one holding just a tokenizer
-                    tok = (read_folder(source)[1] if hf.is_hf_folder(source)
-                           else openai.read_tokenizer(source))  # fmt: skip
+                    tok = read_tokenizer(source)
                 except (OSError, ValueError) as e:  # a folder without (or with a bad) tokenizer
                     raise ModelError(f"--tokenizer {tokenizer}: {e}") from e
             config = make_config(options)

@@ -7,8 +7,6 @@ from picogpt import files
 from picogpt.errors import TrainingError
 from picogpt.formats import tf_checkpoint
 
-# --- the training folder: picogpt replaces or deletes only files it wrote ----------------------
-
 MANIFEST = "train_files.json"  # the files picogpt wrote into a training folder, by relative path
 STATE_DIR = "resume"
 # The names picogpt writes into a training folder (besides the checkpoints it records).
