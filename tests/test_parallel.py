@@ -11,6 +11,7 @@ import pytest
 
 from picogpt.gpt2 import engine, network, parallel
 from picogpt.gpt2.params import param_shapes
+from picogpt.training import memory
 from picogpt.training.config import DEFAULTS
 from picogpt.training.data import get_batch
 from picogpt.training.loop import Trainer
@@ -150,12 +151,17 @@ def make_trainer(out, hparams=None, **config):
     return trainer
 
 
-def test_a_split_step_is_the_whole_step(tmp_path, threads):
-    """Trainer.loss with its passes split over 3 threads against gpt_forward and gpt_backward
-    run whole, in one call: the same loss and gradient, to float32 rounding."""
+@pytest.mark.parametrize("how", ["shards", "passes"])
+def test_a_split_step_is_the_whole_step(tmp_path, threads, how, monkeypatch):
+    """Trainer.loss over 3 threads, its 5 sequences in shards (unequal ones) or each pass split
+    (a model wider than memory.SHARD_MAX_WIDTH), against gpt_forward and gpt_backward run whole,
+    in one call: the same loss and gradient, to float32 rounding."""
     threads(3)
+    if how == "passes":
+        monkeypatch.setattr(memory, "SHARD_MAX_WIDTH", 8)
     trainer = make_trainer(tmp_path)
     x, y = get_batch(np.arange(200, dtype=np.uint16) % 11, 16, 5, np.random.default_rng(0))
+    assert len(memory.shards(trainer.hparams, 5)) == (3 if how == "shards" else 1)
     loss = trainer.loss(x, y, backward=True)
     _, grads = network.flat_views(network.param_shapes(trainer.hparams))
     whole, cache = network.gpt_forward(trainer.params, trainer.hparams, x, y, grads=grads)
@@ -165,6 +171,16 @@ def test_a_split_step_is_the_whole_step(tmp_path, threads):
     scale = np.abs(flat).max()
     assert np.abs(trainer.flat_grad - flat).max() <= 1e-6 * scale
     assert trainer.loss(x, y) == pytest.approx(whole, rel=1e-6)  # the evaluation's, split too
+
+
+def test_shards_are_bounded(threads):
+    """At most memory.MAX_SHARDS shards, whatever the thread count; none for a wide model."""
+    threads(16)
+    small = {"n_embd": 128}
+    assert len(memory.shards(small, 12)) == memory.MAX_SHARDS
+    assert memory.shards({"n_embd": memory.SHARD_MAX_WIDTH + 1}, 12) == [(0, 12)]
+    threads(1)
+    assert memory.shards(small, 12) == [(0, 12)]
 
 
 def test_training_losses_depend_on_the_thread_count_only_within_rounding(tmp_path, threads):

@@ -165,11 +165,11 @@ def run(fn, n, grain=1):
     once inside passes() (outside, or for a pass too short to give each thread `grain` items,
     fn(0, n) here); returns their results in order. An exception in any range is raised here,
     after every range has ended: none is left writing into its buffers."""
-    if not _held:
-        return [fn(0, n)]
+    if not _held or getattr(_local, "worker", False):
+        return [fn(0, n)]  # outside passes(), or a pass inside a pass: whole, here
     parts = ranges(n, threads(), grain)
-    if len(parts) == 1 or getattr(_local, "worker", False) or not _busy.acquire(blocking=False):
-        return [fn(a, b) for a, b in parts]  # one range, or a pass inside a pass: here, alone
+    if len(parts) == 1 or not _busy.acquire(blocking=False):
+        return [fn(0, n)]  # too short to split, or another thread's pass holds the pool
     try:
         return _get_pool().run(fn, parts)
     finally:

@@ -17,6 +17,7 @@ from picogpt.formats import tf_checkpoint
 from picogpt.gpt2 import network, parallel
 from picogpt.gpt2.memory import keep_freed_memory
 from picogpt.training.data import get_batch
+from picogpt.training.memory import shards
 from picogpt.training.optimizer import AdamW, clip_grad_norm, learning_rate
 from picogpt.training.run_folder import STATE_DIR
 
@@ -31,6 +32,7 @@ class Trainer:
         shapes = network.param_shapes(self.hparams)
         self.flat, self.params = network.flat_views(shapes)
         self.flat_grad, self.grads = network.flat_views(shapes)
+        self.shard_grads = []  # (flat, views) of each shard's gradient after the first's
         # With --grad-accum, the micro-batches' gradients are summed here.
         self.grad_sum = np.zeros_like(self.flat) if config["grad_accum"] > 1 else None
         self.optimizer = AdamW(self.flat, network.n_decayed(shapes), config["beta1"],
@@ -75,14 +77,44 @@ class Trainer:
 
     def loss(self, x, y, rng=None, backward=False):
         """The mean loss of predicting y [B, T] from x [B, T]; with `backward`, with dropout and
-        its gradient in self.flat_grad."""
-        with parallel.passes():
+        its gradient in self.flat_grad.
+
+        A small model's sequences go in shards (memory.shards), each shard's forward and backward
+        on a thread of its own, into a gradient buffer of its own (the first shard's is
+        self.grads); the shards' losses and gradients are then averaged, weighted by their
+        sizes: the mean over the whole batch. Each shard draws its dropout from its own
+        generator, seeded from `rng`. Otherwise the whole batch goes through once, each pass
+        split over the cores."""
+        parts = shards(self.hparams, len(x))
+        if backward:
+            while len(self.shard_grads) < len(parts) - 1:
+                self.shard_grads.append(network.flat_views(network.param_shapes(self.hparams)))
+            grads = [self.grads] + [views for _, views in self.shard_grads]
+        rngs = [rng] * len(parts)
+        if rng is not None and len(parts) > 1:
+            seed = int(rng.integers(1 << 63))
+            rngs = [np.random.default_rng([seed, i]) for i in range(len(parts))]
+
+        def shard(i):
+            start, stop = parts[i]
+            xs, ys = x[start:stop], y[start:stop]
             if not backward:
-                return network.gpt_forward(self.params, self.hparams, x, y)[0]
-            loss, cache = network.gpt_forward(self.params, self.hparams, x, y,
-                                              self.config["dropout"], rng, grads=self.grads)
-            network.gpt_backward(cache, self.params, self.hparams, self.grads)
+                return network.gpt_forward(self.params, self.hparams, xs, ys)[0]
+            loss, cache = network.gpt_forward(self.params, self.hparams, xs, ys,
+                                              self.config["dropout"], rngs[i], grads=grads[i])
+            network.gpt_backward(cache, self.params, self.hparams, grads[i])
             return loss
+
+        with parallel.passes():  # one shard a thread, or the one shard's passes split
+            ranges = parallel.run(lambda a, b: [shard(i) for i in range(a, b)], len(parts))
+        losses = [loss for part in ranges for loss in part]
+        weights = [(stop - start) / len(x) for start, stop in parts]
+        if backward and len(parts) > 1:
+            self.flat_grad *= weights[0]
+            for w, (flat, _) in zip(weights[1:], self.shard_grads):
+                flat *= w
+                self.flat_grad += flat
+        return sum(w * loss for w, loss in zip(weights, losses))
 
     def estimate_loss(self, data, rng):
         """Mean loss over eval_iters random batches, without dropout."""
