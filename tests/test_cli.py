@@ -93,6 +93,7 @@ def test_help_explains_with_examples(env):
     ["download", "125M"],
     ["eval", "no-such-file.txt"],
     ["Hello", "--threads", "0"],
+    ["Hello", "--dtype", "float8"],
     ["chat", "--threads", "many"],
     ["train", "no-such-file.txt", "--out", "x", "--threads", "-2"],
 ])
@@ -122,6 +123,20 @@ def test_any_thread_count_generates_the_same_text(env):
     from_env = picogpt_cmd(prompt, *args, env=dict(env, PICOGPT_THREADS="3"))
     assert one.returncode == three.returncode == from_env.returncode == 0, three.stderr
     assert one.stdout == three.stdout == from_env.stdout and len(one.stdout) > len(prompt)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
+def test_every_dtype_generates_and_evaluates(dtype, env, tmp_path):
+    """The bundled model's greedy text in each dtype starts as float32's does, and eval runs."""
+    args = ["--model", "shakespeare-char", "--n", "12", "--temperature", "0"]
+    ours = picogpt_cmd("ROMEO:", *args, "--dtype", dtype, env=env)
+    reference = picogpt_cmd("ROMEO:", *args, "--dtype", "float32", env=env)
+    assert ours.returncode == reference.returncode == 0, ours.stderr
+    assert ours.stdout[:12] == reference.stdout[:12]
+    text = tmp_path / "text.txt"
+    text.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n" * 4)
+    out = picogpt_cmd("eval", text, "-m", "shakespeare-char", "--dtype", dtype, env=env)
+    assert out.returncode == 0 and "perplexity" in out.stdout, out.stderr
 
 
 def test_train_is_imported_only_when_asked_for():

@@ -115,3 +115,65 @@ def test_an_unknown_dtype_is_refused():
     hparams = json.loads((FOLDER / "hparams.json").read_text())
     with pytest.raises(ValueError, match="one of float32, float16, bfloat16, int8"):
         engine.GPT(checkpoint.read(FOLDER), hparams, dtype="float8")
+
+
+HF16 = Path(__file__).parent / "fixtures" / "gpt2-tiny-hf16"  # float16, written by transformers
+
+
+def test_the_command_lines_dtypes_are_the_engines():
+    from picogpt.cli.arguments import DTYPES
+
+    assert DTYPES == compact.DTYPES
+
+
+def test_a_float16_folder_runs_in_float16_unless_told():
+    """HuggingFace's float16 weights stay float16 (mapped, not widened whole) by default, and give
+    the logits of the same weights widened at load (--dtype float32)."""
+    halves, widened = picogpt.load(HF16), picogpt.load(HF16, dtype="float32")
+    assert halves.gpt.dtype == "float16" and widened.gpt.dtype == "float32"
+    assert isinstance(halves.gpt.blocks[0]["c_fc"][0], compact.Float16)
+    assert isinstance(halves.gpt.wte, compact.Float16)
+    ids = halves.encode("Hello, world. " * 3)
+    a, b = halves.logits(ids), widened.logits(ids)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+def test_bfloat16_export_runs_as_bfloat16_and_transformers_reads_it(tmp_path):
+    """export --dtype bfloat16 writes BF16 safetensors, which load keeps as bfloat16, and which
+    transformers reads to the same logits."""
+    from picogpt.hub.export import export
+
+    out = export(HF16, tmp_path / "bf16", dtype="bfloat16")
+    model = picogpt.load(out)
+    assert model.gpt.dtype == "bfloat16"
+    assert isinstance(model.gpt.blocks[1]["c_attn"][0], compact.BFloat16)
+    ids = model.encode("Hello, world. " * 3)
+    ours = model.logits(ids)
+    reference = picogpt.load(out, dtype="float32").logits(ids)  # the same values, widened
+    assert np.abs(ours - reference).max() <= 1e-5 * np.abs(reference).max()
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+
+
+def test_a_dtype_the_weights_cannot_take_says_why(tmp_path):
+    from picogpt.formats import safetensors
+    from picogpt.hub.export import export
+
+    out = export(HF16, tmp_path / "big", dtype="float32")  # a float32 copy, then a value too large
+    data = (out / "model.safetensors").read_bytes()
+    tensors = dict(safetensors.read(out / "model.safetensors"))
+    big = np.array(tensors["transformer.h.0.mlp.c_fc.weight"])
+    big[0, 0] = 1e6
+    tensors["transformer.h.0.mlp.c_fc.weight"] = big
+    (out / "model.safetensors").unlink()
+    safetensors.write(out / "model.safetensors", tensors, metadata={"format": "pt"})
+    assert data != (out / "model.safetensors").read_bytes()
+    with pytest.raises(picogpt.ModelError, match="c_fc/w.*beyond float16's range.*bfloat16"):
+        picogpt.load(out, dtype="float16")
+    assert picogpt.load(out, dtype="bfloat16").gpt.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="dtype 'float8'"):
+        picogpt.load(out, dtype="float8")

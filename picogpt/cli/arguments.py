@@ -11,6 +11,10 @@ from picogpt import files
 from picogpt.errors import PicogptError, UnknownModelError
 from picogpt.hub import download, sources
 
+# gpt2/compact.py's DTYPES, written out: importing it would import NumPy before the command can
+# catch Ctrl-C (tests/test_compact.py holds the two equal).
+DTYPES = ("float32", "float16", "bfloat16", "int8")
+
 
 class UsageError(PicogptError):
     """Bad input from the user: reported on one line, exit status 2."""
@@ -147,6 +151,10 @@ def add_model_options(p, default="124M"):
     p.add_argument("--weights-dir", metavar="DIR", help="where GPT-2 sizes are downloaded to")
     add_download_options(p)
     add_threads_option(p)
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="what the weights are kept in while running: float16 and bfloat16 "
+                        "halve their memory, int8 quarters it (default: the folder's own, "
+                        "float32 unless an HF folder holds float16 or bfloat16)")
 
 
 def add_threads_option(p):
@@ -199,7 +207,7 @@ def open_model(args):
 
     try:
         return load(args.model, args.weights_dir, getattr(args, "base_url", None),
-                    source=getattr(args, "source", None))
+                    source=getattr(args, "source", None), dtype=args.dtype)
     except UnknownModelError as e:
         raise UsageError(str(e)) from e
 

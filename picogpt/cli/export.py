@@ -25,7 +25,8 @@ def add_parser(sub):
     x.add_argument("--format", choices=export.FORMATS, default="hf",
                    help="hf: HuggingFace's layout (default); openai: OpenAI's")
     x.add_argument("--dtype", choices=export.DTYPES, default="float32",
-                   help="the weights' type (default float32; float16 halves the size, hf only)")
+                   help="the weights' type (default float32; float16 and bfloat16 halve the size, "
+                        "hf only)")
     x.add_argument("--weights-dir", metavar="DIR", help="where GPT-2 sizes are downloaded to")
     add_download_options(x)
 

@@ -21,8 +21,9 @@ import numpy as np
 from picogpt import files
 from picogpt.errors import ModelError, VocabularyError
 from picogpt.formats import safetensors
+from picogpt.gpt2 import compact
 from picogpt.gpt2.kernels import LN_EPS
-from picogpt.gpt2.params import param_shapes
+from picogpt.gpt2.params import is_matrix, param_shapes
 from picogpt.tokenizers.chars import CharTokenizer
 
 CONFIG = "config.json"
@@ -149,14 +150,15 @@ def read_config(folder):
     return hparams
 
 
-def read_folder(folder):
+def read_folder(folder, compact_matrices=False):
     """(hparams, tokenizer, params) of an HF folder: params float32 in OpenAI's names and shapes,
-    as the engine, training and export take them."""
+    as the engine, training and export take them; with compact_matrices, the weight matrices
+    (params.is_matrix) in float16 or bfloat16 stay so, mapped, for the engine."""
     folder = Path(folder)
     weights = weight_files(folder)  # first: which weights, if any, is the first question
     hparams = read_config(folder)
     tokenizer = read_tokenizer(folder)
-    return hparams, tokenizer, read_params(folder, hparams, weights)
+    return hparams, tokenizer, read_params(folder, hparams, weights, compact_matrices)
 
 
 def weight_files(folder):
@@ -209,13 +211,14 @@ def _weight_map(index):
     return weight_map
 
 
-def read_tensors(folder, weights=None):
+def read_tensors(folder, weights=None, bfloat16="float32"):
     """{HF name: array} of an HF folder's weights, and {HF name: the file holding it}.
-    `weights` is what weight_files(folder) says, when already asked."""
+    `weights` is what weight_files(folder) says, when already asked; `bfloat16` as
+    safetensors.read takes it."""
     paths, weight_map = weights or weight_files(folder)
     tensors, where = {}, {}
     for path in paths:
-        for name, array in safetensors.read(path).items():
+        for name, array in safetensors.read(path, bfloat16).items():
             if weight_map is not None and weight_map.get(name) != path.name:
                 raise ModelError(f"{path}: holds {name!r}, which {INDEX} places in "
                                  f"{weight_map.get(name) or 'no file'}")
@@ -228,10 +231,11 @@ def read_tensors(folder, weights=None):
     return tensors, where
 
 
-def read_params(folder, hparams, weights=None):
-    """An HF folder's weights as the engine takes them: OpenAI's names and shapes, float32;
-    each tensor checked against the shape config.json's sizes give it."""
-    tensors, where = read_tensors(folder, weights)
+def read_params(folder, hparams, weights=None, compact_matrices=False):
+    """An HF folder's weights as the engine takes them: OpenAI's names and shapes, float32 (with
+    compact_matrices, the weight matrices' float16 or bfloat16 as they are); each tensor checked
+    against the shape config.json's sizes give it."""
+    tensors, where = read_tensors(folder, weights, "raw" if compact_matrices else "float32")
     if hparams["n_layer"] > len(tensors):  # before any table n_layer long is built
         layers = {m.group(1) for m in map(_LAYER.match, tensors) if m}
         raise ModelError(f"{Path(folder) / CONFIG}: n_layer is {hparams['n_layer']} but the "
@@ -248,7 +252,8 @@ def read_params(folder, hparams, weights=None):
             if ours in params:
                 raise ModelError(f"{where[name]}: {short!r} is there twice, with and without "
                                  f"{PREFIX!r}")
-            params[ours] = _engine_array(name, array, shapes[ours], where[name])
+            keep = compact_matrices and is_matrix(ours)
+            params[ours] = _engine_array(name, array, shapes[ours], where[name], keep)
         elif not short.endswith(BUFFERS):
             unknown.append(name)
     if unknown:
@@ -264,20 +269,26 @@ def read_params(folder, hparams, weights=None):
             shards = ", ".join(p.name for p in paths) or "none"
             raise ModelError(f"{folder}: no tensor {hf!r} in its shards ({shards})")
     if lm_head is not None:
-        head = _engine_array(lm_head, tensors[lm_head], shapes["model/wte"], where[lm_head])
-        if not np.array_equal(head, params["model/wte"]):
+        head = _engine_array(lm_head, tensors[lm_head], shapes["model/wte"], where[lm_head],
+                             compact_matrices)  # fmt: skip
+        if not _same(head, params["model/wte"]):
             raise ModelError(f"{where[lm_head]}: {LM_HEAD} differs from wte: an untied output "
                              "projection, which GPT-2 (and picogpt's engine) does not have")
     return params
 
 
-def _engine_array(name, array, shape, path):
+def _engine_array(name, array, shape, path, keep_compact=False):
     """`array` checked against its expected OpenAI `shape` (HF's lacks the matrices' leading 1),
-    as float32 (float16 and bfloat16 widened exactly)."""
+    as float32 (float16 and bfloat16 widened exactly), or with keep_compact, float16 and
+    bfloat16 as they are."""
     hf_shape = shape[1:] if len(shape) == 3 else shape
     if tuple(array.shape) != hf_shape:
         raise ModelError(f"{path}: tensor {name!r} is {list(array.shape)}, but config.json's "
                          f"sizes make it {list(hf_shape)}")
+    if isinstance(array, compact.BFloat16):
+        return array.reshape(shape) if keep_compact else compact.widened(array).reshape(shape)
+    if keep_compact and array.dtype == np.float16:
+        return array.reshape(shape)
     if array.dtype.kind != "f":
         raise ModelError(f"{path}: tensor {name!r} is {array.dtype}: GPT-2's weights are "
                          "floating point")
@@ -285,6 +296,13 @@ def _engine_array(name, array, shape, path):
         array = array.astype(np.float32)  # a copy: float16 widened, float64 rounded
         array.flags.writeable = False
     return array.reshape(shape)
+
+
+def _same(a, b):
+    """Whether two tensors hold the same values (arrays, or compact tensors' bits)."""
+    if isinstance(a, compact.Compact) or isinstance(b, compact.Compact):
+        return type(a) is type(b) and np.array_equal(a.data, b.data)
+    return np.array_equal(a, b)
 
 
 def read_tokenizer(folder):
@@ -394,6 +412,10 @@ def write_folder(out, hparams, tokenizer, params, dtype, source):
     tensors = to_hf(params, hparams["n_layer"])
     if dtype == "float16":
         tensors = {name: _float16(name, array, source) for name, array in tensors.items()}
+    elif dtype == "bfloat16":  # each float32 rounded to its upper half, as torch rounds it
+        tensors = {name: compact.compress(np.asarray(array, np.float32).reshape(-1, 1),
+                                          "bfloat16").reshape(*np.shape(array))
+                   for name, array in tensors.items()}  # fmt: skip
     safetensors.write(out / WEIGHTS, tensors, metadata={"format": "pt"})
     _write_hf_tokenizer(out, tokenizer, hparams)
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from picogpt import files
 from picogpt.errors import CheckpointError
+from picogpt.gpt2 import compact
 
 __all__ = ["CheckpointError", "TensorInfo", "read", "read_header", "write"]
 
@@ -160,13 +161,15 @@ def _check_layout(entries, data_size, path):
                               "that no tensor accounts for")
 
 
-def read(path):
+def read(path, bfloat16="float32"):
     """Every tensor of the safetensors file at `path`: {name: read-only array}, in native byte
-    order. Arrays are views of a memory map (BF16 excepted: widened to float32)."""
+    order. Arrays are views of a memory map; BF16, which NumPy has no type for, is widened to
+    float32 (exactly), or with bfloat16="raw" kept as its 16 bits, mapped (a compact.BFloat16)."""
     path = Path(path)
     _, entries, start = read_header(path)
     data = _map(path, start + max((e.end for e in entries.values()), default=0))
-    return {name: _view(name, info, data, start, path) for name, info in entries.items()}
+    return {name: _view(name, info, data, start, path, bfloat16)
+            for name, info in entries.items()}  # fmt: skip
 
 
 def _map(path, expected):
@@ -180,8 +183,13 @@ def _map(path, expected):
     return data
 
 
-def _view(name, info, data, start, path):
+def _view(name, info, data, start, path, bfloat16="float32"):
     array = data[start + info.begin : start + info.end].view(DTYPES[info.dtype])
+    if info.dtype == "BF16" and bfloat16 == "raw":
+        if not array.dtype.isnative:
+            array = array.astype(array.dtype.newbyteorder("="))  # a big-endian machine
+        array.flags.writeable = False
+        return compact.BFloat16(array.reshape(info.shape))
     if info.dtype == "BF16":  # the top half of a float32: widen exactly
         array = (array.astype(np.uint32) << 16).view(np.float32)
     elif info.dtype == "BOOL" and array.size and array.view(np.uint8).max() > 1:
@@ -211,19 +219,22 @@ def write(path, tensors, metadata=None):
         if not isinstance(name, str) or not name or name == METADATA:
             raise ValueError(f"tensor names must be non-empty strings other than {METADATA}, "
                              f"got {name!r}")
+        if isinstance(value, compact.BFloat16):  # its 16 bits, as BF16
+            arrays[name] = (np.asarray(value.data, "<u2", order="C"), "BF16")
+            continue
         array = np.asarray(value)
         if array.dtype.newbyteorder("=") not in NAME_OF:
             raise ValueError(f"tensor {name!r}: dtype {array.dtype} cannot be saved "
-                             f"(only {', '.join(n for n in DTYPES if n != 'BF16')})")
-        arrays[name] = np.asarray(array, array.dtype.newbyteorder("<"), order="C")
-    order = sorted(arrays, key=lambda n: (-arrays[n].dtype.itemsize, n))
+                             f"(only {', '.join(DTYPES)}, BF16 as a compact.BFloat16)")
+        array = np.asarray(array, array.dtype.newbyteorder("<"), order="C")
+        arrays[name] = (array, NAME_OF[array.dtype.newbyteorder("=")])
+    order = sorted(arrays, key=lambda n: (-arrays[n][0].dtype.itemsize, n))
     header, offset = {}, 0
     if metadata:
         header[METADATA] = dict(metadata)
     for name in order:
-        array = arrays[name]
-        header[name] = {"dtype": NAME_OF[array.dtype.newbyteorder("=")],
-                        "shape": list(array.shape),
+        array, dtype = arrays[name]
+        header[name] = {"dtype": dtype, "shape": list(array.shape),
                         "data_offsets": [offset, offset + array.nbytes]}
         offset += array.nbytes
     text = _json(header)
@@ -232,7 +243,7 @@ def write(path, tensors, metadata=None):
         f.write(struct.pack("<Q", len(text)))
         f.write(text.encode("ascii"))
         for name in order:
-            f.write(memoryview(arrays[name].reshape(-1).view(np.uint8)))
+            f.write(memoryview(arrays[name][0].reshape(-1).view(np.uint8)))
 
 
 def _json(obj):

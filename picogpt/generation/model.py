@@ -18,6 +18,7 @@ from picogpt.formats import tf_checkpoint
 from picogpt.generation import decoding
 from picogpt.generation.options import Options, check_logprobs, check_sampling, check_seed
 from picogpt.generation.stops import check_stop
+from picogpt.gpt2.compact import DTYPES
 from picogpt.gpt2.engine import GPT
 from picogpt.hub.folder import read_folder
 from picogpt.hub.resolve import resolve
@@ -274,20 +275,32 @@ class Model:
         return decoding.token_text(self.tokenizer, token)
 
 
-def load(name="124M", weights_dir=None, base_url=None, source=None):
+def load(name="124M", weights_dir=None, base_url=None, source=None, dtype=None):
     """A Model from a GPT-2 size ('124M', 'gpt2-medium', ...), a bundled model name, or a folder
-    (see `resolve`). Anything wrong in the folder is a ModelError naming it, the cause chained."""
-    return load_folder(resolve(name, weights_dir, base_url, source))
+    (see `resolve`). `dtype` is what its weight matrices are kept in: float32, float16,
+    bfloat16 or int8 (widened inside the products: gpt2/compact.py); None, the folder's own
+    (float32, or an HF folder's float16 / bfloat16). Anything wrong in the folder is a
+    ModelError naming it, the cause chained."""
+    check_dtype(dtype)
+    return load_folder(resolve(name, weights_dir, base_url, source), dtype)
 
 
-def load_folder(folder):
-    """A Model from a model folder. Everything is checked before anything is built from it: the
-    hparams against the checkpoint's own tensors, the tokenizer against the vocabulary size.
-    Anything wrong is a ModelError naming the folder or the file, the cause chained."""
+def check_dtype(dtype):
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)} (or None: the folder's "
+                         "own)")
+
+
+def load_folder(folder, dtype=None):
+    """A Model from a model folder, its weight matrices in `dtype` (see load). Everything is
+    checked before anything is built from it: the hparams against the checkpoint's own tensors,
+    the tokenizer against the vocabulary size. Anything wrong is a ModelError naming the folder
+    or the file, the cause chained."""
+    check_dtype(dtype)
     folder = Path(folder)
     try:
-        hparams, tokenizer, params = read_folder(folder)
-        gpt = GPT(params, hparams, release=tf_checkpoint.release)
+        hparams, tokenizer, params = read_folder(folder, compact_matrices=dtype != "float32")
+        gpt = GPT(params, hparams, release=tf_checkpoint.release, dtype=dtype)
     except ModelError:
         raise
     except (PicogptError, OSError, ValueError) as e:

@@ -51,9 +51,13 @@ class Compact:
         return len(self.data)
 
     def __getitem__(self, rows):
-        if not isinstance(rows, slice):
-            raise TypeError("a compact matrix is sliced by rows only")
+        """Rows (a slice), or one index of the first axis (a [1, n_in, n_out] tensor's matrix)."""
         return type(self)(self.data[rows], None if self.scales is None else self.scales[rows])
+
+    def reshape(self, *shape):
+        if self.scales is not None:
+            raise ValueError("an int8 matrix keeps its shape")
+        return type(self)(self.data.reshape(*shape))
 
     def take(self, ids):
         """Rows `ids` (any shape of ints) as float32 [*ids.shape, n_in]: the token embedding's
@@ -142,7 +146,12 @@ def compress(w, dtype):
     for start in range(0, n_out, band):
         rows = np.ascontiguousarray(w[start : start + band], np.float32)
         if dtype == "float16":
-            data[start : start + band] = rows.astype(np.float16).view(np.uint16)
+            with np.errstate(over="ignore"):
+                halves = rows.astype(np.float16)
+            if not np.isfinite(halves).all() and np.isfinite(rows).all():
+                raise ValueError("values beyond float16's range (65504): use bfloat16 or "
+                                 "float32")
+            data[start : start + band] = halves.view(np.uint16)
         elif dtype == "bfloat16":
             data[start : start + band] = _round_to_bfloat16(rows)
         else:

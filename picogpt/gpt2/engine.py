@@ -186,6 +186,12 @@ class GPT:
         self.dtype = dtype or compact.dtype_of(params["model/wte"])
 
         def w(name):
+            try:
+                return matrix(name)
+            except ValueError as e:  # a value beyond float16's range, say
+                raise ValueError(f"tensor {name!r}: {e}") from e
+
+        def matrix(name):
             kind = dtype or compact.dtype_of(params[name])
             if kind != "float32":  # [nf, nx] in `kind`, copied band by band from any source
                 wt = compact.reordered(params[name][0], kind)
@@ -199,7 +205,13 @@ class GPT:
                 release(params[name])  # the copy is used from now on, not the mapped file
             return wt
 
-        self.wte = compact.converted(params["model/wte"], dtype)
+        try:  # [n_vocab, C] is already [n_out, n_in]
+            self.wte = compact.converted(params["model/wte"], dtype)
+        except ValueError as e:
+            raise ValueError(f"tensor 'model/wte': {e}") from e
+        if release is not None and compact.dtype_of(self.wte) != compact.dtype_of(
+                params["model/wte"]):  # fmt: skip
+            release(params["model/wte"])  # converted: the file's pages are not used
         self.wpe = params["model/wpe"]
         self.ln_f = params["model/ln_f/g"], params["model/ln_f/b"]
         self.blocks = []

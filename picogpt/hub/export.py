@@ -11,13 +11,13 @@ from picogpt.formats import hf, openai
 from picogpt.hub.folder import read_folder
 
 FORMATS = ("hf", "openai")
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def export(model, out, format="hf", dtype="float32"):
     """Write the model folder `model` (either layout) to `out`, a new folder, in HuggingFace's
     layout ("hf": what transformers' from_pretrained reads) or OpenAI's ("openai": what OpenAI
-    published), with float32 or float16 weights (HF only: OpenAI's layout is float32).
+    published), with float32, float16 or bfloat16 weights (HF only: OpenAI's layout is float32).
 
     `out` must not exist or be empty: export never overwrites a file. The folder is written
     under a temporary name beside `out` and renamed into place when complete. Returns `out`."""

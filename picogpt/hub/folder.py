@@ -8,13 +8,14 @@ from picogpt.formats import hf, openai, tf_checkpoint
 from picogpt.gpt2.params import check_params
 
 
-def read_folder(folder):
+def read_folder(folder, compact_matrices=False):
     """(hparams, tokenizer, params) of a model folder in either layout, each checked against the
     others: params float32 in OpenAI's names and shapes, as the engine, training and export take
-    them. Anything wrong is a PicogptError naming the file."""
+    them (with compact_matrices, an HF folder's float16 or bfloat16 weight matrices as they are,
+    for the engine). Anything wrong is a PicogptError naming the file."""
     folder = Path(folder)
     if hf.is_hf_folder(folder):
-        hparams, tokenizer, params = hf.read_folder(folder)
+        hparams, tokenizer, params = hf.read_folder(folder, compact_matrices)
     else:
         hparams = openai.read_hparams(folder)
         params = tf_checkpoint.read(folder)
