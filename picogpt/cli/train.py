@@ -97,7 +97,8 @@ def _add_train_arguments(parser, defaults):
                              "(anything --model takes: a GPT-2 size, a bundled model, a folder)")
     parser.add_argument("--tokenizer", metavar="NAME", default="chars",
                         help="from scratch: chars (the text's characters, the default), or gpt2 "
-                             "(GPT-2's 50,257 tokens), or any model whose tokenizer to use")
+                             "(GPT-2's 50,257 tokens, shipped with picogpt: no download), or "
+                             "any model whose tokenizer to use")
     parser.add_argument("--weights-dir", metavar="DIR",
                         help="where GPT-2 sizes are downloaded to (and tokenized texts cached)")
     add_download_options(parser)

@@ -1,5 +1,6 @@
 """The one place a model's name resolves to a folder: a path, a GPT-2 size (downloaded when
-missing), or a bundled model.
+missing), or a bundled model; a tokenizer's name likewise, except that GPT-2's vocabulary is the
+one shipped in the package.
 
 A model folder is in OpenAI's layout: `hparams.json`, a TensorFlow checkpoint with GPT-2's tensor
 names, and a tokenizer (`encoder.json` + `vocab.bpe`, or `chars.json` for trained char models);
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from picogpt.errors import ModelError, UnknownModelError
 from picogpt.hub import download, sources
+from picogpt.tokenizers import GPT2_VOCABULARY
 
 BUNDLED = Path(__file__).parent.parent / "models"
 
@@ -42,3 +44,13 @@ def resolve(name, weights_dir=None, base_url=None, source=None):
         f"{', '.join(sources.ALIASES)}), and not a bundled model "
         f"({', '.join(bundled_models()) or 'none'})"
     )
+
+
+def resolve_tokenizer(name, weights_dir=None, base_url=None, source=None):
+    """The folder whose tokenizer `name` names (`--tokenizer`): as `resolve`, except that a GPT-2
+    size or alias is the vocabulary shipped in the package, which is every size's (the files
+    sources.py pins), so GPT-2's tokens need neither the network nor a downloaded model."""
+    text = str(name)
+    if sources.canonical_size(text) and not Path(text).expanduser().exists():
+        return GPT2_VOCABULARY
+    return resolve(name, weights_dir, base_url, source)

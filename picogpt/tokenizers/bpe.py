@@ -112,14 +112,7 @@ class BPE:
         # (Whole-table C calls rather than Python loops over 50,000 entries: loading is fast.)
         self.encoder = encoder
         self.merges = merges
-        ids = list(encoder.values())
-        if set(map(type, ids)) - {int} or min(ids, default=0) < 0 or len(set(ids)) != len(ids):
-            raise VocabularyError("encoder ids must be distinct non-negative integers")
-        self.n_vocab = max(ids, default=-1) + 1
-        if len(ids) != self.n_vocab:  # a model may produce any id below n_vocab
-            gap = min(set(range(self.n_vocab)).difference(ids))
-            raise VocabularyError(f"the encoder has no token for id {gap} (ids must run from 0 "
-                                  f"to {self.n_vocab - 1} without gaps)")
+        self.n_vocab = _count_ids(encoder)
         self.eot_id = encoder.get(ENDOFTEXT)
 
         if set(map(len, merges)) - {2}:
@@ -189,6 +182,10 @@ class BPE:
                                   error=VocabularyError)
         if not isinstance(encoder, dict):
             raise VocabularyError(f"{encoder_path}: expected a JSON object of token -> id")
+        try:  # the ids are this file's alone: name it (the tables together name the folder)
+            _count_ids(encoder)
+        except VocabularyError as e:
+            raise VocabularyError(f"{encoder_path}: {e}") from e
         text = files.read_text(merges_path, MERGES_LIMIT, merges_path.name, error=VocabularyError)
         return cls.from_tables(encoder, _parse_merges(text, merges_path), encoder_path,
                                where=folder)
@@ -340,6 +337,30 @@ def table_files(encoder, merges, names=("encoder.json", "vocab.bpe")):
     text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
     return {names[0]: json.dumps(encoder, ensure_ascii=False).encode("utf-8"),
             names[1]: text.encode("utf-8")}
+
+
+def _count_ids(encoder):
+    """n_vocab: the number of tokens, once their ids are checked to be 0 to n_vocab - 1 without
+    gaps (a model may produce any id below n_vocab). Everything is bounded by the table's own
+    length, never by an id, so an id of 10^10 costs no more than an id of 10."""
+    ids = list(encoder.values())
+    if set(map(type, ids)) - {int} or min(ids, default=0) < 0:
+        token = next(t for t, i in encoder.items() if type(i) is not int or i < 0)
+        raise VocabularyError(f"token {token!r:.60} has id {encoder[token]!r:.60}: ids are "
+                              "non-negative integers")
+    if len(set(ids)) != len(ids):
+        first = {}
+        for token, i in encoder.items():
+            if first.setdefault(i, token) != token:
+                raise VocabularyError(f"tokens {first[i]!r:.60} and {token!r:.60} both have "
+                                      f"id {i}: ids are distinct")
+    if max(ids, default=-1) >= len(ids):
+        token, top = max(encoder.items(), key=lambda item: item[1])
+        gap = next(i for i, token_id in enumerate(sorted(ids)) if i != token_id)
+        raise VocabularyError(f"token {token!r:.60} has id {top}, but ids must run from 0 to "
+                              f"{len(ids) - 1} without gaps (one for each of the {len(ids)} "
+                              f"tokens): the encoder has no token for id {gap}")
+    return len(ids)
 
 
 def _could_be_special(token):

@@ -39,7 +39,7 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
     from picogpt.formats import openai
     from picogpt.hub import sources
     from picogpt.hub.folder import read_folder, read_tokenizer
-    from picogpt.hub.resolve import resolve
+    from picogpt.hub.resolve import resolve, resolve_tokenizer
 
     text = read_text(text_path)
     out = Path(out)
@@ -80,7 +80,7 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
 
                 tok = CharTokenizer.from_text(text)
             else:
-                source = resolve(tokenizer, weights_dir, base_url, download_source)
+                source = resolve_tokenizer(tokenizer, weights_dir, base_url, download_source)
                 try:  # a model folder in either layout, or one holding just a tokenizer
                     tok = read_tokenizer(source)
                 except (OSError, ValueError) as e:  # a folder without (or with a bad) tokenizer
