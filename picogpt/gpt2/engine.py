@@ -201,8 +201,8 @@ class GPT:
                 return params[name][0].T  # [nf, nx], a view of OpenAI's [nx, nf] order
             else:
                 wt = transposed(params[name][0])  # [1, nx, nf] -> [nf, nx]
-            if release is not None:
-                release(params[name])  # the copy is used from now on, not the mapped file
+            if release is not None:  # the copy is used from now on, not the mapped file
+                release(compact.storage(params[name]))
             return wt
 
         try:  # [n_vocab, C] is already [n_out, n_in]
@@ -211,7 +211,7 @@ class GPT:
             raise ValueError(f"tensor 'model/wte': {e}") from e
         if release is not None and compact.dtype_of(self.wte) != compact.dtype_of(
                 params["model/wte"]):  # fmt: skip
-            release(params["model/wte"])  # converted: the file's pages are not used
+            release(compact.storage(params["model/wte"]))  # converted: the file's pages unused
         self.wpe = params["model/wpe"]
         self.ln_f = params["model/ln_f/g"], params["model/ln_f/b"]
         self.blocks = []

@@ -1,0 +1,117 @@
+"""picogpt's weights in float16, bfloat16 and int8 against float32, side by side in one run.
+
+    python benchmarks/bench_dtypes.py [--size 124M 1558M] [--threads N] [--dir DIR]
+
+For each size (GPT-2's shapes with random weights: OpenAI's cannot be fetched where this was
+written), a float32 folder in OpenAI's layout (a TensorFlow checkpoint) and its exports in
+HuggingFace's layout as float16 and bfloat16 safetensors (`picogpt export --dtype`), written
+once to DIR. Each dtype then runs in a fresh process of its own, at --threads: float32 from the
+float32 folder, float16 and bfloat16 from their folders as they are (mapped, never widened
+whole), int8 quantized at load from the float32 folder. Each measures the load time, greedy
+decode tokens/s after a 16-token prompt, a 512-token prefill's tokens/s (124M only: at 1558M
+a prefill takes minutes on 2 cores) and the peak RSS of all that. The accuracy of each dtype is
+tests/test_compact.py's (the bundled model's perplexity and predictions on held-out text).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench_generate import PREFILL, PROMPT, make_model  # noqa: E402
+from machine import describe, peak_rss_mb  # noqa: E402
+
+DTYPES = ("float32", "float16", "bfloat16", "int8")
+
+
+def folders(root, size):
+    """{dtype: the folder it loads from}, written once."""
+    from picogpt.hub.export import export
+
+    base = root / size
+    make_model(base, size, with_hf=False)
+    out = {"float32": base, "int8": base}
+    for dtype in ("float16", "bfloat16"):
+        out[dtype] = root / f"{size}-{dtype}"
+        if not (out[dtype] / "config.json").exists():
+            export(base, out[dtype], dtype=dtype)
+    return out
+
+
+def child(folder, dtype, size):
+    import picogpt
+
+    t = time.perf_counter()
+    m = picogpt.load(folder, dtype=dtype)
+    load_s = time.perf_counter() - t
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(0, 50257, PROMPT).tolist()
+
+    def generate(ids, n):
+        m.reset()
+        t = time.perf_counter()
+        m.generate_tokens(ids, n, temperature=0, stop_at_eos=False)
+        return time.perf_counter() - t
+
+    generate(prompt, 2)  # warm-up
+    new = 16 if size == "124M" else 4
+    decode = new / (generate(prompt, new + 1) - generate(prompt, 1))
+    result = {"load_s": load_s, "decode_tps": decode, "dtype": m.gpt.dtype}
+    if size == "124M":
+        long_prompt = rng.integers(0, 50257, PREFILL).tolist()
+        generate(long_prompt, 1)
+        result["prefill_tps"] = PREFILL / statistics.median(
+            generate(long_prompt, 1) for _ in range(3))  # fmt: skip
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def run_child(folder, dtype, size, threads):
+    env = dict(os.environ, **({"PICOGPT_THREADS": str(threads)} if threads else {}))
+    command = [sys.executable, __file__, "--child", dtype, "--size", size, "--dir", str(folder)]
+    out = subprocess.run(command, env=env, capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{dtype} at {size} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", nargs="+", default=["124M"], choices=["124M", "355M", "774M",
+                        "1558M"])  # fmt: skip
+    parser.add_argument("--threads", type=int, help="threads (default: every usable core)")
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "picogpt-dtypes",
+                        help="where the random models are written (kept for later runs)")
+    parser.add_argument("--child", choices=DTYPES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.dir, args.child, args.size[0])))
+        return
+    from picogpt.gpt2 import parallel
+
+    threads = args.threads or parallel.threads()
+    print(f"{describe()}\n{threads} threads; GPT-2's shapes with random weights; each dtype in "
+          "a fresh process", flush=True)  # fmt: skip
+    for size in args.size:
+        paths = folders(args.dir, size)
+        results = {dtype: run_child(paths[dtype], dtype, size, args.threads) for dtype in DTYPES}
+        base = results["float32"]
+        print(f"\n{size}\n\n| dtype | load s | decode tokens/s | prefill 512 tokens/s | peak RSS "
+              "MB | decode / float32's |\n|---|---|---|---|---|---|")  # fmt: skip
+        for dtype, r in results.items():
+            prefill = f"{r['prefill_tps']:,.0f}" if "prefill_tps" in r else "-"
+            print(f"| {dtype} | {r['load_s']:.2f} | {r['decode_tps']:.1f} | {prefill} | "
+                  f"{r['peak_rss_mb']:,.0f} | {r['decode_tps'] / base['decode_tps']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
