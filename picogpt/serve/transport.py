@@ -148,7 +148,8 @@ class _Handler(BaseHTTPRequestHandler):
         except socket.timeout:  # idle for too long
             self.close_connection = True
             return
-        self._reader.deadline = time.monotonic() + self.server.request_timeout
+        self._started = time.monotonic()  # for the log line of an error before _handle
+        self._reader.deadline = self._started + self.server.request_timeout
         self.command, self.requestline, self.path = None, "", None  # what send_error reads
         try:
             super().handle_one_request()
@@ -375,7 +376,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not str(getattr(self, "request_version", "")).startswith("HTTP/1."):
             self.request_version = "HTTP/1.0"  # a garbled request line: still answer with headers
         if not getattr(self, "_in_request", False):
-            self._started, self._stats = time.monotonic(), Stats()
+            self._stats = Stats()
         try:
             phrase = HTTPStatus(code).phrase
         except ValueError:
