@@ -7,19 +7,16 @@
         print(piece, end="", flush=True)
 """
 
-import importlib
-
-from picogpt.errors import ModelError, PicogptError
-
 __version__ = "0.1.0"
 
 # Public names and the modules that define them, imported on first use: `import picogpt` (and so
-# the command line, before it can catch Ctrl-C) does not wait for NumPy.
+# the command line, before it can hold Ctrl-C back) imports nothing, and never waits for NumPy.
 _LAZY = {
     "load": "picogpt.generation.model", "resolve": "picogpt.hub.resolve",
     "BUNDLED": "picogpt.hub.resolve", "Model": "picogpt.generation.model",
     "LogLikelihood": "picogpt.generation.model", "Completion": "picogpt.generation.model",
     "set_threads": "picogpt.gpt2.parallel", "Chunk": "picogpt.generation.decoding",
+    "ModelError": "picogpt.errors", "PicogptError": "picogpt.errors",
 }  # fmt: skip
 __all__ = ["load", "resolve", "generate", "Model", "Completion", "Chunk", "LogLikelihood",
            "BUNDLED", "set_threads", "ModelError", "PicogptError"]
@@ -27,6 +24,8 @@ __all__ = ["load", "resolve", "generate", "Model", "Completion", "Chunk", "LogLi
 
 def __getattr__(name):
     if name in _LAZY:
+        import importlib
+
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value

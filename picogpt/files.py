@@ -129,19 +129,32 @@ def temporary_name(path):
 def remove_stale_temporaries(folder, names):
     """Delete `<name>.tmp<pid>` files that a killed picogpt left in `folder` for the given
     `names` (only ours: the name must be one we write and the pid no longer alive)."""
-    folder = Path(folder)
     for name in names:
-        for tmp in folder.glob(f"{name}{TMP_MARK}*"):
-            pid = tmp.name[len(name) + len(TMP_MARK):]
-            if pid.isdigit() and not _alive(int(pid)):
-                tmp.unlink(missing_ok=True)
+        for tmp in stale_temporaries(folder, name):
+            tmp.unlink(missing_ok=True)
+
+
+def stale_temporaries(folder, name):
+    """The `<name>.tmp<pid>` entries in `folder` whose process is no longer alive."""
+    prefix = f"{name}{TMP_MARK}"
+    try:
+        entries = sorted(os.listdir(folder))  # not glob: a user's name may hold [ or *
+    except OSError:  # no folder, no leftovers
+        return
+    for entry in entries:
+        pid = entry[len(prefix):]
+        ours = entry.startswith(prefix) and pid.isascii() and pid.isdigit()
+        if ours and not _alive(int(pid)):
+            yield Path(folder) / entry
 
 
 def _alive(pid):
+    """Whether process `pid` exists; a number no process can have counts as alive: such a name
+    is not one picogpt wrote, so it is never deleted."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
     return True

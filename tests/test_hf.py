@@ -8,6 +8,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -482,6 +483,65 @@ def test_cli_export(tmp_path, capsys):
         err = capsys.readouterr().err
         assert status == 2 and message in err and err.count("\n") == 1, (args, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def dead_pid():
+    """The pid of a process that has ended and been reaped."""
+    p = subprocess.Popen([sys.executable, "-c", ""])
+    p.wait(timeout=60)
+    return p.pid
+
+
+def test_a_killed_export_s_leftover_goes_with_the_next_export(tmp_path):
+    """SIGKILL while the folder is written leaves OUT.tmp<pid>; the next export to OUT deletes
+    it, and writes OUT."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PICOGPT_WEIGHTS=str(tmp_path / "weights"))
+    for _ in range(5):  # the folder is written in tens of milliseconds: catch it in the act
+        p = subprocess.Popen([sys.executable, "-m", "picogpt", "export", str(CHAR), str(out)],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        tmp = tmp_path / f"out.tmp{p.pid}"
+        deadline = time.monotonic() + 60
+        while not tmp.exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        p.kill()
+        p.wait(timeout=60)
+        if tmp.exists():
+            break
+        shutil.rmtree(out, ignore_errors=True)  # it finished first: once more
+    assert tmp.exists(), "no export was caught while writing its folder"
+    assert not out.exists()
+    again = picogpt_cmd("export", str(CHAR), str(out), tmp_path=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert picogpt.load(out).hparams == picogpt.load(CHAR).hparams
+
+
+def test_export_deletes_only_leftovers_of_its_own(tmp_path):
+    dead = [dead_pid() for _ in range(4)]
+
+    def leftover(name, mark=True, files=("config.json",)):
+        folder = tmp_path / name
+        folder.mkdir()
+        if mark:
+            (folder / ".picogpt-export").touch()
+        for f in files:
+            (folder / f).write_text("x")
+        return name
+
+    gone = [leftover(f"out.tmp{dead[0]}", files=("config.json", f"vocab.json.tmp{dead[0]}")),
+            leftover(f"out.tmp{dead[1]}", mark=False, files=()),  # killed before its mark
+            leftover(f"out.tmp{os.getpid()}")]  # an earlier process that had our pid
+    kept = [leftover(f"out.tmp{os.getppid()}"),  # an export still running
+            leftover(f"out.tmp{dead[2]}", mark=False),  # not export's: it has no mark
+            leftover(f"other.tmp{dead[0]}"),  # another folder's
+            leftover("out.tmp12ab"), leftover("out.tmp99999999999999999999999")]
+    (tmp_path / f"out.tmp{dead[3]}").write_text("a file, not a folder export writes")
+    kept.append(f"out.tmp{dead[3]}")
+    export(TINY, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["out"])
+    assert all(not (tmp_path / name).exists() for name in gone)
+    assert not (tmp_path / "out" / ".picogpt-export").exists()
 
 
 # --- a character vocabulary as GPT-2's byte-level BPE --------------------------------------------

@@ -537,6 +537,49 @@ def test_ctrl_c_while_numpy_imports_exits_130():
         assert "Traceback" not in stderr and stderr.strip() == "interrupted"
 
 
+# Runs picogpt as `python -m picogpt` does (runpy._run_module_as_main) or as the console script
+# does (import main, call it), with an audit hook that sends this process SIGINT at the k-th
+# module imported once picogpt's own code has begun (its __init__.py).
+INTERRUPT_AT_IMPORT = r"""
+import os, runpy, sys
+entry, moment = sys.argv.pop(1), int(sys.argv.pop(1))
+imports = []
+
+def hook(event, args):
+    if event == "exec" and not imports:
+        if getattr(args[0], "co_filename", "").endswith(os.path.join("picogpt", "__init__.py")):
+            imports.append(None)
+    elif event == "import" and imports:
+        imports.append(args[0])
+        if len(imports) == moment + 1:
+            sys.stderr.write(f"SIGINT at the import of {args[0]}\n")
+            os.kill(os.getpid(), 2)
+
+sys.addaudithook(hook)
+if entry == "-m":
+    runpy._run_module_as_main("picogpt")
+else:
+    from picogpt.__main__ import main
+    sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("entry", ["-m", "script"])
+def test_ctrl_c_at_any_import_of_picogpt_s_exits_130(entry):
+    """From picogpt's first line on, a Ctrl-C while it imports (here at its 1st, 2nd, 4th, ...
+    import) is "interrupted" and 130, never a traceback."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for moment in (1, 2, 4, 16, 64):
+        out = subprocess.run([sys.executable, "-c", INTERRUPT_AT_IMPORT, entry, str(moment),
+                              "Hi", "--model", str(TINY), "--n", "3"],
+                             capture_output=True, text=True, env=env, timeout=60)
+        sent, *rest = out.stderr.splitlines() or [""]
+        assert sent.startswith("SIGINT at the import of "), (moment, out.stderr)
+        assert "Traceback" not in out.stderr, (moment, out.stderr)
+        assert out.returncode == 130 and rest == ["", "interrupted"], (moment, out.stderr)
+        assert out.stdout == ""
+
+
 # --- finding 9: results that were silently wrong --------------------------------------------------
 
 @pytest.mark.parametrize("spelling", ["./shakespeare-char", "shakespeare-char/",

@@ -8,6 +8,7 @@ import http.client
 import json
 import math
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -710,6 +711,82 @@ def test_a_client_that_leaves_mid_stream_frees_the_model():
         (left,) = [line for line in lines if " 499 " in line]
         assert int(left.split(" 499 ")[1].split()[0]) < MAX_TOKENS / 4, left
 
+
+def test_a_client_that_leaves_before_its_whole_answer_frees_the_model():
+    """A non-streaming request's client is asked for between tokens too: one that leaves stops
+    its generation, long before max_tokens."""
+    model = picogpt.load("shakespeare-char")
+    lines = []
+    with srv.Server(model, "shakespeare-char", port=0, log=lines.append) as s:
+        body = json.dumps({"prompt": "ROMEO:", "max_tokens": MAX_TOKENS, "top_k": 0}).encode()
+        with socket.create_connection(("127.0.0.1", s.port), timeout=30) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(body), body))
+        t0 = time.monotonic()  # left at once, without waiting for the answer
+        out = openai_client(s).completions.create(model="shakespeare-char", prompt="JULIET:",
+                                                  max_tokens=5, seed=1)
+        waited = time.monotonic() - t0
+        assert out.usage.completion_tokens == 5
+        deadline = time.monotonic() + 5
+        while not any(" 499 " in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (left,) = [line for line in lines if " 499 " in line]
+        assert int(left.split(" 499 ")[1].split()[0]) < MAX_TOKENS / 4, left
+        assert waited < 5, f"the next request waited {waited:.1f} s"
+
+
+def trickle(sock, data, every=0.05, limit=5.0):
+    """Send `data` a byte every `every` seconds until the server answers or closes (or `limit`
+    seconds pass); then its answer."""
+    start = time.monotonic()
+    for byte in data:
+        if select.select([sock], [], [], every)[0] or time.monotonic() - start > limit:
+            break
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:  # closed on us
+            break
+    return read_response(sock)
+
+
+TRICKLED = b'{"prompt": "Hi", "max_tokens": 1}'
+TRICKLED_HEAD = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                 b"application/json\r\nContent-Length: %d\r\n\r\n" % len(TRICKLED))
+
+
+@pytest.mark.parametrize("part", ["headers", "body"])
+def test_a_request_that_trickles_in_is_cut_off_at_its_deadline(tiny, part):
+    """Bytes that each come well within the idle timeout still must all come within the
+    request's deadline of the first: else a 408, and the connection is closed."""
+    lines = []
+    with srv.Server(tiny, "gpt2-tiny", port=0, log=lines.append, request_timeout=0.3) as s:
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+            t0 = time.monotonic()
+            if part == "headers":
+                answer = trickle(sock, TRICKLED_HEAD + TRICKLED)
+            else:
+                sock.sendall(TRICKLED_HEAD)
+                answer = trickle(sock, TRICKLED)
+            took = time.monotonic() - t0
+            assert answer.split(b"\r\n")[0].split()[1] == b"408", answer[:200]
+            assert error_of(408, answer.split(b"\r\n\r\n", 1)[1])["code"] == "request_timeout"
+            assert sock.recv(100) == b""  # closed
+        assert took < 3, f"cut off after {took:.1f} s"
+        (line,) = [line for line in lines if " 408 " in line]
+        assert float(line.split()[-2]) >= 0.25, line  # seconds since the request's first byte
+
+
+def test_the_deadline_runs_from_a_request_s_first_byte(tiny):
+    """A keep-alive connection may idle between requests for longer than the deadline."""
+    with srv.Server(tiny, "gpt2-tiny", port=0, log=lambda line: None, request_timeout=0.3) as s:
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+        for k in range(2):
+            time.sleep(0.4 * k)
+            conn.request("POST", "/v1/completions", TRICKLED, {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            assert r.status == 200 and json.loads(r.read())["usage"]["completion_tokens"] == 1
+        conn.close()
 
 # --- the command line --------------------------------------------------------------------------
 

@@ -43,6 +43,24 @@ class Completion(NamedTuple):
     prompt_tokens: int
 
 
+def completions_of(chunks, samples, with_logprobs, prompt_tokens):
+    """The `Completion` of each of `samples` samples, a list, from their chunks (a generation
+    from `Model.stream_completion`)."""
+    completions, parts = [None] * samples, {}
+    for chunk in chunks:
+        text, tokens, lps, tops = parts.setdefault(chunk.index, ([], [], [], []))
+        text.append(chunk.text)
+        tokens.extend(chunk.tokens)
+        if with_logprobs:
+            lps.extend(chunk.token_logprobs)
+            tops.extend(chunk.top_logprobs)
+        if chunk.finish_reason is not None:
+            completions[chunk.index] = Completion(
+                "".join(text), tokens, lps if with_logprobs else None,
+                tops if with_logprobs else None, chunk.finish_reason, prompt_tokens)
+    return completions
+
+
 def _texts(chunks):
     """The non-empty texts of a sample's chunks; closing this closes the generation."""
     with contextlib.closing(chunks):
@@ -163,18 +181,8 @@ class Model:
         Batched samples run in groups whose cache fits SAMPLES_MEMORY (see `sample_groups`)."""
         job = self._prepare(prompt, n, temperature, top_k, top_p, seed, stop, frequency_penalty,
                             presence_penalty, logprobs, samples, stop_at_eos)  # fmt: skip
-        completions, parts = [None] * samples, {}
-        for chunk in decoding.chunks(self._kv, self.tokenizer, *job):
-            text, tokens, lps, tops = parts.setdefault(chunk.index, ([], [], [], []))
-            text.append(chunk.text)
-            tokens.extend(chunk.tokens)
-            if logprobs is not None:
-                lps.extend(chunk.token_logprobs)
-                tops.extend(chunk.top_logprobs)
-            if chunk.finish_reason is not None:
-                completions[chunk.index] = Completion(
-                    "".join(text), tokens, lps if logprobs is not None else None,
-                    tops if logprobs is not None else None, chunk.finish_reason, len(job[0]))
+        chunks = decoding.chunks(self._kv, self.tokenizer, *job)
+        completions = completions_of(chunks, samples, logprobs is not None, len(job[0]))
         return completions[0] if samples == 1 else completions
 
     def stream_completion(self, prompt, n=16, *, temperature=1.0, top_k=40, top_p=None,

@@ -2,6 +2,7 @@
 Model called (one generation at a time, in arrival order: `FifoLock`), and the answer in OpenAI's
 response shapes, whole or as a stream of events. transport.py carries it over HTTP."""
 
+import contextlib
 import json
 import secrets
 import threading
@@ -10,6 +11,7 @@ from collections import deque
 
 import numpy as np
 
+from picogpt.generation.model import completions_of
 from picogpt.generation.options import MAX_LOGPROBS
 from picogpt.generation.stops import MAX_STOPS as MAX_STOP  # a chat's turn end is one of them
 from picogpt.serve import fields
@@ -66,6 +68,10 @@ class Stats:
 
     def __init__(self):
         self.tokens = 0
+
+
+class ClientGone(ConnectionAbortedError):
+    """The client closed its connection before its answer was ready: the generation stopped."""
 
 
 class Service:
@@ -157,13 +163,14 @@ class Service:
                                                "ids", code="invalid_type")
         return prompts
 
-    def completions(self, request, stats):
-        """The response to a checked non-streaming completions request."""
+    def completions(self, request, stats, gone=None):
+        """The response to a checked non-streaming completions request. `gone()`, asked before
+        each token, says the client has left: the generation then stops (ClientGone)."""
         options, n = request["options"], request["n"]
         with self.lock:
             results = []
             for text, ids in request["prompts"]:
-                out = self._complete(ids, options, request["logprobs"], n)
+                out = self._complete(ids, options, request["logprobs"], n, stats, gone)
                 prompt_lp = None
                 if request["echo"] and request["logprobs"] is not None:
                     prompt_lp = self._prompt_logprobs(ids, request)
@@ -181,7 +188,6 @@ class Service:
                 choices.append({"text": (text if request["echo"] else "") + c.text,
                                 "index": p * n + k, "logprobs": logprobs,
                                 "finish_reason": c.finish_reason})
-        stats.tokens = completion_tokens
         return {"id": _new_id("cmpl"), "object": "text_completion", "created": int(time.time()),
                 "model": self.name, "choices": choices,
                 "usage": _usage(prompt_tokens, completion_tokens)}
@@ -230,12 +236,11 @@ class Service:
             first = chunk(0, "")
             yield dict(first, choices=[], usage=_usage(prompt_tokens, stats.tokens))
 
-    def _complete(self, ids, options, logprobs, n):
-        try:
-            out = self.model.complete(ids, **options, logprobs=logprobs, samples=n)
-        except ValueError as e:  # an option the checks above let through: say, as a 400
-            raise APIError(400, str(e)) from None
-        return [out] if n == 1 else out
+    def _complete(self, ids, options, logprobs, n, stats, gone):
+        """Model.complete's n Completions, collected from its stream: between tokens the
+        client can be asked whether it is still there (`gone`), and the tokens counted."""
+        chunks = _watched(self._stream(ids, options, logprobs, n), stats, gone)
+        return completions_of(chunks, n, logprobs is not None, max(len(ids), 1))
 
     def _stream(self, ids, options, logprobs, n):
         try:
@@ -307,10 +312,12 @@ class Service:
                     include_usage=fields.stream_options(body, stream),
                     logprobs=(top or 0) if logprobs else None, options=options)
 
-    def chat_completions(self, request, stats):
+    def chat_completions(self, request, stats, gone=None):
+        """The response to a checked non-streaming chat request; `gone` as in completions."""
         n = request["n"]
         with self.lock:
-            out = self._complete(request["ids"], request["options"], request["logprobs"], n)
+            out = self._complete(request["ids"], request["options"], request["logprobs"], n,
+                                 stats, gone)
         choices = []
         for k, c in enumerate(out):
             logprobs = None
@@ -322,7 +329,6 @@ class Service:
                                                     "content": c.text.lstrip(),
                                                     "refusal": None},
                             "logprobs": logprobs, "finish_reason": c.finish_reason})
-        stats.tokens = sum(len(c.tokens) for c in out)
         return {"id": _new_id("chatcmpl"), "object": "chat.completion",
                 "created": int(time.time()), "model": self.name, "choices": choices,
                 "usage": _usage(out[0].prompt_tokens, stats.tokens)}
@@ -382,6 +388,21 @@ class Service:
         if decode_bytes is not None:
             return decode_bytes([token])
         return self.model.decode([token]).encode("utf-8")
+
+
+def _watched(chunks, stats, gone):
+    """`chunks`, their tokens counted into `stats`; before each, `gone()` (if given) is asked,
+    and once the client has gone the generation is closed and ClientGone raised."""
+    with contextlib.closing(chunks):
+        while True:
+            if gone is not None and gone():
+                raise ClientGone("the client left")
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                return
+            stats.tokens += len(chunk.tokens)
+            yield chunk
 
 
 def _messages(value):

@@ -12,7 +12,11 @@ How it behaves:
   chat turn) reuses the KV cache: `Model` keeps the longest common prefix.
 - Streams are server-sent events, `data: {json}\\n\\n` per chunk, ending with `data: [DONE]`. When a
   client leaves mid-stream (a write fails, or its socket reads as closed) the generation is closed
-  before the next token and the next request in line starts.
+  before the next token and the next request in line starts; so too when a client that waits
+  for a whole answer leaves (its socket is checked between tokens).
+- A request must arrive whole (line, headers, body) within 30 s of its first byte, however
+  slowly it trickles in (else a 408, and the connection is closed); an idle connection is closed
+  after 60 s.
 - Every error is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a body
   that is not a JSON object, a field of the wrong type or out of range; 413 for a body over 1 MB
   (refused from Content-Length, before any of it is read; chunked bodies are counted as they come);
@@ -27,12 +31,14 @@ How it behaves:
 
 This module is the HTTP transport (the handler, the server, the page's files); OpenAI's semantics,
 requests to Model calls to response shapes, are openai_api.py's, and each request field's check
-is fields.py's. It is about 500 lines because HTTP/1.1's details belong together: bodies by length
-or chunked, server-sent events and clients that leave, the Host and key checks, a bound on
-connections, errors in OpenAI's shape.
+is fields.py's. It is about 600 lines because HTTP/1.1's details belong together: bodies by length
+or chunked, a deadline on each request, server-sent events and clients that leave, the Host and
+key checks, a bound on connections, errors in OpenAI's shape.
 """
 
+import contextlib
 import hmac
+import io
 import json
 import select
 import socket
@@ -47,12 +53,13 @@ from urllib.parse import urlsplit
 
 from picogpt import files
 from picogpt.serve.fields import APIError
-from picogpt.serve.openai_api import Service, Stats
+from picogpt.serve.openai_api import ClientGone, Service, Stats
 
 PAGE = Path(__file__).parent / "page"
 BODY_LIMIT = files.MB  # bytes of a request body
 PAGE_FILE_LIMIT = 4 * files.MB
-IDLE_TIMEOUT = 60.0  # seconds a connection may sit idle or half-sent
+IDLE_TIMEOUT = 60.0  # seconds a connection may sit idle, or a read or a write may wait
+REQUEST_TIMEOUT = 30.0  # seconds from a request's first byte to its last
 MAX_CONNECTIONS = 64  # open at once (each a thread, most waiting their turn at the model)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
@@ -83,11 +90,75 @@ def _no_constant(name):
 
 # --- HTTP -----------------------------------------------------------------------------------------
 
+class RequestTimeout(Exception):
+    """A request did not arrive whole within the server's request_timeout. Not a TimeoutError:
+    http.server would take it for an idle connection and close it without an answer."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A connection's bytes, for the handler's rfile. Each read waits at most `idle` seconds;
+    once `deadline` (a time.monotonic()) is set, none waits past it, however often bytes come:
+    a read that would is a RequestTimeout."""
+
+    def __init__(self, sock, idle):
+        self.sock, self.idle, self.deadline = sock, idle, None
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        wait = self.idle
+        if self.deadline is not None:
+            wait = min(wait, self.deadline - time.monotonic())
+            if wait <= 0:
+                raise RequestTimeout
+        self.sock.settimeout(wait)
+        try:
+            return self.sock.recv_into(buffer)
+        except socket.timeout:
+            if self.deadline is not None:  # mid-request: no part of one may stall
+                raise RequestTimeout from None
+            raise
+        finally:
+            with contextlib.suppress(OSError):  # writes wait as long as ever
+                self.sock.settimeout(self.idle)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, and chunked streams
     server_version = "picogpt"
     sys_version = ""
     timeout = IDLE_TIMEOUT
+
+    def setup(self):
+        super().setup()
+        self.rfile.close()  # the socket's own file: the one below reads under a deadline
+        self._reader = _DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self):
+        """http.server's, with the whole request (line, headers, body) due within the server's
+        request_timeout of its first byte; else a 408, and the connection closes. Waiting for
+        that first byte (an idle keep-alive connection) is bounded by IDLE_TIMEOUT."""
+        self._reader.deadline = None
+        try:
+            if not self.rfile.peek(1):
+                self.close_connection = True  # the client closed the connection
+                return
+        except socket.timeout:  # idle for too long
+            self.close_connection = True
+            return
+        self._started = time.monotonic()  # for the log line of an error before _handle
+        self._reader.deadline = self._started + self.server.request_timeout
+        self.command, self.requestline, self.path = None, "", None  # what send_error reads
+        try:
+            super().handle_one_request()
+        except RequestTimeout:  # in the request line or the headers
+            self.send_error(408, self._timeout_message())
+
+    def _timeout_message(self):
+        return (f"the request did not arrive within {self.server.request_timeout:g} s of its "
+                "first byte")
 
     # --- routing
 
@@ -121,7 +192,10 @@ class _Handler(BaseHTTPRequestHandler):
             if not self._body_read and self._has_body():
                 self.close_connection = True  # its unread body would be read as a request
             self._send_error(e)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        except RequestTimeout:  # in the body
+            self.close_connection = True
+            self._send_error(APIError(408, self._timeout_message(), code="request_timeout"))
+        except (ConnectionError, TimeoutError):  # a failed write, ClientGone
             self.close_connection = True
             self._status = self._status or 499  # the client left
         except Exception:  # a bug of ours: the client gets a 500, the operator the traceback
@@ -159,13 +233,15 @@ class _Handler(BaseHTTPRequestHandler):
             request = app.service.completion_request(self._json_body())
             if request["stream"]:
                 return self._send_events(app.service.stream_completions(request, self._stats))
-            return self._send_json(200, app.service.completions(request, self._stats))
+            return self._send_json(200, app.service.completions(request, self._stats,
+                                                                 self._client_gone))
         if path == "/v1/chat/completions":
             request = app.service.chat_request(self._json_body())
             if request["stream"]:
                 return self._send_events(app.service.stream_chat_completions(request,
                                                                              self._stats))
-            return self._send_json(200, app.service.chat_completions(request, self._stats))
+            return self._send_json(200, app.service.chat_completions(request, self._stats,
+                                                                      self._client_gone))
         if method == "GET" and path in app.page_files:
             return self._send_file(app.page_files[path])
         raise APIError(404, f"Invalid URL ({method} {path})", code="not_found")
@@ -300,7 +376,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not str(getattr(self, "request_version", "")).startswith("HTTP/1."):
             self.request_version = "HTTP/1.0"  # a garbled request line: still answer with headers
         if not getattr(self, "_in_request", False):
-            self._started, self._stats = time.monotonic(), Stats()
+            self._stats = Stats()
         try:
             phrase = HTTPStatus(code).phrase
         except ValueError:
@@ -341,7 +417,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             while True:
                 if self._client_gone():
-                    raise BrokenPipeError("the client left")
+                    raise ClientGone("the client left")
                 try:
                     event = next(events)
                 except StopIteration:
@@ -360,7 +436,7 @@ class _Handler(BaseHTTPRequestHandler):
             write(b"data: [DONE]\n\n")
             if chunked:
                 self.wfile.write(b"0\r\n\r\n")
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        except (ConnectionError, TimeoutError):  # ClientGone too
             self.close_connection = True
             self._status = 499  # nginx's "client closed request", for the log line
         finally:
@@ -456,7 +532,8 @@ class Server:
     is where it listens."""
 
     def __init__(self, model, name="model", host="127.0.0.1", port=8080, api_key=None,
-                 cors=False, log=None, max_connections=MAX_CONNECTIONS):
+                 cors=False, log=None, max_connections=MAX_CONNECTIONS,
+                 request_timeout=REQUEST_TIMEOUT):
         self.service = Service(model, name)
         self.api_key = api_key or None
         self.cors = cors
@@ -465,6 +542,7 @@ class Server:
         server_class = _HTTPServer6 if ":" in host else _HTTPServer
         self.httpd = server_class((host, port), _Handler, bind_and_activate=False)
         self.httpd.app, self.httpd.max_connections = self, max_connections
+        self.httpd.request_timeout = request_timeout
         try:
             self.httpd.server_bind()
             self.httpd.server_activate()
