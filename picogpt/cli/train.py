@@ -280,12 +280,14 @@ class _TokenizeProgress:
     def __init__(self, path):
         self.path, self.shown, self.active = path, 0.0, False
         self.tty = sys.stderr.isatty()
-        self.t0 = time.monotonic()
+        self.t0, self.what = time.monotonic(), None
 
     def __call__(self, done, total, what=None, unit="characters"):
         if total < 4 << 20:
             return
         now = time.monotonic()
+        if what != self.what:  # a new phase (reading, then tokenizing): its own time and rate
+            self.t0, self.what = now, what
         if not self.tty and done < total and now - self.shown < 10:
             return
         if self.tty and done < total and now - self.shown < 0.1:

@@ -72,7 +72,7 @@ def tokenize_file(path, tokenizer, cache_dir, vocabulary, progress=None, workers
         raise TrainingError(f"{path}: a token file holds ids below 65,536; this vocabulary has "
                             f"{tokenizer.n_vocab:,}")  # fmt: skip
     size = files.check_regular(path, SIZE_LIMIT, "training text")
-    digest = _file_digest(path)
+    digest = _file_digest(path, size, progress)
     target = Path(cache_dir) / f"{digest[:32]}-{data.vocabulary_digest(vocabulary)[:16]}.bin"
     if target.is_file():
         try:
@@ -95,11 +95,15 @@ def tokenize_file(path, tokenizer, cache_dir, vocabulary, progress=None, workers
     return open_ids(target, tokenizer.n_vocab)
 
 
-def _file_digest(path):
-    digest = hashlib.sha256()
+def _file_digest(path, size, progress=None):
+    """The sha256 (hex) of the file, read a block at a time (a large text takes a while)."""
+    digest, done = hashlib.sha256(), 0
     with _reading(path) as f:
         while block := f.read(READ_BLOCK):
             digest.update(block)
+            done += len(block)
+            if progress is not None:
+                progress(min(done, size), size, f"reading {path}", "bytes")
     return digest.hexdigest()
 
 
