@@ -83,10 +83,13 @@ def tokenize_file(path, tokenizer, cache_dir, vocabulary, progress=None, workers
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with files.atomic_file(target) as out:
+            what = f"tokenizing {path}"
             for ids, done in _encode_pieces(pieces, tokenizer, workers):
                 out.write(ids.astype(ID_DTYPE).tobytes())
-                if progress is not None:
-                    progress(done, size, f"tokenizing {path}", "bytes")
+                if progress is not None:  # (bytes read ahead of the pieces: 100% once, at the end)
+                    progress(min(done, size - 1), size, what, "bytes")
+            if progress is not None:
+                progress(size, size, what, "bytes")
     except PicogptError:
         raise
     except OSError as e:  # (reading errors are FileReadErrors, PicogptErrors)
