@@ -41,8 +41,7 @@ class Trainer:
         self.saved_iter = None  # the iteration of the resume state on disk
         self.saved_model = None  # (iteration, val loss) of the model on disk
         self.vocabulary_saved = False  # the tokenizer's files are written by the first save
-        # What the state records of the folder, so --resume can tell an edited one (resume.py).
-        self.record = resume.as_tensor(resume.describe(self.hparams, config, tokenizer))
+        self.record = None  # what the state records of the folder (resume.py), made once
 
     def initialize(self, params=None):
         """GPT-2's random initialisation, or a copy of `params` (--init's model)."""
@@ -111,6 +110,9 @@ class Trainer:
         self.saved_model = (self.iter, val_loss)
 
     def save_state(self):
+        if self.record is None:  # so that --resume can tell a folder edited since
+            self.record = resume.as_tensor(resume.describe(self.hparams, self.config,
+                                                           self.tokenizer))  # fmt: skip
         tensors = dict(self.params)
         tensors.update({
             "adam/m": self.optimizer.m, "adam/v": self.optimizer.v,
