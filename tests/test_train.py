@@ -498,6 +498,104 @@ def test_resume_starts_over_when_the_first_save_never_finished(text_file, tmp_pa
     assert picogpt.load(out_dir).generate("ROMEO:", n=5, seed=0)
 
 
+# --- --resume checks the folder against its state (issue 23, finding 6) ---------------------------
+
+
+def edit_json(path, change):
+    path.write_text(json.dumps(change(json.loads(path.read_text())), ensure_ascii=False))
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("chars.json", lambda chars: chars + ["\u2603"],
+     "chars.json: tokens is {n_chars_plus_1} in the folder, {n_chars} in the resume state"),
+    ("chars.json", lambda chars: chars[1:2] + chars[:1] + chars[2:],
+     "chars.json holds other tokens than the resume state's"),
+    ("train_config.json", lambda config: {**config, "n_embd": 64},
+     "train_config.json: n_embd is 64 in the folder, 32 in the resume state"),
+    ("hparams.json", lambda hparams: {**hparams, "n_head": 1},
+     "hparams.json: n_head is 1 in the folder, 2 in the resume state"),
+])  # fmt: skip
+def test_resume_refuses_a_folder_edited_since_its_state(text_file, tmp_path, capsys, name,
+                                                        change, message):
+    """Edited by hand after the run: resuming would train one model and save another (or a
+    folder that does not load). Refused before anything is written, naming file and field."""
+    out_dir = tmp_path / "model"
+    assert run_train(capsys, text_file, "--out", out_dir, "--max-iters", "20", *SMALL)[0] == 0
+    edit_json(out_dir / name, change)
+    before = folder_bytes(out_dir)
+    status, out, err = run_train(capsys, text_file, "--out", out_dir, "--resume",
+                                 "--max-iters", "40")  # fmt: skip
+    n_chars = len(set(TEXT))
+    assert status == 2 and err.count("\n") == 1 and "cannot resume" in err, err
+    assert message.format(n_chars=n_chars, n_chars_plus_1=n_chars + 1) in err, err
+    assert folder_bytes(out_dir) == before and out == ""
+
+
+def drop_state_record(out_dir):
+    """The resume state as picogpt wrote it before the state recorded its folder."""
+    prefix = checkpoint.resolve_prefix(out_dir / "resume")
+    tensors = {k: np.array(v) for k, v in checkpoint.read(prefix).items() if k != "train/folder"}
+    assert len(tensors) < len(checkpoint.read(prefix))
+    checkpoint.write(prefix, tensors)
+
+
+def test_an_old_state_without_its_record_resumes_and_is_checked(text_file, tmp_path, capsys):
+    out_dir = tmp_path / "model"
+    assert run_train(capsys, text_file, "--out", out_dir, "--max-iters", "20", *SMALL)[0] == 0
+    drop_state_record(out_dir)
+    for name, change, message in [
+        ("chars.json", lambda chars: chars + ["\u2603"],
+         f"chars.json: {len(set(TEXT)) + 1} tokens, hparams.json's n_vocab is {len(set(TEXT))}"),
+        ("train_config.json", lambda config: {**config, "n_embd": 64},
+         "train_config.json: n_embd is 64, hparams.json's is 32"),
+    ]:  # fmt: skip
+        original = (out_dir / name).read_bytes()
+        edit_json(out_dir / name, change)
+        before = folder_bytes(out_dir)
+        status, _, err = run_train(capsys, text_file, "--out", out_dir, "--resume",
+                                   "--max-iters", "40")  # fmt: skip
+        assert status == 2 and message in err and err.count("\n") == 1, err
+        assert folder_bytes(out_dir) == before
+        (out_dir / name).write_bytes(original)
+    status, out, err = run_train(capsys, text_file, "--out", out_dir, "--resume",
+                                 "--max-iters", "40")  # fmt: skip
+    assert status == 0 and "resuming at iter 20" in out, err
+    assert picogpt.load(out_dir).generate("ROMEO:", n=5, seed=0)
+
+
+def test_starting_over_keeps_the_folders_recipe_and_its_models_architecture(text_file, tmp_path,
+                                                                            capsys):
+    """A full disk stopped the first save of the state (the model's went through): --resume
+    starts over with the folder's own train_config.json, not the default recipe, and refuses
+    to replace the saved model with another architecture."""
+    out_dir = tmp_path / "model"
+    assert run_train(capsys, text_file, "--out", out_dir, "--max-iters", "0", *SMALL)[0] == 0
+    hparams = json.loads((out_dir / "hparams.json").read_text())
+    shutil.rmtree(out_dir / "resume")  # no state ever completed
+    status, out, err = run_train(capsys, text_file, "--out", out_dir, "--resume",
+                                 "--max-iters", "20")  # fmt: skip
+    assert status == 0 and "starting over with its own recipe" in err, err
+    assert picogpt.load(out_dir).hparams == hparams
+    config = json.loads((out_dir / "train_config.json").read_text())
+    assert (config["n_embd"], config["batch_size"], config["max_iters"]) == (32, 8, 20)
+
+    shutil.rmtree(out_dir / "resume")
+    edit_json(out_dir / "train_config.json", lambda config: {**config, "n_embd": 64})
+    before = folder_bytes(out_dir)
+    status, _, err = run_train(capsys, text_file, "--out", out_dir, "--resume")
+    assert status == 2 and err.count("\n") == 1, err
+    assert "cannot start over" in err and "hparams.json: n_embd is 32 in the folder, 64 in this " \
+        "run" in err, err  # fmt: skip
+    other = tmp_path / "other.txt"  # another text, other characters: another vocabulary
+    other.write_text(TEXT.replace("R", "r"), encoding="utf-8")
+    edit_json(out_dir / "train_config.json", lambda config: {**config, "n_embd": 32})
+    status, _, err = run_train(capsys, other, "--out", out_dir, "--resume")
+    assert status == 2 and "chars.json: tokens is" in err, err
+    assert folder_bytes(out_dir) == {**before, Path("train_config.json"):
+                                     (out_dir / "train_config.json").read_bytes()}  # fmt: skip
+    assert picogpt.load(out_dir).hparams == hparams
+
+
 def test_a_failed_save_says_so_on_stderr_and_claims_no_success(text_file, tmp_path, capsys,
                                                               monkeypatch):
     """A full disk at the second evaluation's save: one error line on stderr naming what the
@@ -709,3 +807,139 @@ def test_a_run_larger_than_the_machine_is_refused_before_it_starts(text_file, tm
     needed = float(re.search(r"needs about ([\d.]+) GB", err).group(1))
     assert needed > 48 * 12 * 8192**2 * 4 * 4 / 1e9  # parameters, gradient, AdamW's two moments
     assert not (tmp_path / "m").exists()
+
+
+# --- nanoGPT's token files, and a text too large to hold (issue 23, finding 7) --------------------
+
+
+def tiny_ids(text=TEXT):
+    from picogpt.tokenizers.bpe import BPE
+
+    return np.array(BPE.load(TINY).encode(text), np.uint16)
+
+
+def write_token_files(folder, train, val):
+    """What nanoGPT's prepare.py writes: raw uint16 ids, no header."""
+    folder.mkdir(exist_ok=True)
+    np.asarray(train, np.uint16).tofile(folder / "train.bin")
+    np.asarray(val, np.uint16).tofile(folder / "val.bin")
+    return folder
+
+
+def test_train_and_fine_tune_on_nanogpts_token_files(tmp_path, capsys):
+    ids = tiny_ids()
+    data = write_token_files(tmp_path / "data", ids[:-200], ids[-200:])
+    plan = prepare(None, tmp_path / "m", small_options(), tokenizer=str(TINY), data=data)
+    assert all(isinstance(split, np.memmap) for split in plan.data)  # mapped, not read
+    np.testing.assert_array_equal(plan.data[1], ids[-200:])
+    shutil.rmtree(tmp_path / "m")
+
+    out_dir = tmp_path / "scratch"
+    status, out, err = run_train(capsys, "--data", data, "--out", out_dir, "--tokenizer", TINY,
+                                 "--max-iters", "2", "--eval-iters", "1", *SMALL)  # fmt: skip
+    assert status == 0, err
+    assert f"a vocabulary of 513 tokens, {len(ids) - 200:,} training and 200 validation" in out
+    assert picogpt.load(out_dir).hparams["n_vocab"] == 513
+    config = json.loads((out_dir / "train_config.json").read_text())
+    assert config["command"].startswith(f"picogpt train --data {data} --out {out_dir} ")
+    assert f"--data {data} --out {out_dir} --resume" in out
+    status, out, err = run_train(capsys, "--data", data, "--out", out_dir, "--resume",
+                                 "--max-iters", "4")  # fmt: skip
+    assert status == 0 and "resuming at iter 2" in out, err
+
+    status, out, err = run_train(capsys, "--data", data, "--out", tmp_path / "tuned", "--init",
+                                 TINY, "--block-size", "16", "--max-iters", "2", "--eval-iters",
+                                 "1", "--grad-accum", "1")  # fmt: skip
+    assert status == 0 and f"fine-tuning {TINY}" in out, err
+
+
+def test_a_token_file_with_an_id_outside_the_vocabulary_is_refused(tmp_path, capsys, monkeypatch):
+    import picogpt.training.token_files as token_files
+
+    monkeypatch.setattr(token_files, "CHECK_CHUNK", 7)  # checked in chunks: found in a later one
+    ids = tiny_ids()
+    val = ids[-200:].copy()
+    val[123] = 513
+    data = write_token_files(tmp_path / "data", ids[:-200], val)
+    status, _, err = run_train(capsys, "--data", data, "--out", tmp_path / "m", "--tokenizer",
+                               TINY, *SMALL)  # fmt: skip
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"{data / 'val.bin'}: token id 513 at byte offset 246 is outside the vocabulary of " \
+           "513" in err  # fmt: skip
+    (data / "val.bin").write_bytes(b"\x01\x00\x02")
+    status, _, err = run_train(capsys, "--data", data, "--out", tmp_path / "m", "--tokenizer", TINY)
+    assert status == 2 and "3 bytes is not a whole number of 2-byte token ids" in err, err
+    (data / "val.bin").unlink()
+    status, _, err = run_train(capsys, "--data", data, "--out", tmp_path / "m", "--tokenizer", TINY)
+    assert status == 1 and "val.bin: token file does not exist" in err, err
+    write_token_files(data, ids[:20], ids[:20])
+    status, _, err = run_train(capsys, "--data", data, "--out", tmp_path / "m", "--tokenizer",
+                               TINY, *SMALL)  # fmt: skip
+    assert status == 2 and "train.bin is too short for --block-size 32: 20 tokens" in err, err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{text}", "--data", "{data}"], "give a text file (TEXT) or --data DIR, one of them"),
+    ([], "give a text file (TEXT) or --data DIR, one of them"),
+    (["--data", "{data}", "--tokenizer", "chars"], "--data holds token ids, not characters"),
+])  # fmt: skip
+def test_text_and_data_are_one_or_the_other(text_file, tmp_path, capsys, args, message):
+    data = write_token_files(tmp_path / "data", tiny_ids(), tiny_ids())
+    args = [a.format(text=text_file, data=data) for a in args]
+    status, _, err = run_train(capsys, *args, "--out", tmp_path / "m")
+    assert status == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_help_explains_data(capsys):
+    status, out, _ = run_train(capsys, "--help")
+    assert status == 0 and "--data DIR" in out and "train.bin" in out and "uint16" in out
+
+
+VARIED = "".join(f"{w}{'.' if i % 7 == 0 else ''}{chr(10) if i % 11 == 0 else ' '}"
+                 for i, w in enumerate(("naïve café 12,345 don't ROMEO: 🦜🦜 über "
+                                        "straße\t\tend " + TEXT).split(" ") * 3))  # fmt: skip
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_text_over_the_limit_is_tokenized_as_a_stream(tmp_path, monkeypatch, workers):
+    """Cut into pieces (and read in blocks that split characters), on one process or several:
+    the same ids as the whole text's, in a token file beside the cache, reused."""
+    import picogpt.training.token_files as token_files
+    from picogpt.tokenizers.bpe import BPE
+
+    monkeypatch.setattr(picogpt.training.data, "TOKENIZE_CHUNK", 50)
+    monkeypatch.setattr(token_files, "READ_BLOCK", 7)
+    path = tmp_path / "big.txt"
+    path.write_text(VARIED, encoding="utf-8")
+    bpe = BPE.load(TINY)
+    vocabulary = vocabulary_files(bpe, TINY)
+    seen = []
+    ids = token_files.tokenize_file(path, bpe, tmp_path / "tokens", vocabulary,
+                                    lambda *a: seen.append(a), workers)  # fmt: skip
+    assert isinstance(ids, np.memmap) and ids.tolist() == bpe.encode(VARIED)
+    assert len(seen) > 10 and seen[-1][:2] == (path.stat().st_size,) * 2
+    assert [p.suffix for p in (tmp_path / "tokens").iterdir()] == [".bin"]
+    monkeypatch.setattr(token_files, "_encode_pieces", lambda *a: pytest.fail("tokenized again"))
+    again = token_files.tokenize_file(path, bpe, tmp_path / "tokens", vocabulary)
+    np.testing.assert_array_equal(again, ids)
+
+
+def test_training_on_a_text_over_the_limit(text_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(picogpt.training.data, "TEXT_LIMIT", 1000)
+    weights = tmp_path / "weights"
+    plan = prepare(text_file, tmp_path / "m", small_options(), tokenizer=str(TINY),
+                   weights_dir=weights)  # fmt: skip
+    assert isinstance(plan.data[0], np.memmap)
+    np.testing.assert_array_equal(np.concatenate(plan.data), tiny_ids())
+    assert len(list((weights / "tokens").glob("*.bin"))) == 1
+    shutil.rmtree(tmp_path / "m")
+    status, _, err = run_train(capsys, text_file, "--out", tmp_path / "m", *SMALL)
+    assert status == 2 and err.count("\n") == 1 and "--tokenizer gpt2" in err, err
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(TEXT.encode() + b"caf\xe9" + TEXT.encode())
+    status, _, err = run_train(capsys, bad, "--out", tmp_path / "m", "--tokenizer", TINY,
+                               "--weights-dir", weights, *SMALL)  # fmt: skip
+    assert status == 1 and f"is not UTF-8 text (byte offset {len(TEXT) + 3})" in err, err
+    assert not list((weights / "tokens").glob("*.tmp*"))

@@ -30,11 +30,13 @@ def add_parser(sub):
 TRAIN_DESCRIPTION = """\
 Train a GPT (GPT-2's architecture, backpropagation in NumPy) on a text file, from
 scratch or from a model's weights (--init: fine-tuning). The first 90% of the text's
-tokens train, the last 10% validate. The model with the best validation loss is saved
-to --out, a model folder that `picogpt --model DIR` and picogpt.load(DIR) use like GPT-2.
-From scratch the vocabulary is the text's characters (or GPT-2's, --tokenizer gpt2) and
-the defaults are nanoGPT's CPU recipe for Tiny Shakespeare (about a minute here); with
---init, the model's vocabulary and architecture, and nanoGPT's fine-tuning recipe."""
+tokens train, the last 10% validate; or, with --data DIR instead of a text, nanoGPT's
+DIR/train.bin and DIR/val.bin (its prepare.py's GPT-2 token ids, memory-mapped).
+The model with the best validation loss is saved to --out, a model folder that
+`picogpt --model DIR` and picogpt.load(DIR) use like GPT-2. From scratch the vocabulary
+is the text's characters (or GPT-2's, --tokenizer gpt2) and the defaults are nanoGPT's
+CPU recipe for Tiny Shakespeare (about a minute here); with --init, the model's
+vocabulary and architecture, and nanoGPT's fine-tuning recipe."""
 
 TRAIN_EPILOG = """\
 examples:
@@ -43,6 +45,7 @@ examples:
   picogpt train tinyshakespeare.txt --out weights/shakespeare --resume --max-iters 4000
   picogpt train tinyshakespeare.txt --out weights/bpe --tokenizer gpt2
   picogpt train tinyshakespeare.txt --out weights/gpt2-shakespeare --init 124M
+  picogpt train --data nanoGPT/data/openwebtext --out weights/owt --tokenizer gpt2
 
 fine-tuning defaults (--init): --batch-size 1 --grad-accum 32 --max-iters 20 --lr 3e-5
 (constant: --min-lr follows --lr) --warmup-iters 0 --dropout 0 --beta2 0.95
@@ -53,7 +56,8 @@ train_config.json, the TF checkpoint (best model), train_log.jsonl (every evalua
 resume/ (the latest parameters and optimizer state, for --resume) and train_files.json
 (what picogpt wrote: it replaces or deletes nothing else, and trains only into a new or
 empty folder or one it made). Saves are atomic: a kill at any moment leaves the last good
-model. GPT-2's tokenization is cached in <weights folder>/tokens."""
+model. GPT-2's tokenization is cached in <weights folder>/tokens; a text over 1 GB is
+tokenized there, on every core, into a token file like nanoGPT's train.bin."""
 
 _probability = in_range(0, 1, high_open=True)
 _nonnegative = in_range(0, None)
@@ -88,17 +92,22 @@ TRAIN_OPTIONS = (
 def _add_train_arguments(parser, defaults):
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description, parser.epilog = TRAIN_DESCRIPTION, TRAIN_EPILOG
-    parser.add_argument("text", metavar="TEXT", help="a UTF-8 text file to learn from")
+    parser.add_argument("text", metavar="TEXT", nargs="?",
+                        help="a UTF-8 text file to learn from (or --data)")
+    parser.add_argument("--data", metavar="DIR",
+                        help="instead of TEXT: a folder of nanoGPT's train.bin and val.bin (raw "
+                             "uint16 token ids, no header), with --tokenizer gpt2 (the default "
+                             "here) or --init's tokenizer")
     parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
     parser.add_argument("--resume", action="store_true",
                         help="continue training the model in DIR from its last saved state")
     parser.add_argument("--init", metavar="MODEL",
                         help="fine-tune: start from MODEL's weights, tokenizer and architecture "
                              "(anything --model takes: a GPT-2 size, a bundled model, a folder)")
-    parser.add_argument("--tokenizer", metavar="NAME", default="chars",
+    parser.add_argument("--tokenizer", metavar="NAME",
                         help="from scratch: chars (the text's characters, the default), or gpt2 "
-                             "(GPT-2's 50,257 tokens, shipped with picogpt: no download), or "
-                             "any model whose tokenizer to use")
+                             "(GPT-2's 50,257 tokens, shipped with picogpt: no download; the "
+                             "default with --data), or any model whose tokenizer to use")
     parser.add_argument("--weights-dir", metavar="DIR",
                         help="where GPT-2 sizes are downloaded to (and tokenized texts cached)")
     add_download_options(parser)
@@ -110,6 +119,18 @@ def _add_train_arguments(parser, defaults):
         default = "--max-iters" if defaults[key] is None else defaults[key]
         groups[group].add_argument(f"--{key.replace('_', '-')}", dest=key, metavar=metavar,
                                    type=kind, help=f"{text} ({default})")
+
+
+def _check_source(parser, args):
+    """TEXT or --data, one of them; the tokenizer's default for each (GPT-2's for --data, whose
+    ids are GPT-2's)."""
+    if (args.text is None) == (args.data is None):
+        parser.error("give a text file (TEXT) or --data DIR, one of them")
+    if args.data is not None and args.tokenizer == "chars":
+        parser.error("--data holds token ids, not characters: --tokenizer gpt2 (the default "
+                     "with --data) or a model's tokenizer")
+    if args.tokenizer is None and args.init is None:
+        args.tokenizer = "gpt2" if args.data is not None else "chars"
 
 
 def _check_train_config(saved, path):
@@ -150,13 +171,14 @@ def run(argv):
         parser.error(str(e))
     if args.init is not None and args.resume:
         parser.error("--init starts a run and --resume continues one: give one of them")
-    if args.init is not None and args.tokenizer != "chars":
+    if args.init is not None and args.tokenizer is not None:
         parser.error("--init uses its model's tokenizer: --tokenizer goes with a run from scratch")
+    _check_source(parser, args)
     options = {key: getattr(args, key) for key in DEFAULTS}
     progress = _TokenizeProgress(args.text)
     try:
         plan = prepare(args.text, args.out, options, resume=args.resume, init=args.init,
-                       tokenizer=args.tokenizer, weights_dir=args.weights_dir,
+                       tokenizer=args.tokenizer, data=args.data, weights_dir=args.weights_dir,
                        base_url=args.base_url, check_saved=_check_train_config,
                        progress=progress, download_source=args.source)  # fmt: skip
         progress.close()
@@ -219,7 +241,8 @@ def _say_where(trainer, args, interrupted=False):
     """What the folder holds now, and the commands that use it."""
     import shlex
 
-    out, text = shlex.quote(str(trainer.out)), shlex.quote(str(args.text))
+    out = shlex.quote(str(trainer.out))
+    text = shlex.quote(str(args.text)) if args.data is None else f"--data {shlex.quote(args.data)}"
     if trainer.saved_model is not None:
         print(f"best model (val loss {trainer.saved_model[1]:.4f}) in {out}; try: "
               f"picogpt --model {out} \"{_sample_prompt(trainer)}\" --n 200")
@@ -251,25 +274,29 @@ def _sample_prompt(trainer):
 
 
 class _TokenizeProgress:
-    """Tokenizing a large text with GPT-2's BPE takes a while: a line on stderr, redrawn on a
-    terminal, for texts of more than 4 MB."""
+    """Tokenizing a large text with GPT-2's BPE (or checking a large token file) takes a while:
+    a line on stderr, redrawn on a terminal, for more than 4 M characters (bytes, tokens)."""
 
     def __init__(self, path):
         self.path, self.shown, self.active = path, 0.0, False
         self.tty = sys.stderr.isatty()
-        self.t0 = time.monotonic()
+        self.t0, self.what = time.monotonic(), None
 
-    def __call__(self, done, total):
+    def __call__(self, done, total, what=None, unit="characters"):
         if total < 4 << 20:
             return
         now = time.monotonic()
+        if what != self.what:  # a new phase (reading, then tokenizing): its own time and rate
+            self.t0, self.what = now, what
         if not self.tty and done < total and now - self.shown < 10:
             return
         if self.tty and done < total and now - self.shown < 0.1:
             return
         self.shown, self.active = now, True
-        line = (f"tokenizing {self.path}: {done / total:.0%} of {total / 1e6:.1f}M characters, "
-                f"{_duration(now - self.t0)}")  # fmt: skip
+        rate = f", {done / 1e6 / (now - self.t0):.1f} MB/s" if unit == "bytes" and now > self.t0 \
+            else ""  # fmt: skip
+        line = (f"{what or f'tokenizing {self.path}'}: {done / total:.0%} of {total / 1e6:,.1f}M "
+                f"{unit}, {_duration(now - self.t0)}{rate}")  # fmt: skip
         sys.stderr.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
         sys.stderr.flush()
 

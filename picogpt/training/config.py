@@ -64,11 +64,14 @@ def make_config(options, saved=None, init_hparams=None):
 
 
 def command_line(text, out, config):
-    """The `picogpt train` command that trains this configuration from the start."""
+    """The `picogpt train` command that trains this configuration from the start (on `text`,
+    or on config["data"]'s token files)."""
     flags = [f"--{key.replace('_', '-')} {config[key]}" for key in DEFAULTS
              if config[key] is not None and key != "log_interval"]  # fmt: skip
     for key in ("init", "tokenizer"):
         if config.get(key) not in (None, "chars"):
             flags.insert(0, f"--{key} {shlex.quote(str(config[key]))}")
-    where = f"{shlex.quote(str(text))} --out {shlex.quote(str(out))}"
+    data = config.get("data")
+    source = f"--data {shlex.quote(data)}" if data else shlex.quote(str(text))
+    where = f"{source} --out {shlex.quote(str(out))}"
     return f"picogpt train {where} " + " ".join(flags)

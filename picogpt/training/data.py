@@ -64,8 +64,7 @@ def encode(text, tokenizer, cache_dir=None, vocabulary=None, progress=None):
     path = None
     if cache_dir is not None and vocabulary is not None:
         text_hash = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-        vocab_hash = hashlib.sha256(b"".join(vocabulary[n] for n in sorted(vocabulary)))
-        path = Path(cache_dir) / f"{text_hash[:32]}-{vocab_hash.hexdigest()[:16]}.npy"
+        path = Path(cache_dir) / f"{text_hash[:32]}-{vocabulary_digest(vocabulary)[:16]}.npy"
         ids = _cached_ids(path, len(text), tokenizer.n_vocab, dtype)
         if ids is not None:
             return ids
@@ -85,6 +84,11 @@ def encode(text, tokenizer, cache_dir=None, vocabulary=None, progress=None):
         except OSError:
             pass  # a cache that cannot be written only costs the next run the same wait
     return ids
+
+
+def vocabulary_digest(vocabulary):
+    """The sha256 (hex) of a tokenizer's files (name -> bytes), half of a token cache's key."""
+    return hashlib.sha256(b"".join(vocabulary[n] for n in sorted(vocabulary))).hexdigest()
 
 
 def _encode_chars(text, tokenizer, dtype):
@@ -109,17 +113,24 @@ def _bpe_chunks(text):
     """(start, stop) pieces of about TOKENIZE_CHUNK characters, cut just before whitespace that
     follows a non-whitespace character: no GPT-2 pre-token spans that point, so the pieces
     tokenize to exactly the ids of the whole text."""
+    cut = safe_cut()
+    start = 0
+    while start < len(text):
+        match = cut.search(text, start + TOKENIZE_CHUNK)
+        stop = match.end() if match else len(text)
+        yield start, stop
+        start = stop
+
+
+def safe_cut():
+    """The places a text can be cut without changing GPT-2's pieces: just after a non-whitespace
+    character that whitespace follows (no pre-token runs from one into the other)."""
     global _SAFE_CUT
     if _SAFE_CUT is None:
         import regex
 
         _SAFE_CUT = regex.compile(r"\S(?=\s)")
-    start = 0
-    while start < len(text):
-        match = _SAFE_CUT.search(text, start + TOKENIZE_CHUNK)
-        stop = match.end() if match else len(text)
-        yield start, stop
-        start = stop
+    return _SAFE_CUT
 
 
 def _cached_ids(path, n_chars, n_vocab, dtype):

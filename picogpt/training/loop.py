@@ -16,6 +16,7 @@ from picogpt.errors import PicogptError, TrainingError
 from picogpt.formats import tf_checkpoint
 from picogpt.gpt2 import network, parallel
 from picogpt.gpt2.memory import keep_freed_memory
+from picogpt.training import resume
 from picogpt.training.data import get_batch
 from picogpt.training.memory import shards
 from picogpt.training.optimizer import AdamW, clip_grad_norm, learning_rate
@@ -41,6 +42,8 @@ class Trainer:
         self.best_val_loss = math.inf
         self.saved_iter = None  # the iteration of the resume state on disk
         self.saved_model = None  # (iteration, val loss) of the model on disk
+        self.vocabulary_saved = False  # the tokenizer's files are written by the first save
+        self.record = None  # what the state records of the folder (resume.py), made once
 
     def initialize(self, params=None):
         """GPT-2's random initialisation, or a copy of `params` (--init's model)."""
@@ -131,26 +134,32 @@ class Trainer:
     def save_model(self, val_loss):
         self.folder.write_json("hparams.json", self.hparams)
         self.folder.write_json("train_config.json", self.config)
-        for name, data in self.vocabulary.items():
-            if not (self.out / name).is_file() or name not in self.folder.written:
+        if not self.vocabulary_saved:  # once a run: the files a resumed run was checked with
+            for name, data in self.vocabulary.items():
                 self.folder.write_bytes(name, data)
+            self.vocabulary_saved = True
         self.folder.write_checkpoint("", "model.ckpt-", self.iter, self.params)
         self.saved_model = (self.iter, val_loss)
 
     def save_state(self):
+        if self.record is None:  # so that --resume can tell a folder edited since
+            self.record = resume.as_tensor(resume.describe(self.hparams, self.config,
+                                                           self.tokenizer))  # fmt: skip
         tensors = dict(self.params)
         tensors.update({
             "adam/m": self.optimizer.m, "adam/v": self.optimizer.v,
             "train/iter": np.array(self.iter, np.int64),
             "train/best_val_loss": np.array(self.best_val_loss, np.float64),
+            resume.RECORD: self.record,
         })  # fmt: skip
         self.folder.write_checkpoint(STATE_DIR, "state.ckpt-", self.iter, tensors)
         self.saved_iter = self.iter
 
     def load_state(self):
+        """The parameters, AdamW's moments and the iteration of the folder's resume state (whose
+        every CRC, and its record of the folder, prepare has checked: resume.check_state)."""
         state_dir = self.out / STATE_DIR
         try:
-            tf_checkpoint.verify(state_dir)  # every CRC: never continue from damaged numbers
             tensors = tf_checkpoint.read(state_dir)
             for name, array in self.params.items():
                 array[...] = _stored(tensors, name, array.shape)
