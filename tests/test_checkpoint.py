@@ -439,3 +439,13 @@ def test_a_state_file_that_is_not_a_regular_file(tiny):
     (tiny / "checkpoint").mkdir()
     with pytest.raises(CheckpointError, match="not a regular file"):
         checkpoint.read(tiny)
+
+
+@pytest.mark.parametrize("shape", [(0, 2**63 - 1, 2**63 - 1), (0, 2**62), (2**61, 0, 8)])
+def test_a_shape_numpy_cannot_describe_is_a_checkpoint_error(tmp_path, shape):
+    # No bytes, so the size (0) matches; NumPy still refuses to describe such an array.
+    build_bundle(tmp_path / "m.ckpt", {"a": np.zeros(2, np.float32), "b": np.ones(3, np.float32)},
+                 entry_overrides={"a": {"shape": shape, "size": 0}})
+    for check in (checkpoint.read, checkpoint.verify):
+        with pytest.raises(CheckpointError, match=r"m\.ckpt\.index: tensor 'a'.*cannot exist"):
+            check(tmp_path / "m.ckpt")

@@ -20,6 +20,7 @@ import numpy as np
 
 from picogpt import files
 from picogpt.errors import CheckpointError
+from picogpt.formats.shapes import check_shape
 
 __all__ = ["CheckpointError", "read", "release", "verify", "write", "resolve_prefix", "crc32c"]
 
@@ -508,6 +509,7 @@ def _tensor_view(name, entry, maps, header, prefix):
         raise CheckpointError(
             f"{where}: size {entry['size']} bytes does not match shape {shape} of {dtype}"
         )
+    check_shape(shape, 4 if dtype_code == BFLOAT16 else dtype.itemsize, where)  # as returned
     data = maps[entry["shard_id"]]
     start, end = entry["offset"], entry["offset"] + entry["size"]
     if end > len(data):
