@@ -2,6 +2,7 @@
 Model called (one generation at a time, in arrival order: `FifoLock`), and the answer in OpenAI's
 response shapes, whole or as a stream of events. transport.py carries it over HTTP."""
 
+import contextlib
 import json
 import secrets
 import threading
@@ -10,6 +11,7 @@ from collections import deque
 
 import numpy as np
 
+from picogpt.errors import ModelError
 from picogpt.generation.options import MAX_LOGPROBS
 from picogpt.generation.stops import MAX_STOPS as MAX_STOP  # a chat's turn end is one of them
 from picogpt.serve import fields
@@ -160,7 +162,7 @@ class Service:
     def completions(self, request, stats):
         """The response to a checked non-streaming completions request."""
         options, n = request["options"], request["n"]
-        with self.lock:
+        with _model_failures(), self.lock:
             results = []
             for text, ids in request["prompts"]:
                 out = self._complete(ids, options, request["logprobs"], n)
@@ -207,7 +209,7 @@ class Service:
     def _completion_events(self, request, streams, chunk, stats):
         n, want_lp = request["n"], request["logprobs"] is not None
         prompt_tokens = 0
-        with self.lock:
+        with _model_failures(), self.lock:
             for p, ((text, ids), stream) in enumerate(zip(request["prompts"], streams)):
                 offsets = [TextOffsets(self.model, len(text)) for _ in range(n)]
                 if request["echo"]:
@@ -233,6 +235,8 @@ class Service:
     def _complete(self, ids, options, logprobs, n):
         try:
             out = self.model.complete(ids, **options, logprobs=logprobs, samples=n)
+        except ModelError:  # the model's failure, not the request's: see _model_failures
+            raise
         except ValueError as e:  # an option the checks above let through: say, as a 400
             raise APIError(400, str(e)) from None
         return [out] if n == 1 else out
@@ -309,7 +313,7 @@ class Service:
 
     def chat_completions(self, request, stats):
         n = request["n"]
-        with self.lock:
+        with _model_failures(), self.lock:
             out = self._complete(request["ids"], request["options"], request["logprobs"], n)
         choices = []
         for k, c in enumerate(out):
@@ -341,7 +345,7 @@ class Service:
 
     def _chat_events(self, request, stream, chunk, stats):
         n = request["n"]
-        with self.lock:
+        with _model_failures(), self.lock:
             for k in range(n):
                 yield chunk(k, {"role": "assistant", "content": ""})
             started = [False] * n  # the reply's leading space is not part of it
@@ -455,3 +459,14 @@ def _usage(prompt_tokens, completion_tokens):
 
 def _new_id(prefix):
     return f"{prefix}-{secrets.token_hex(12)}"
+
+
+@contextlib.contextmanager
+def _model_failures():
+    """Within: a model that fails as it computes (weights that give NaN logits, a ModelError) is
+    the server's failure, not the request's: a 500 with the error's one line (mid-stream, an
+    error event), and the server goes on."""
+    try:
+        yield
+    except ModelError as e:
+        raise APIError(500, str(e), code="model_error") from None
