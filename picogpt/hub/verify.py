@@ -91,7 +91,18 @@ def record(folder, checked):
     cannot be written: it is a shortcut only, and the files are checked again next time."""
     folder = Path(folder)
     entries = {n: e for n, e in read_stamp(folder).items() if unchanged(folder, n, e)}
-    entries.update(checked)
+    return _write(folder, {**entries, **checked})
+
+
+def forget(folder, names):
+    """Drop the stamp's entries of `names` (files that just failed their check)."""
+    entries = read_stamp(folder)
+    if any(name in entries for name in names):
+        _write(folder, {n: e for n, e in entries.items() if n not in names})
+
+
+def _write(folder, entries):
+    """Write the folder's stamp, atomically; False when it cannot be."""
     path = stamp_path(folder)
     try:
         path.parent.mkdir(exist_ok=True)  # the weights folder's .verified; never the folder
@@ -100,18 +111,6 @@ def record(folder, checked):
     except OSError:
         return False
     return True
-
-
-def forget(folder, names):
-    """Drop the stamp's entries of `names` (files that just failed their check)."""
-    entries = read_stamp(folder)
-    if any(name in entries for name in names):
-        try:
-            files.atomic_write(stamp_path(folder), json.dumps(
-                {"folder": str(Path(folder).resolve()),
-                 "files": {n: e for n, e in entries.items() if n not in names}}, indent=1))
-        except OSError:
-            pass
 
 
 # --- checking ---------------------------------------------------------------------------------
@@ -137,7 +136,8 @@ def _stamped_weights(folder, stamp):
     if hf.is_hf_folder(folder):
         return _hf_names(*hf.weight_files(folder))
     index = Path(f"{tf_checkpoint.resolve_prefix(folder)}.index").name
-    shards = stamp.get(index, {}).get("shards") if isinstance(stamp.get(index), dict) else None
+    entry = stamp.get(index)
+    shards = entry.get("shards") if isinstance(entry, dict) else None  # recorded with the index
     if not isinstance(shards, list) or not all(isinstance(s, str) for s in shards):
         return []
     return [index, *shards]
