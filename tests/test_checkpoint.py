@@ -11,8 +11,10 @@ from _memory import HAS_SMAPS, resident_kb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from picogpt.formats import crc32c as crc
 from picogpt.formats import tf_checkpoint as checkpoint
 from picogpt.formats.tf_checkpoint import CheckpointError
+from picogpt.gpt2 import parallel
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TF_WRITTEN = ["gpt2-tiny", "dtypes", "many"]
@@ -140,15 +142,30 @@ def test_crc32c_check_value():
     assert checkpoint.crc32c(b"") == 0
 
 
-@pytest.mark.parametrize("size", [1, 3, 4095, 65536, 4 * 4 * checkpoint.LANES + 5, 300_001])
+@pytest.mark.parametrize("size", [1, 3, 4095, 65536, 4 * 4 * crc.LANES + 5, 300_001])
 def test_crc32c_matches_reference_at_every_size(size):
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
     # The bit-at-a-time reference is slow: compare it on the ends, the table loop on the whole.
-    expected = checkpoint._crc32c_bytes(0xFFFFFFFF, data) ^ 0xFFFFFFFF
+    expected = crc._crc32c_bytes(0xFFFFFFFF, data) ^ 0xFFFFFFFF
     assert checkpoint.crc32c(data) == expected
     assert checkpoint.crc32c(data[:2000]) == crc32c_reference(data[:2000])
     cut = size // 3
     assert checkpoint.crc32c(data[cut:], checkpoint.crc32c(data[:cut])) == expected
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_crc32c_many_in_pieces_on_every_core_is_crc32c_of_each(threads):
+    before = parallel.set_threads(threads)
+    try:
+        rng = np.random.default_rng(threads)
+        sizes = [0, 1, 5000, crc.CHUNK - 1, crc.CHUNK, crc.CHUNK + 1, 2 * crc.CHUNK + 4100]
+        buffers = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
+        seen = []
+        got = crc.crc32c_many(buffers, done=lambda piece: seen.append(len(piece)))
+        assert got == [crc.crc32c(b) for b in buffers]
+        assert sum(seen) == sum(sizes) and max(seen) == crc.CHUNK  # each piece read once
+    finally:
+        parallel.set_threads(before)
 
 
 @pytest.mark.parametrize("name", TF_WRITTEN)
@@ -439,3 +456,13 @@ def test_a_state_file_that_is_not_a_regular_file(tiny):
     (tiny / "checkpoint").mkdir()
     with pytest.raises(CheckpointError, match="not a regular file"):
         checkpoint.read(tiny)
+
+
+@pytest.mark.parametrize("shape", [(0, 2**63 - 1, 2**63 - 1), (0, 2**62), (2**61, 0, 8)])
+def test_a_shape_numpy_cannot_describe_is_a_checkpoint_error(tmp_path, shape):
+    # No bytes, so the size (0) matches; NumPy still refuses to describe such an array.
+    build_bundle(tmp_path / "m.ckpt", {"a": np.zeros(2, np.float32), "b": np.ones(3, np.float32)},
+                 entry_overrides={"a": {"shape": shape, "size": 0}})
+    for check in (checkpoint.read, checkpoint.verify):
+        with pytest.raises(CheckpointError, match=r"m\.ckpt\.index: tensor 'a'.*cannot exist"):
+            check(tmp_path / "m.ckpt")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from _cli_server import ModelServer, closed_port_url
+from _damaged import big_endian_over_little, with_a_nan
 
 import picogpt
 from picogpt.cli.chat import _reply
@@ -475,3 +476,24 @@ def test_chat_stop_strings_end_the_reply(ready_env, tmp_path):
     full = model.generate(prompt, n=20, seed=5, temperature=0.7)
     assert reply != full  # a stop string did end it
     assert out.stdout.splitlines()[1] == "gpt2> " + (reply.lstrip() or "...")
+
+
+# --- a model whose weights give non-finite logits ----------------------------------------------
+
+@pytest.mark.parametrize("damage, command", [
+    (with_a_nan, ["Hello", "--n", "3"]),
+    (with_a_nan, ["eval", "text.txt"]),
+    (with_a_nan, ["chat"]),
+    # The case, with a prefill long enough to run on the pool's threads.
+    (big_endian_over_little, ["a prompt of more than eight tokens", "--threads", "2"]),
+])
+def test_damaged_weights_are_one_line_and_exit_1(tmp_path, damage, command):
+    folder = damage(tmp_path / "damaged")
+    (tmp_path / "text.txt").write_text("Some text to score.\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PICOGPT_WEIGHTS=str(tmp_path / "weights"),
+               PYTHONIOENCODING="utf-8")
+    out = picogpt_cmd(*command, "--model", str(folder), env=env, input="Hi!\n", cwd=tmp_path)
+    assert_clean_failure(out, 1)
+    assert out.stderr.startswith(f"picogpt: {folder}: its weights give logits that are not "
+                                 "finite numbers"), out.stderr
+    assert "picogpt verify" in out.stderr and "Warning" not in out.stderr, out.stderr

@@ -154,7 +154,10 @@ def test_files_placed_by_hand_are_verified_once_and_used(tmp_path):
     shutil.copytree(FIXTURE, folder)
     (folder / "model.ckpt.meta").unlink(missing_ok=True)  # optional: not fetched when absent
     assert dl.ensure_model("124M", tmp_path, closed_port_url()) == folder
-    assert json.loads((folder / dl.VERIFIED).read_text())[DATA] == (folder / DATA).stat().st_size
+    stamp = json.loads((folder / dl.VERIFIED).read_text())["files"]
+    assert stamp[DATA]["size"] == (folder / DATA).stat().st_size
+    assert stamp[DATA]["check"] == "crc32c"  # (the fixture's vocabulary is not GPT-2's: no pin)
+    assert set(stamp) == set(sources.NEEDED)
 
 
 def test_corrupt_files_placed_by_hand_are_refused_but_kept(tmp_path):
@@ -435,7 +438,7 @@ def test_a_read_only_mount_is_one_line_and_a_model_there_still_loads(server, tmp
     with pytest.raises(dl.DownloadError, match="cannot write in .*Read-only file system"):
         dl.download("124M", ro, server.url, **FAST)
     # A whole model already there (placed by hand) is checked and used, but not recorded.
-    shutil.copytree(FIXTURE, src / "124M")
+    shutil.copytree(FIXTURE, src / "124M", ignore=shutil.ignore_patterns(dl.VERIFIED))
     assert dl.ensure_model("124M", ro, server.url) == ro / "124M"
     assert not (src / "124M" / dl.VERIFIED).exists()
     assert server.requests == []

@@ -3,16 +3,20 @@ on weights TensorFlow wrote; the KV cache against full recomputes."""
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _damaged import big_endian_over_little, with_a_nan
 from _memory import HAS_SMAPS, resident_kb
 from _reference import hf_model
 
 import picogpt
+from picogpt.errors import ModelError
 from picogpt.formats import tf_checkpoint as checkpoint
-from picogpt.gpt2 import engine, kernels, memory
+from picogpt.generation.chat import Conversation
+from picogpt.gpt2 import engine, kernels, memory, parallel
 from picogpt.gpt2.params import param_shapes
 
 TINY = Path(__file__).parent / "fixtures" / "gpt2-tiny"
@@ -215,3 +219,53 @@ def test_wrong_shapes_are_named(params, hparams):
         engine.GPT(bad, hparams)
     with pytest.raises(ValueError, match="n_head"):
         engine.GPT(params, dict(hparams, n_head=5))
+
+
+# --- weights that give non-finite logits ------------------------------------------------------
+
+LONG_PROMPT = "a prompt of more than eight tokens, so its prefill runs on every core"
+
+
+@pytest.fixture
+def threads():
+    """Set the thread count for a test (any count runs on any number of cores); put back after."""
+    before = parallel._threads
+    yield parallel.set_threads
+    parallel.set_threads(before)
+
+
+def every_way_to_run(m):
+    """Each API call that runs the network, by name."""
+    chat = Conversation(m, 4)
+    return {
+        "generate": lambda: m.generate("Hello", n=3, seed=1),
+        "greedy": lambda: m.generate("Hello", n=3, temperature=0),
+        "stream": lambda: list(m.stream("Hello", n=3, seed=1)),
+        "complete": lambda: m.complete("Hello", n=3, logprobs=2, samples=2, seed=1),
+        "prefill on every core": lambda: m.generate(LONG_PROMPT, n=2, seed=1),
+        "logits": lambda: m.logits(m.encode(LONG_PROMPT)),
+        "log_likelihood": lambda: m.log_likelihood(LONG_PROMPT),
+        "chat": lambda: list(m.stream(chat.prompt("Hi!"), n=3, stop=["\n"])),
+    }
+
+
+@pytest.mark.parametrize("damage", [with_a_nan, big_endian_over_little])
+def test_weights_that_give_non_finite_logits_are_a_model_error(tmp_path, threads, damage):
+    threads(2)  # a long prefill runs on the pool's threads too: no warning from them either
+    folder = damage(tmp_path / "damaged")
+    m = picogpt.load(folder)
+    for name, call in every_way_to_run(m).items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a NumPy RuntimeWarning on the way fails the test
+            with pytest.raises(ModelError, match="look damaged") as info:
+                call()
+        assert str(folder) in str(info.value) and "picogpt verify" in str(info.value), name
+    assert m.generate("Hello", n=0) == ""  # nothing ran, nothing to check
+
+
+def test_finite_logits_pass_the_check(tiny, threads):
+    threads(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for call in every_way_to_run(tiny).values():
+            call()

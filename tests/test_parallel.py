@@ -3,8 +3,10 @@ single-threaded meanwhile and put back after; an error in one range waits for th
 thread count is a setting; and the engine's logits and training's losses depend on it only
 within float32 rounding (identical from run to run at one count)."""
 
+import contextvars
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -84,6 +86,42 @@ def test_an_error_in_one_range_is_raised_after_every_range_ended(threads):
     assert sorted(ended) == [1, 2]
     with parallel.passes():  # the pool is still whole
         assert parallel.run(lambda a, b: b - a, 3) == [1, 1, 1]
+
+
+def test_each_range_runs_in_the_callers_context(threads):
+    threads(2)
+    setting = contextvars.ContextVar("setting", default="unset")
+    barrier = threading.Barrier(2, timeout=10)  # both ranges at once: one on a pool thread
+
+    def part(start, stop):
+        barrier.wait()
+        return setting.get(), np.geterr()["divide"]
+
+    def caller():
+        setting.set("the caller's")
+        with np.errstate(divide="ignore"), parallel.passes():
+            return parallel.run(part, 2)
+
+    assert contextvars.copy_context().run(caller) == [("the caller's", "ignore")] * 2
+    with parallel.passes():  # and nothing of it stays on the pool's threads
+        assert parallel.run(lambda a, b: setting.get(), 2) == ["unset", "unset"]
+
+
+def test_nothing_of_a_pass_outlives_it_on_the_pool(threads):
+    """A pass's closure and results may hold arrays of a mapped file: kept by the pool's waiting
+    threads, they would keep the file mapped (and its mount busy) until the next pass."""
+    threads(3)
+
+    def views_of(array):
+        return lambda start, stop: array[start:stop]
+
+    array = np.zeros(12)
+    alive = weakref.ref(array)
+    with parallel.passes():
+        parts = parallel.run(views_of(array), 3)
+    assert len(parts) == 3
+    del array, parts
+    assert alive() is None
 
 
 def test_a_pass_inside_a_pass_runs_in_its_own_thread(threads):

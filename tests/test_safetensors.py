@@ -146,6 +146,9 @@ BAD_HEADERS = [
     ({"a": entry(shape=(-2,))}, "whole numbers"),
     ({"a": entry(shape=(True, 2))}, "whole numbers"),
     ({"a": entry(shape=(2**62, 2**62, 2**62))}, "data_offsets"),  # no allocation: a mismatch
+    # Empty, so its offsets match; NumPy still cannot describe it ("array is too big").
+    ({"a": entry(shape=(0, 2**63 - 1, 2**63 - 1), offsets=(0, 0)), "b": entry()}, "cannot exist"),
+    ({"a": entry(shape=(0, 2**70), offsets=(0, 0)), "b": entry()}, "cannot exist"),
     ({"a": entry(shape=(1,) * 65 + (2,))}, "dimensions"),
     ({"a": entry(dtype="F8_E4M3")}, "not supported"),
     ({"a": entry(dtype="c64")}, "not supported"),

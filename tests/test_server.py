@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _browser import Browser, chromium_path
+from _damaged import with_a_nan
 
 import picogpt
 from picogpt.serve import transport as srv
@@ -922,3 +923,26 @@ def test_the_page_chat_tab(server, reference, tmp_path):
     messages = [{"role": "user", "content": "Hello there"}]
     want = chat_reference(reference, messages, 12, seed=4, temperature=0.8)
     assert reply == want.text.lstrip()
+
+
+def test_a_model_whose_weights_give_nan_logits_is_a_500_and_the_server_goes_on(tmp_path):
+    model = picogpt.load(with_a_nan(tmp_path / "damaged"))
+    lines = []
+    with srv.Server(model, "damaged", port=0, log=lines.append) as server:
+        for path, body in [("/v1/completions", {"prompt": "x", "max_tokens": 3}),
+                           ("/v1/completions", {"prompt": "x y", "max_tokens": 3, "echo": True,
+                                                "logprobs": 1}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user",
+                                                                    "content": "Hi"}]})]:
+            status, _, data = post(server, path, body)
+            assert status == 500, data
+            error = error_of(status, data)
+            assert error["code"] == "model_error" and "look damaged" in error["message"]
+            status, _, data = post(server, path, dict(body, stream=True))
+            assert status == 200  # sent before the first token: the error is an event
+            events = data.decode().split("\n\n")
+            assert events[-2:] == ["data: [DONE]", ""]
+            error = error_of(500, events[-3][len("data: "):].encode())
+            assert error["code"] == "model_error" and "look damaged" in error["message"]
+        assert request(server, "GET", "/v1/models")[0] == 200
+    assert not any("Traceback" in line or "internal error" in line for line in lines), lines

@@ -1,6 +1,6 @@
 """The picogpt command line: generate (the default), chat, download, eval, serve, train,
-export. One module per command (each with its `add_parser` and `run`); arguments.py holds what
-they share.
+export, verify. One module per command (each with its `add_parser` and `run`); arguments.py holds
+what they share.
 
 Bad input gets a one-line message and exit status 2; failures that are not the user's typing
 (no network, a corrupt download) exit 1; Ctrl-C exits 130. Never a traceback for either.
@@ -9,11 +9,11 @@ Bad input gets a one-line message and exit status 2; failures that are not the u
 import argparse
 import sys
 
-from picogpt.cli import chat, download, evaluate, export, generate, serve, train
+from picogpt.cli import chat, download, evaluate, export, generate, serve, train, verify
 from picogpt.cli.arguments import Parser, UsageError, apply_threads
 from picogpt.errors import PicogptError
 
-COMMANDS = ("generate", "chat", "download", "eval", "serve", "train", "export")
+COMMANDS = ("generate", "chat", "download", "eval", "serve", "train", "export", "verify")
 
 EXAMPLES = """\
 examples:
@@ -28,6 +28,7 @@ examples:
   picogpt train input.txt --out my-model    train a GPT on a text (picogpt train --help)
   picogpt "ROMEO:" -m shakespeare-char      the bundled model trained on Tiny Shakespeare
   picogpt export my-model my-model-hf       a model folder for transformers (HuggingFace's layout)
+  picogpt verify 124M                       check a model's weights against their checksums
 
 models (--model): a GPT-2 size (124M, 355M, 774M, 1558M, or gpt2, gpt2-medium, gpt2-large,
 gpt2-xl), a bundled model name (shakespeare-char), or the path of a model folder, in OpenAI's
@@ -46,7 +47,7 @@ def build_parser():
     parser = Parser(
         prog="picogpt",
         usage="picogpt [generate] PROMPT [options]\n"
-              "       picogpt {chat,download,eval,serve,train,export} ...",
+              "       picogpt {chat,download,eval,serve,train,export,verify} ...",
         description="GPT-2 in plain Python and NumPy: run OpenAI's checkpoints on a laptop CPU,\n"
                     "chat with them, evaluate them, or train a small model of your own.\n"
                     "Without a command, picogpt continues PROMPT (the `generate` command).",
@@ -57,7 +58,7 @@ def build_parser():
 
     parser.add_argument("--version", action="version", version=f"picogpt {__version__}")
     sub = parser.add_subparsers(dest="command",
-                                metavar="{generate,chat,download,eval,serve,train,export}",
+                                metavar="{generate,chat,download,eval,serve,train,export,verify}",
                                 parser_class=Parser)
 
     g = generate.add_parser(sub)
@@ -65,7 +66,7 @@ def build_parser():
     options = g.format_help().split("\npositional arguments:", 1)[-1]
     options = options.replace("  -h, --help            show this help message and exit\n", "")
     parser.epilog = f"{EXAMPLES}\ngenerate (picogpt [generate] PROMPT ...):{options}"
-    for command in (chat, download, evaluate, serve, export, train):
+    for command in (chat, download, evaluate, serve, export, train, verify):
         command.add_parser(sub)
     return parser
 
@@ -103,7 +104,8 @@ def _main(argv):
         argv = ["generate", *argv]
     args = parser.parse_args(argv)
     command = {"generate": generate.run, "chat": chat.run, "download": download.run,
-               "eval": evaluate.run, "serve": serve.run, "export": export.run}
+               "eval": evaluate.run, "serve": serve.run, "export": export.run,
+               "verify": verify.run}
     try:
         if hasattr(args, "threads"):
             apply_threads(args)

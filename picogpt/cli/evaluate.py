@@ -11,6 +11,7 @@ from picogpt.cli.arguments import (
     positive_int,
     read_text_file,
 )
+from picogpt.errors import PicogptError
 
 
 def add_parser(sub):
@@ -36,6 +37,8 @@ def run(args):
     progress = _EvalProgress() if sys.stderr.isatty() else None
     try:
         score = model.log_likelihood(text, stride=args.stride, progress=progress)
+    except PicogptError:  # the model failed (damaged weights): not the user's typing
+        raise
     except ValueError as e:  # characters a char-level model has never seen; a text too short
         raise UsageError(f"{args.file}: {e}") from None
     if progress:

@@ -18,6 +18,7 @@ from picogpt.cli.arguments import (
     read_text_file,
     sampling_options,
 )
+from picogpt.errors import PicogptError
 
 
 def add_parser(sub):
@@ -76,6 +77,8 @@ def run(args):
                 _write_logprobs(model, prompt, out, k, args, terminal, options)
             else:
                 _write_sample(model, prompt, out, k, args, options)
+        except PicogptError:  # the model failed (damaged weights): not the user's typing
+            raise
         except ValueError as e:  # e.g. a prompt longer than the context, unknown characters
             raise UsageError(str(e)) from None
     return 0

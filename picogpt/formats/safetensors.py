@@ -25,6 +25,7 @@ import numpy as np
 
 from picogpt import files
 from picogpt.errors import CheckpointError
+from picogpt.formats.shapes import check_shape
 from picogpt.gpt2 import compact
 
 __all__ = ["CheckpointError", "TensorInfo", "read", "read_header", "write"]
@@ -131,6 +132,7 @@ def _entry(name, value, path):
     if n_bytes != end - begin:
         raise CheckpointError(f"{where}: shape {shape} of {dtype} is {n_bytes:,} bytes, but "
                               f"data_offsets [{begin}, {end}) hold {end - begin:,}")
+    check_shape(shape, 4 if dtype == "BF16" else DTYPES[dtype].itemsize, where)  # as returned
     return TensorInfo(dtype, tuple(shape), begin, end)
 
 

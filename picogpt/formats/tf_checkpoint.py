@@ -3,11 +3,12 @@
 A checkpoint `model.ckpt` is an index (`model.ckpt.index`, an SSTable mapping tensor names to
 protobuf entries) and data shards (`model.ckpt.data-00000-of-00001`, raw tensor bytes). The byte
 format is written up in docs/tf-checkpoint-format.md. Reading memory-maps the shards and returns
-read-only views, so opening GPT-2 copies nothing; `verify` checks every CRC32C.
+read-only views, so opening GPT-2 copies nothing; `verify` checks every CRC32C (crc32c.py, on
+every core).
 
-Why one module of about 700 lines: it is one file format, read and written, and its parts serve
-both directions: CRC32C in NumPy (its tables, several lanes at a time), the SSTable index, the
-protobuf entries. Each section below is one of them, reading and writing at the end.
+Why one module of about 550 lines: it is one file format, read and written, and its parts serve
+both directions: the SSTable index and the protobuf entries. Each section below is one of them,
+reading and writing at the end.
 """
 
 import mmap
@@ -20,6 +21,8 @@ import numpy as np
 
 from picogpt import files
 from picogpt.errors import CheckpointError
+from picogpt.formats.crc32c import crc32c, crc32c_many, mask_crc, unmask_crc
+from picogpt.formats.shapes import check_shape
 
 __all__ = ["CheckpointError", "read", "release", "verify", "write", "resolve_prefix", "crc32c"]
 
@@ -48,160 +51,6 @@ MAX_KEY_BYTES = 1 << 16
 # Keys are prefix-compressed (each entry stores only what differs from the previous key), so the
 # keys rebuilt from an index can be longer than the index; TensorFlow's own run below 2x.
 KEY_BYTES_PER_INDEX_BYTE = 8
-
-
-# ---------------------------------------------------------------------------------------------
-# CRC32C (Castagnoli), vectorised with NumPy.
-#
-# CRC without its initial and final xor is linear over GF(2): crc(a ^ b) = crc(a) ^ crc(b), and
-# appending n zero bytes is a fixed linear map of the 32-bit state. So the data is cut into L
-# interleaved lanes (lane j holds 32-bit words j, j+L, j+2L, ...); each row of L contiguous words
-# is folded into L lane states at once by two 64K-entry table lookups per word, where the tables
-# compose "absorb this word" with "skip the other lanes' (L-1)*4 bytes". The lane states are then
-# combined pairwise in log2(L) levels, each level one fixed "append n zero bytes" map.
-# ---------------------------------------------------------------------------------------------
-
-CRC32C_POLY = 0x82F63B78  # reflected 0x1EDC6F41
-LANES = 4096
-
-
-def _byte_table():
-    table = np.arange(256, dtype=np.uint32)
-    for _ in range(8):
-        table = np.where(table & 1, (table >> 1) ^ np.uint32(CRC32C_POLY), table >> 1)
-    return table.astype(np.uint32)
-
-
-BYTE_TABLE = _byte_table()
-_BYTE_LIST = BYTE_TABLE.tolist()  # Python ints: fast in the byte loop
-
-
-def _crc32c_bytes(state, data):
-    """The reference byte-at-a-time update of a raw (un-xored) state: for short inputs."""
-    for byte in data:
-        state = _BYTE_LIST[(state ^ byte) & 0xFF] ^ (state >> 8)
-    return state
-
-
-def _apply(tables, state):
-    """Apply a GF(2)-linear map of 32-bit states given as four 256-entry byte tables."""
-    return (
-        tables[0][state & 0xFF]
-        ^ tables[1][(state >> 8) & 0xFF]
-        ^ tables[2][(state >> 16) & 0xFF]
-        ^ tables[3][state >> 24]
-    )
-
-
-def _zeros_map(n_bytes):
-    """Byte tables of the map 'append n_bytes zero bytes' on a raw CRC state."""
-    basis = np.array([1 << i for i in range(32)], dtype=np.uint32)
-    # Square-and-multiply on the 32 images of the basis vectors, one zero byte being the base map.
-    one_byte = BYTE_TABLE[basis & 0xFF] ^ (basis >> 8)
-    result = basis.copy()
-    power = one_byte
-    while n_bytes:
-        if n_bytes & 1:
-            result = _compose(power, result)
-        power = _compose(power, power)
-        n_bytes >>= 1
-    return _tables_from_images(result)
-
-
-def _compose(outer, inner):
-    """Images of the basis under outer(inner(x)), both maps given as basis images."""
-    out = np.zeros(32, dtype=np.uint32)
-    for bit in range(32):
-        out ^= np.where((inner >> np.uint32(bit)) & 1, outer[bit], np.uint32(0)).astype(np.uint32)
-    return out
-
-
-def _tables_from_images(images):
-    """Four 256-entry tables for a linear map given by the images of the 32 basis vectors."""
-    tables = []
-    byte = np.arange(256, dtype=np.uint32)
-    for k in range(4):
-        table = np.zeros(256, dtype=np.uint32)
-        for bit in range(8):
-            table ^= np.where((byte >> bit) & 1, images[8 * k + bit], np.uint32(0)).astype(
-                np.uint32
-            )
-        tables.append(table)
-    return tables
-
-
-def _word_tables(skip_bytes):
-    """Two 64K tables: absorb one little-endian 32-bit word into a raw state, then skip
-    `skip_bytes` zero bytes. Indexed by the low and high 16 bits of (state ^ word)."""
-    x = np.arange(65536, dtype=np.uint32)
-    lo, hi = x, x << 16
-    for _ in range(32):  # four bytes through the byte table, bit by bit
-        lo = np.where(lo & 1, (lo >> 1) ^ np.uint32(CRC32C_POLY), lo >> 1).astype(np.uint32)
-        hi = np.where(hi & 1, (hi >> 1) ^ np.uint32(CRC32C_POLY), hi >> 1).astype(np.uint32)
-    if skip_bytes:
-        skip = _zeros_map(skip_bytes)
-        lo, hi = _apply(skip, lo), _apply(skip, hi)
-    return lo, hi
-
-
-_LANE_TABLES = {}
-
-
-def _lane_tables():
-    if not _LANE_TABLES:
-        _LANE_TABLES["row"] = _word_tables((LANES - 1) * 4)
-        _LANE_TABLES["last"] = _word_tables(0)
-        _LANE_TABLES["combine"] = [_zeros_map(4 << level) for level in range(LANES.bit_length())]
-    return _LANE_TABLES
-
-
-def _crc32c_raw_lanes(words, initial):
-    """Raw CRC state after `words`, a [rows, LANES] uint32 array in file order, from `initial`."""
-    tables = _lane_tables()
-    row_lo, row_hi = tables["row"]
-    state = np.zeros(LANES, dtype=np.uint32)
-    state[0] = initial  # by linearity, the same as xoring it into the first word
-    x = np.empty(LANES, dtype=np.uint32)
-    halves = x.view(np.uint16).reshape(LANES, 2)  # little-endian: [:, 0] low, [:, 1] high
-    lo_index, hi_index = halves[:, 0], halves[:, 1]
-    tmp = np.empty(LANES, dtype=np.uint32)
-    rows = len(words)
-    for r in range(rows):
-        np.bitwise_xor(state, words[r], out=x)
-        if r == rows - 1:
-            row_lo, row_hi = tables["last"]
-        np.take(row_lo, lo_index, out=state)
-        np.take(row_hi, hi_index, out=tmp)
-        state ^= tmp
-    # Lane j's state still lacks the (LANES-1-j)*4 bytes that follow it in its last row.
-    level = 0
-    while len(state) > 1:
-        left, right = state[0::2], state[1::2]
-        state = _apply(tables["combine"][level], left) ^ right
-        level += 1
-    return int(state[0])
-
-
-def crc32c(data, state=0):
-    """CRC32C of `data` (bytes-like or a uint8 array), continuing from a previous `state`."""
-    buf = data if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
-    buf = buf.reshape(-1).view(np.uint8)
-    raw = state ^ 0xFFFFFFFF
-    row_bytes = LANES * 4
-    n_bulk = (len(buf) // row_bytes) * row_bytes if len(buf) >= 4 * row_bytes else 0
-    if n_bulk:
-        raw = _crc32c_raw_lanes(buf[:n_bulk].view("<u4").reshape(-1, LANES), raw)
-    raw = _crc32c_bytes(raw, buf[n_bulk:].tobytes())
-    return raw ^ 0xFFFFFFFF
-
-
-def mask_crc(crc):
-    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def unmask_crc(masked):
-    rot = (masked - 0xA282EAD8) & 0xFFFFFFFF
-    return ((rot >> 17) | (rot << 15)) & 0xFFFFFFFF
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,6 +357,7 @@ def _tensor_view(name, entry, maps, header, prefix):
         raise CheckpointError(
             f"{where}: size {entry['size']} bytes does not match shape {shape} of {dtype}"
         )
+    check_shape(shape, 4 if dtype_code == BFLOAT16 else dtype.itemsize, where)  # as returned
     data = maps[entry["shard_id"]]
     start, end = entry["offset"], entry["offset"] + entry["size"]
     if end > len(data):
@@ -578,16 +428,24 @@ def release(array):
 
 
 def verify(path):
-    """Check every tensor's CRC32C against its bytes; raise CheckpointError naming the tensor.
-    (Index block CRCs are checked on every read.)"""
+    """Check every tensor's CRC32C against its bytes, on every core; raise CheckpointError naming
+    the first tensor (in name order) that fails. Returns {data shard: tensors checked in it}.
+    Index blocks' CRCs are checked on every read. The mapped pages are handed back as they are
+    read, so verifying does not hold the whole model resident."""
     prefix, header, entries, maps = _open(path)
     _views(prefix, header, entries, maps)  # checks dtype, shape, bounds, overlaps
     for name, entry in entries.items():
         if entry["crc32c"] is None:
             raise CheckpointError(f"{prefix}.index: tensor {name!r} has no checksum")
-        data = maps[entry["shard_id"]][entry["offset"] : entry["offset"] + entry["size"]]
-        if crc32c(data) != unmask_crc(entry["crc32c"]):
+    spans = [maps[e["shard_id"]][e["offset"] : e["offset"] + e["size"]] for e in entries.values()]
+    for name, crc in zip(entries, crc32c_many(spans, done=release)):
+        if crc != unmask_crc(entries[name]["crc32c"]):
             raise CheckpointError(f"{prefix}: tensor {name!r} fails its CRC32C check (corrupted)")
+    checked = {}
+    for entry in entries.values():
+        shard = _shard_path(prefix, entry["shard_id"], header["num_shards"])
+        checked[shard] = checked.get(shard, 0) + 1
+    return checked
 
 
 # ---------------------------------------------------------------------------------------------
@@ -702,17 +560,19 @@ def write(prefix, tensors):
     for name in tensors:
         if not isinstance(name, str) or not name:
             raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
-    data, entries, offset = [], [(b"", _header_proto())], 0
-    for name in sorted(tensors, key=lambda n: n.encode("utf-8")):
+    names = sorted(tensors, key=lambda n: n.encode("utf-8"))
+    arrays = []
+    for name in names:
         array = np.asarray(tensors[name])
         if array.dtype.newbyteorder("=") not in TF_DTYPE:
             raise ValueError(f"tensor {name!r}: dtype {array.dtype} cannot be saved")
-        array = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
-        raw = array.reshape(-1).view(np.uint8)
+        arrays.append(np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C"))
+    data = [array.reshape(-1).view(np.uint8) for array in arrays]
+    entries, offset = [(b"", _header_proto())], 0
+    for name, array, raw, crc in zip(names, arrays, data, crc32c_many(data)):
         dtype_code = TF_DTYPE[array.dtype.newbyteorder("=")]
-        proto = _entry_proto(dtype_code, array.shape, offset, raw.nbytes, crc32c(raw))
-        entries.append((name.encode("utf-8"), proto))
-        data.append(raw)
+        entries.append((name.encode("utf-8"),
+                        _entry_proto(dtype_code, array.shape, offset, raw.nbytes, crc)))
         offset += raw.nbytes
     prefix.parent.mkdir(parents=True, exist_ok=True)
     data_path = _shard_path(prefix, 0, 1)

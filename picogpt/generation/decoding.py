@@ -7,6 +7,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from picogpt.errors import ModelError
 from picogpt.generation import sampling
 from picogpt.generation.stops import StopText
 
@@ -67,13 +68,29 @@ class Row:
                      [] if with_logprobs else None, self.finish)
 
 
+def forward(gpt, ids, cache, folder=None, all_logits=False):
+    """gpt.forward(ids, cache, all_logits), its logits checked: weights that give a NaN or an
+    infinity (a damaged file, data read in the wrong byte order) are a ModelError naming the
+    folder, here, once, instead of NumPy's warnings and a failure deep in sampling."""
+    with np.errstate(all="ignore"):  # the error below says what the warnings would
+        logits = gpt.forward(ids, cache, all_logits)
+        # min and max propagate a NaN and reach either infinity: two passes, no temporary.
+        finite = np.isfinite(logits.max()) and np.isfinite(logits.min())
+    if not finite:
+        where = folder if folder is not None else "the model"
+        raise ModelError(f"{where}: its weights give logits that are not finite numbers (NaN or "
+                         f"infinity), so they look damaged: `picogpt verify {where}` checks its "
+                         "files")
+    return logits
+
+
 class KVContext:
     """A network's KV cache and the ids whose keys and values it holds. Each prefill reuses the
     longest prefix the cache already holds; past n_ctx the window slides: the newest
     window_keep ids are kept and prefilled again."""
 
-    def __init__(self, gpt):
-        self.gpt = gpt
+    def __init__(self, gpt, folder=None):
+        self.gpt, self.folder = gpt, folder  # the folder names the model in its errors
         self.n_ctx = gpt.n_ctx
         # Past n_ctx, generation keeps this many of the newest tokens and re-prefills them.
         self.window_keep = max(1, gpt.n_ctx * 3 // 4)
@@ -97,7 +114,7 @@ class KVContext:
         reuse = min(reuse, len(ids) - 1)  # at least one position must run to give logits
         self.cache.length = reuse
         self.ids = ids[:reuse]
-        logits = self.gpt.forward(np.array([ids[reuse:]]), self.cache)
+        logits = forward(self.gpt, np.array([ids[reuse:]]), self.cache, self.folder)
         self.ids = list(ids)
         return logits
 
@@ -107,7 +124,7 @@ class KVContext:
             kept = (self.ids + [token])[-self.window_keep :]
             self.cache.length, self.ids = 0, []
             return self.prefill(kept)
-        logits = self.gpt.forward(np.array([[token]]), self.cache)
+        logits = forward(self.gpt, np.array([[token]]), self.cache, self.folder)
         self.ids.append(token)
         return logits
 
@@ -190,9 +207,9 @@ def _steps(kv, tokenizer, ids, n, options, rows):
         if cache.length == kv.n_ctx:  # slide every row's window, as KVContext.advance does
             kept = np.array([c[-kv.window_keep :] for c in contexts])
             cache.length = 0
-            logits = kv.gpt.forward(kept, cache)
+            logits = forward(kv.gpt, kept, cache, kv.folder)
         else:
-            logits = kv.gpt.forward(tokens[:, None], cache)
+            logits = forward(kv.gpt, tokens[:, None], cache, kv.folder)
 
 
 def _logprobs(tokenizer, logits, token, k):

@@ -102,7 +102,7 @@ class Model:
     def __init__(self, gpt, tokenizer, folder=None):
         self.gpt, self.tokenizer, self.folder = gpt, tokenizer, folder
         self.n_ctx = gpt.n_ctx
-        self._kv = decoding.KVContext(gpt)
+        self._kv = decoding.KVContext(gpt, folder)
 
     def reset(self):
         """Forget the context: the next call prefills its whole prompt."""
@@ -129,7 +129,7 @@ class Model:
         if not 0 < len(ids) <= self.n_ctx:
             raise ValueError(f"logits takes 1 to {self.n_ctx} ids, got {len(ids)}")
         cache = self.gpt.new_cache(length=len(ids))
-        return self.gpt.forward(np.array([ids]), cache, all_logits=True)[0]
+        return decoding.forward(self.gpt, np.array([ids]), cache, self.folder, all_logits=True)[0]
 
     def generate_tokens(self, ids, n, temperature=1.0, top_k=40, top_p=None, seed=None,
                         stop_at_eos=True, samples=1, *, frequency_penalty=0.0,

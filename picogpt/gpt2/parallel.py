@@ -16,6 +16,9 @@ exceeds the cores, and OpenBLAS's own threads, which spin for a while after each
 compete with the pool's. Outside it (decoding one token: products of one row, passes too short to
 split) OpenBLAS runs each product on all `threads()` cores, as before.
 
+Each range runs in a copy of the caller's context (contextvars), so what the caller set there holds
+on every thread as it would on one core: NumPy's errstate, for one, is a context variable.
+
 The thread count is a setting: `set_threads(n)`, else the environment's PICOGPT_THREADS, else the
 cores this process may run on. Results depend on it only within float32 rounding (how a product
 is split), and are the same from run to run at a fixed count. OpenBLAS is found among the
@@ -24,6 +27,7 @@ splits the passes and BLAS is left as it is.
 """
 
 import contextlib
+import contextvars
 import ctypes
 import os
 import threading
@@ -189,7 +193,7 @@ class _Pool:
 
     def __init__(self, size):
         self.size = size
-        self.task = None  # (fn, parts) of the pass being run
+        self.task = None  # (fn, parts, a copy of the caller's context per helper) of the pass
         self.results = []
         self.go = [threading.Lock() for _ in range(size)]
         self.done = [threading.Lock() for _ in range(size)]
@@ -203,17 +207,20 @@ class _Pool:
         _local.worker = True
         while True:
             self.go[i].acquire()
-            fn, parts = self.task
+            fn, parts, contexts = self.task
             start, stop = parts[i + 1]
             try:
-                self.results[i + 1] = (True, fn(start, stop))
+                self.results[i + 1] = (True, contexts[i].run(fn, start, stop))
             except BaseException as e:  # raised in the caller's thread
                 self.results[i + 1] = (False, e)
+            fn = parts = contexts = None  # held while this thread waits, they would keep arrays
             self.done[i].release()
 
     def run(self, fn, parts):
-        self.task, self.results = (fn, parts), [None] * len(parts)
         helpers = len(parts) - 1
+        # One copy each: a context runs on one thread at a time. Copies are cheap (immutable).
+        contexts = [contextvars.copy_context() for _ in range(helpers)]
+        self.task, self.results = (fn, parts, contexts), [None] * len(parts)
         for lock in self.go[:helpers]:
             lock.release()
         _local.worker = True  # the caller's own range runs as a worker's: passes inside it alone
@@ -225,7 +232,9 @@ class _Pool:
             _local.worker = False
             for lock in self.done[:helpers]:
                 lock.acquire()
-        for ok, value in self.results:
+        # Neither the pass nor its results outlive it here: they may hold arrays of a mapped file.
+        results, self.task, self.results = self.results, None, []
+        for ok, value in results:
             if not ok:
                 raise value
-        return [value for _, value in self.results]
+        return [value for _, value in results]

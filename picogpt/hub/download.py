@@ -21,21 +21,19 @@ model's files into its folder under a lock, and verifies them.
 """
 
 import errno
-import json
 import os
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 from picogpt import files
 from picogpt.errors import DownloadError, ModelNotFoundError, PicogptError
+from picogpt.hub import verify
 from picogpt.hub.sources import (
     ALIASES,
     GPT2_VOCAB,
     HF_FILES,
     HF_REPOS,
-    KB,
     LAYOUTS,
     MAX_BYTES,
     NEEDED,
@@ -64,7 +62,7 @@ from picogpt.hub.transfer import (
     say,
 )
 
-VERIFIED = ".picogpt-verified"  # JSON {file: size} of the files that passed verification
+VERIFIED = verify.STAMP  # what passed verification: each file's size, mtime and inode
 LOCK = ".picogpt-lock"
 
 
@@ -150,6 +148,7 @@ def _download_locked(folder, size, source, base, chosen, only_if_missing, limits
             f"{_layout_name(source)} there")
     wanted = needed if only_if_missing and _all_present(folder, needed) else fetched
     missing = [f for f in wanted if not (folder / f).is_file()]
+    digests = {}  # {name: sha256} each fetched file was checked against as it arrived
     if missing:
         import requests  # only when there is something to fetch: keeps `import picogpt` light
 
@@ -160,11 +159,14 @@ def _download_locked(folder, size, source, base, chosen, only_if_missing, limits
             for name in missing:
                 url = file_url(source, base, size, name)
                 try:
-                    fetch(session, url, folder / name, max_bytes(size, name), source, limits)
+                    digest = fetch(session, url, folder / name, max_bytes(size, name), source,
+                                   limits)
                 except Offline as e:
                     raise _offline_error(e, folder, size, source, where, chosen) from None
+                if digest and digest[0] == "sha256":
+                    digests[name] = digest[1]
     if set(missing) & set(needed) or not verified_source(folder):
-        _verify(folder, source, downloaded=missing)
+        _verify(folder, source, downloaded=missing, digests=digests)
     return folder
 
 
@@ -200,15 +202,17 @@ def _local_error(e, folder):
 
 def _read_only(folder, e):
     """A weights folder we cannot write in: usable when a whole model is already there (checked,
-    but the check cannot be recorded), otherwise nothing can be downloaded into it."""
+    the check recorded in the weights folder if that can be written: verify.stamp_path),
+    otherwise nothing can be downloaded into it."""
     layout = next((s for s in SOURCES if _all_present(folder, LAYOUTS[s][1])), None)
     if layout is None or not isinstance(e, PermissionError) and e.errno != errno.EROFS:
         raise DownloadError(_local_error(e, folder)) from None
     if verified_source(folder):
         return folder
-    _verify(folder, layout, downloaded=(), record=False)
-    say(f"{folder} is read-only: its files passed verification, which cannot be recorded there "
-         "(they will be checked again next time)")
+    _verify(folder, layout, downloaded=())
+    if not _is_verified(folder):
+        say(f"{folder} is read-only: its files passed verification, which cannot be recorded "
+            "there (they will be checked again next time)")
     return folder
 
 
@@ -218,25 +222,13 @@ def _all_present(folder, names):
     return all((folder / f).is_file() for f in names)
 
 
-def _sizes(folder, names):
-    return {f: (folder / f).stat().st_size for f in names}
-
-
 def verified_source(folder):
-    """'openai' or 'huggingface' when the folder's verification record matches its files on disk
-    (same names and sizes as that layout needs), else None."""
-    try:
-        record = files.load_json(Path(folder) / VERIFIED, 64 * KB)
-    except (PicogptError, OSError):
-        return None
-    if not isinstance(record, dict):
-        return None
+    """'openai' or 'huggingface' when the folder's stamp records every file that layout needs,
+    each unchanged since it passed verification (verify.py), else None."""
+    stamp = verify.read_stamp(folder)
     for source, (_, needed) in LAYOUTS.items():
-        if set(record) == set(needed):
-            try:
-                return source if record == _sizes(Path(folder), needed) else None
-            except OSError:
-                return None
+        if all(verify.unchanged(folder, name, stamp.get(name)) for name in needed):
+            return source
     return None
 
 
@@ -244,34 +236,26 @@ def _is_verified(folder):
     return verified_source(folder) is not None
 
 
-def _verify(folder, source, downloaded, record=True):
+def _verify(folder, source, downloaded, digests=None):
     """Check the folder's files as their layout allows: JSON files parse, GPT-2's tokenizer has
-    its pinned digests, OpenAI's checkpoint its CRC32Cs, the hub's safetensors header describes
-    the file (its bytes were checked against the announced sha256 as they arrived); record
-    success. Files that arrived in this download and
-    fail are removed (never loaded); files placed by hand are left alone."""
+    its pinned digests, the weights pass verify.check (OpenAI's checkpoint its CRC32Cs, the hub's
+    safetensors its structure, its bytes having been checked against the announced sha256 as
+    they arrived: `digests`); record success in the stamp. Files that arrived in this download
+    and fail are removed (never loaded); files placed by hand are left alone."""
     needed = LAYOUTS[source][1]
     if not _all_present(folder, needed):
         absent = [f for f in needed if not (folder / f).is_file()]
         raise ModelNotFoundError(f"{folder} is incomplete: {', '.join(absent)} missing")
-    if record:
-        (folder / VERIFIED).unlink(missing_ok=True)
     say(f"Verifying {folder} ...")
+    before = {name: verify.identity(folder / name) for name in needed}
+    tokenizer = ("encoder.json", "vocab.bpe") if source == "openai" else ("vocab.json",
+                                                                          "merges.txt")
     try:
-        if source == "openai":
-            from picogpt.formats.tf_checkpoint import verify
-
-            n_vocab = _json_field(folder / "hparams.json", "n_vocab")
-            files.load_json(folder / "encoder.json", MAX_BYTES["encoder.json"])
-            _check_pinned(folder, ("encoder.json", "vocab.bpe"), n_vocab)
-            verify(folder)
-        else:
-            from picogpt.formats.safetensors import read_header
-
-            n_vocab = _json_field(folder / "config.json", "vocab_size")
-            files.load_json(folder / "vocab.json", MAX_BYTES["vocab.json"])
-            _check_pinned(folder, ("vocab.json", "merges.txt"), n_vocab)
-            read_header(folder / "model.safetensors")  # every tensor inside the file
+        config = "hparams.json" if source == "openai" else "config.json"
+        n_vocab = _json_field(folder / config, "n_vocab" if source == "openai" else "vocab_size")
+        files.load_json(folder / tokenizer[0], MAX_BYTES[tokenizer[0]])
+        pinned = _check_pinned(folder, tokenizer, n_vocab)
+        verify.check(folder, digests)  # the weights: records them in the stamp itself
     except (PicogptError, OSError, ValueError) as e:
         removed = [f for f in downloaded if (folder / f).exists()]
         for f in removed:
@@ -281,8 +265,10 @@ def _verify(folder, source, downloaded, record=True):
             msg += (f"\nRemoved the files just downloaded ({', '.join(removed)}); "
                     "run the same command again to fetch them anew.")
         raise DownloadError(msg) from None
-    if record:
-        files.atomic_write(folder / VERIFIED, json.dumps(_sizes(folder, needed)))
+    stamp = verify.read_stamp(folder)  # the weights' entries are in it; now the other files'
+    verify.record(folder, {name: {**before[name], "check": "sha256" if name in pinned else "read"}
+                           for name in needed if not verify.unchanged(folder, name,
+                                                                      stamp.get(name))})
 
 
 def _json_field(path, key):
@@ -295,14 +281,16 @@ def _json_field(path, key):
 
 def _check_pinned(folder, names, n_vocab):
     """GPT-2's vocabulary (n_vocab 50257, every size) is one pair of files: check their sha256.
-    A model with another vocabulary is not one of OpenAI's, and carries its own tokenizer."""
+    A model with another vocabulary is not one of OpenAI's, and carries its own tokenizer.
+    Returns the names checked."""
     if n_vocab != GPT2_VOCAB:
-        return
+        return ()
     for name in names:
         got = file_digest(folder / name, "sha256")
         if got != PINNED[name]:
             raise ValueError(f"{folder / name} is not GPT-2's {name} (sha256 {got}, expected "
                              f"{PINNED[name]}): truncated or altered")
+    return names
 
 
 # --- lock, messages, progress ---------------------------------------------------------------------

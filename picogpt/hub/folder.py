@@ -6,13 +6,15 @@ from pathlib import Path
 from picogpt.errors import ModelError
 from picogpt.formats import hf, openai, tf_checkpoint
 from picogpt.gpt2.params import check_params
+from picogpt.hub.verify import verify_once
 
 
 def read_folder(folder, compact_matrices=False):
     """(hparams, tokenizer, params) of a model folder in either layout, each checked against the
     others: params float32 in OpenAI's names and shapes, as the engine, training and export take
     them (with compact_matrices, an HF folder's float16 or bfloat16 weight matrices as they are,
-    for the engine). Anything wrong is a PicogptError naming the file."""
+    for the engine). The weights' checksums are checked the first time (verify.py). Anything
+    wrong is a PicogptError naming the file."""
     folder = Path(folder)
     if hf.is_hf_folder(folder):
         hparams, tokenizer, params = hf.read_folder(folder, compact_matrices)
@@ -25,6 +27,7 @@ def read_folder(folder, compact_matrices=False):
             raise ModelError(f"{folder}: hparams.json does not fit the checkpoint: {e}") from e
         tokenizer = openai.read_tokenizer(folder)
     check_tokenizer(tokenizer, hparams["n_vocab"], folder)
+    verify_once(folder)  # last: a malformed file is named as it always was, by its reader
     return hparams, tokenizer, params
 
 

@@ -66,7 +66,8 @@ class Limits:
 
 def fetch(session, url, dest, limit, source, limits):
     """Stream `url` into `dest` through `dest.part`, resuming and retrying within `limits`, and
-    check it against the digest the server announces (hub downloads) before it takes its name."""
+    check it against the digest the server announces (hub downloads) before it takes its name.
+    Returns that digest, (algorithm, hex), or None when none was announced."""
     part = dest.with_name(dest.name + ".part")
     best = part.stat().st_size if part.exists() else 0  # the furthest the .part has reached
     if best:
@@ -103,6 +104,7 @@ def fetch(session, url, dest, limit, source, limits):
         say(f"{dest.name}: the server announced no sha256 (X-Linked-Etag); only its size "
              "was checked")
     os.replace(part, dest)
+    return digest
 
 
 def _fetch_once(session, url, part, limit, source, limits):

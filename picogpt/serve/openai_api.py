@@ -11,6 +11,7 @@ from collections import deque
 
 import numpy as np
 
+from picogpt.errors import ModelError
 from picogpt.generation.model import completions_of
 from picogpt.generation.options import MAX_LOGPROBS
 from picogpt.generation.stops import MAX_STOPS as MAX_STOP  # a chat's turn end is one of them
@@ -167,7 +168,7 @@ class Service:
         """The response to a checked non-streaming completions request. `gone()`, asked before
         each token, says the client has left: the generation then stops (ClientGone)."""
         options, n = request["options"], request["n"]
-        with self.lock:
+        with _model_failures(), self.lock:
             results = []
             for text, ids in request["prompts"]:
                 out = self._complete(ids, options, request["logprobs"], n, stats, gone)
@@ -213,7 +214,7 @@ class Service:
     def _completion_events(self, request, streams, chunk, stats):
         n, want_lp = request["n"], request["logprobs"] is not None
         prompt_tokens = 0
-        with self.lock:
+        with _model_failures(), self.lock:
             for p, ((text, ids), stream) in enumerate(zip(request["prompts"], streams)):
                 offsets = [TextOffsets(self.model, len(text)) for _ in range(n)]
                 if request["echo"]:
@@ -240,7 +241,12 @@ class Service:
         """Model.complete's n Completions, collected from its stream: between tokens the
         client can be asked whether it is still there (`gone`), and the tokens counted."""
         chunks = _watched(self._stream(ids, options, logprobs, n), stats, gone)
-        return completions_of(chunks, n, logprobs is not None, max(len(ids), 1))
+        try:
+            return completions_of(chunks, n, logprobs is not None, max(len(ids), 1))
+        except ModelError:  # the model's failure, not the request's: see _model_failures
+            raise
+        except ValueError as e:  # an option the checks above let through: say, as a 400
+            raise APIError(400, str(e)) from None
 
     def _stream(self, ids, options, logprobs, n):
         try:
@@ -315,7 +321,7 @@ class Service:
     def chat_completions(self, request, stats, gone=None):
         """The response to a checked non-streaming chat request; `gone` as in completions."""
         n = request["n"]
-        with self.lock:
+        with _model_failures(), self.lock:
             out = self._complete(request["ids"], request["options"], request["logprobs"], n,
                                  stats, gone)
         choices = []
@@ -347,7 +353,7 @@ class Service:
 
     def _chat_events(self, request, stream, chunk, stats):
         n = request["n"]
-        with self.lock:
+        with _model_failures(), self.lock:
             for k in range(n):
                 yield chunk(k, {"role": "assistant", "content": ""})
             started = [False] * n  # the reply's leading space is not part of it
@@ -476,3 +482,14 @@ def _usage(prompt_tokens, completion_tokens):
 
 def _new_id(prefix):
     return f"{prefix}-{secrets.token_hex(12)}"
+
+
+@contextlib.contextmanager
+def _model_failures():
+    """Within: a model that fails as it computes (weights that give NaN logits, a ModelError) is
+    the server's failure, not the request's: a 500 with the error's one line (mid-stream, an
+    error event), and the server goes on."""
+    try:
+        yield
+    except ModelError as e:
+        raise APIError(500, str(e), code="model_error") from None
