@@ -1,6 +1,7 @@
 """picogpt's weights in float16, bfloat16 and int8 against float32, side by side in one run.
 
     python benchmarks/bench_dtypes.py [--size 124M 1558M] [--threads N] [--dir DIR]
+    python benchmarks/bench_dtypes.py --accuracy TEXT [--dir DIR]
 
 For each size (GPT-2's shapes with random weights: OpenAI's cannot be fetched where this was
 written), a float32 folder in OpenAI's layout (a TensorFlow checkpoint) and its exports in
@@ -10,7 +11,11 @@ float32 folder, float16 and bfloat16 from their folders as they are (mapped, nev
 whole), int8 quantized at load from the float32 folder. Each measures the load time, greedy
 decode tokens/s after a 16-token prompt, a 512-token prefill's tokens/s (124M only: at 1558M
 a prefill takes minutes on 2 cores) and the peak RSS of all that. The accuracy of each dtype is
-tests/test_compact.py's (the bundled model's perplexity and predictions on held-out text).
+tests/test_compact.py's (the bundled model's perplexity and predictions on held-out text), and
+--accuracy's: a small GPT trained here on GPT-2's tokens of TEXT (Tiny Shakespeare; `picogpt
+train --tokenizer gpt2`, 4 layers, 128 wide, written once to DIR), each dtype's perplexity on the
+text's last 10% (never trained on) as a ratio to float32's, and how often its next-token argmax
+is float32's.
 """
 
 import argparse
@@ -84,6 +89,44 @@ def run_child(folder, dtype, size, threads):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+ACCURACY_RUN = ["--tokenizer", "gpt2", "--n-layer", "4", "--n-head", "4", "--n-embd", "128",
+                "--block-size", "128", "--batch-size", "12", "--max-iters", "600",
+                "--eval-interval", "600", "--lr", "1e-3"]  # fmt: skip
+
+
+def accuracy(text, root):
+    """Each dtype's perplexity ratio to float32 and argmax agreement with it (see the docstring)."""
+    import picogpt
+
+    folder = root / "bpe-small"
+    if not (folder / "checkpoint").exists():
+        subprocess.run([sys.executable, "-m", "picogpt", "train", str(text), "--out", str(folder),
+                        *ACCURACY_RUN], check=True)  # fmt: skip
+    ref = picogpt.load(folder, dtype="float32")
+    words = Path(text).read_text(encoding="utf-8")
+    ids = np.array(ref.encode(words[int(0.9 * len(words)) :]))  # the validation split's text
+    n_ctx = ref.hparams["n_ctx"]
+    windows = ids[: len(ids) // n_ctx * n_ctx].reshape(-1, n_ctx)
+    print(f"\na small GPT on GPT-2's tokens ({folder}): {windows.size:,} held-out tokens in "
+          f"windows of {n_ctx}\n\n| dtype | perplexity | ratio to float32's | argmax as "
+          "float32's |\n|---|---|---|---|")  # fmt: skip
+    results = {}
+    for dtype in DTYPES:
+        model = picogpt.load(folder, dtype=dtype)
+        nll, argmax = [], []
+        for window in windows:  # one window's logits at a time: [n_ctx, 50257] is 26 MB
+            logits = model.logits(window.tolist())[:-1].astype(np.float64)
+            logits -= logits.max(axis=-1, keepdims=True)
+            logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+            nll.append(-logp[np.arange(len(logp)), window[1:]])
+            argmax.append(logits.argmax(axis=-1))
+        results[dtype] = (float(np.exp(np.concatenate(nll).mean())), np.concatenate(argmax))
+        ppl, picks = results[dtype]
+        base_ppl, base_picks = results["float32"]
+        same = (picks == base_picks).mean()
+        print(f"| {dtype} | {ppl:.3f} | {ppl / base_ppl:.5f} | {same:.2%} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", nargs="+", default=["124M"], choices=["124M", "355M", "774M",
@@ -91,8 +134,14 @@ def main():
     parser.add_argument("--threads", type=int, help="threads (default: every usable core)")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "picogpt-dtypes",
                         help="where the random models are written (kept for later runs)")
+    parser.add_argument("--accuracy", type=Path, metavar="TEXT", help="the accuracy of each dtype "
+                        "on a small GPT trained on GPT-2's tokens of TEXT, instead")  # fmt: skip
     parser.add_argument("--child", choices=DTYPES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.accuracy:
+        print(describe())
+        accuracy(args.accuracy, args.dir)
+        return
     if args.child:
         print(json.dumps(child(args.dir, args.child, args.size[0])))
         return
