@@ -15,8 +15,8 @@ operations, several times faster than its float16 cast:
   its own scale.
 
 A matrix is [n_out, n_in], each output's weights contiguous (as the engine orders them); slicing
-its rows gives a matrix of the same kind. `compress` makes one from float32, `of_halves` and
-`of_bfloat16` take a file's raw 16-bit data as they are (memory-mapped, never widened whole).
+its rows gives a matrix of the same kind. `compress` makes one from float32; `of_halves` and
+`BFloat16` take a file's raw 16-bit data as they are (memory-mapped, never widened whole).
 """
 
 import threading
@@ -127,11 +127,6 @@ KINDS = {cls.dtype: cls for cls in (Float16, BFloat16, Int8)}
 def of_halves(data):
     """A float16 matrix over raw float16 (or its uint16 bits) data, as it is: no copy."""
     return Float16(data.view(np.uint16))
-
-
-def of_bfloat16(data):
-    """A bfloat16 matrix over raw bfloat16 bits (uint16), as they are: no copy."""
-    return BFloat16(data.view(np.uint16))
 
 
 def compress(w, dtype):
