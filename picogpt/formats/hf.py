@@ -413,9 +413,7 @@ def write_folder(out, hparams, tokenizer, params, dtype, source):
     if dtype == "float16":
         tensors = {name: _float16(name, array, source) for name, array in tensors.items()}
     elif dtype == "bfloat16":  # each float32 rounded to its upper half, as torch rounds it
-        tensors = {name: compact.compress(np.asarray(array, np.float32).reshape(-1, 1),
-                                          "bfloat16").reshape(*np.shape(array))
-                   for name, array in tensors.items()}  # fmt: skip
+        tensors = {name: compact.bfloat16(array) for name, array in tensors.items()}
     safetensors.write(out / WEIGHTS, tensors, metadata={"format": "pt"})
     _write_hf_tokenizer(out, tokenizer, hparams)
 

@@ -154,6 +154,17 @@ def compress(w, dtype):
     return KINDS[dtype](data, scales)
 
 
+def bfloat16(array):
+    """float32 `array`, of any shape, rounded to bfloat16 (nearest, ties to even) as a BFloat16
+    of that shape, a band at a time."""
+    flat = np.asarray(array, np.float32).reshape(-1)
+    bits = np.empty(flat.shape, np.uint16)
+    band = WIDEN_BYTES // 4
+    for start in range(0, len(flat), band):
+        bits[start : start + band] = _round_to_bfloat16(flat[start : start + band])
+    return BFloat16(bits.reshape(np.shape(array)))
+
+
 def _round_to_bfloat16(rows):
     """The upper 16 bits of each float32, rounded to nearest, ties to even."""
     bits = rows.view(np.uint32).astype(np.uint64)
@@ -204,21 +215,6 @@ def converted(tensor, dtype):
     if dtype == "float32":
         return widened(tensor)
     return compress(tensor, dtype)
-
-
-def reordered(tensor, dtype):
-    """A [n_in, n_out] tensor (OpenAI's order, as a file holds it) as [n_out, n_in] in `dtype`
-    (not float32), copied a band of rows at a time."""
-    own = dtype_of(tensor)
-    if own == dtype:  # float16 or bfloat16 as they are: their 16 bits reordered
-        raw = tensor.data if isinstance(tensor, Compact) else tensor.view(np.uint16)
-        out = np.empty(raw.shape[::-1], np.uint16)
-        for start in range(0, raw.shape[0], 16):
-            out[:, start : start + 16] = raw[start : start + 16].T
-        return KINDS[dtype](out)
-    if isinstance(tensor, Compact):
-        tensor = widened(tensor)
-    return compress(tensor.T, dtype)
 
 
 def _scratch(shape, dtype):

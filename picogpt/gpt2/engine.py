@@ -72,6 +72,7 @@ def add_into(x):
 
     return add
 
+
 def attention(q, k, v, offset, out=None):
     """Causal attention. q: [B, H, Tq, hd] holds positions offset..offset+Tq-1 (already scaled by
     1/sqrt(hd)); k, v: [B, H, offset+Tq, hd]. Query rows go in blocks, each seeing only the keys up
@@ -137,6 +138,7 @@ def project(x, wte):
     parallel.run(vocabulary, len(wte), COLUMN_GRAIN)
     return out.reshape(*x.shape[:-1], -1)
 
+
 class KVCache:
     """Keys and values of every layer for the positions seen so far, preallocated to n_ctx
     (reserved, not committed: see lazy_zeros)."""
@@ -186,32 +188,37 @@ class GPT:
         self.dtype = dtype or compact.dtype_of(params["model/wte"])
 
         def w(name):
+            """Block matrix `name` ([1, nx, nf]) as [nf, nx] in `dtype`; a ValueError (a value
+            beyond float16's range, say) names the tensor."""
             try:
-                return matrix(name)
-            except ValueError as e:  # a value beyond float16's range, say
+                return matrix(params[name])
+            except ValueError as e:
                 raise ValueError(f"tensor {name!r}: {e}") from e
 
-        def matrix(name):
-            kind = dtype or compact.dtype_of(params[name])
-            if kind != "float32":  # [nf, nx] in `kind`, copied band by band from any source
-                wt = compact.reordered(params[name][0], kind)
-            elif compact.dtype_of(params[name]) != "float32":
-                wt = transposed(compact.widened(params[name][0]))
-            elif not self.reordered:
-                return params[name][0].T  # [nf, nx], a view of OpenAI's [nx, nf] order
-            else:
-                wt = transposed(params[name][0])  # [1, nx, nf] -> [nf, nx]
+        def matrix(tensor):
+            source, own = tensor[0], compact.dtype_of(tensor)
+            kind = dtype or own
+            if kind == own == "float32" and not self.reordered:
+                return source.T  # [nf, nx], a view of OpenAI's [nx, nf] order
+            if kind == own == "float32":
+                wt = transposed(source)
+            elif kind == own:  # a file's float16 / bfloat16: its 16 bits reordered as they are
+                wt = compact.KINDS[kind](transposed(compact.storage(source).view(np.uint16)))
+            elif kind == "float32":
+                wt = transposed(compact.widened(source))
+            else:  # compressed a band of rows at a time
+                wt = compact.compress(compact.widened(source).T, kind)
             if release is not None:  # the copy is used from now on, not the mapped file
-                release(compact.storage(params[name]))
+                release(compact.storage(tensor))
             return wt
 
-        try:  # [n_vocab, C] is already [n_out, n_in]
-            self.wte = compact.converted(params["model/wte"], dtype)
+        wte = params["model/wte"]  # [n_vocab, C] is already [n_out, n_in]
+        try:
+            self.wte = compact.converted(wte, dtype)
         except ValueError as e:
             raise ValueError(f"tensor 'model/wte': {e}") from e
-        if release is not None and compact.dtype_of(self.wte) != compact.dtype_of(
-                params["model/wte"]):  # fmt: skip
-            release(compact.storage(params["model/wte"]))  # converted: the file's pages unused
+        if release is not None and compact.dtype_of(self.wte) != compact.dtype_of(wte):
+            release(compact.storage(wte))  # converted: the file's pages are not used
         self.wpe = params["model/wpe"]
         self.ln_f = params["model/ln_f/g"], params["model/ln_f/b"]
         self.blocks = []

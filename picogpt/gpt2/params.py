@@ -25,6 +25,7 @@ def param_shapes(hparams):
     shapes.update({"model/ln_f/g": (d,), "model/ln_f/b": (d,)})
     return shapes
 
+
 HPARAMS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
 
 
