@@ -402,7 +402,12 @@ def test_export_float16_hf_folder(tmp_path):
         assert {e.dtype for e in header.values()} == {"F16" if dtype == "float16" else "F32"}
         assert relative_difference(transformers_logits(out, ids), model.logits(ids)) < 1e-4
         assert transformers_tokens(out, TEXT) == ids
-        assert np.array_equal(picogpt.load(out).logits(ids), model.logits(ids))  # exact
+        halves, written = read_folder(HF16)[2], read_folder(out)[2]
+        for name, value in halves.items():  # float32 widens each half exactly
+            assert np.array_equal(np.asarray(written[name], np.float32),
+                                  np.asarray(value, np.float32)), name  # fmt: skip
+        # The same weights; float32's products run in another order (engine.streaming_copy).
+        assert relative_difference(picogpt.load(out).logits(ids), model.logits(ids)) < 1e-6
 
 
 def test_export_openai_layout_tensorflow_reads(tmp_path):
@@ -417,7 +422,8 @@ def test_export_openai_layout_tensorflow_reads(tmp_path):
         assert np.array_equal(reader.get_tensor(name), value), name
     model = picogpt.load(HF16)
     ids = model.encode(TEXT)
-    assert np.array_equal(picogpt.load(out).logits(ids), model.logits(ids))
+    # The same weights (above); float32's products run in another order (streaming_copy).
+    assert relative_difference(picogpt.load(out).logits(ids), model.logits(ids)) < 1e-6
     assert (out / "vocab.bpe").read_text() == (TINY / "vocab.bpe").read_text()
 
 

@@ -158,17 +158,37 @@ def test_everything_stays_float32(tiny):
     assert tiny.gpt.forward(np.array([[1, 2, 3]]), tiny.gpt.new_cache()).dtype == np.float32
 
 
+@pytest.mark.parametrize("order", ["C", "F"])  # dot products along rows, or column updates
 @pytest.mark.parametrize("rows", [1, 2, 4, 8, 9, 300])
-def test_matmul_takes_every_path_to_the_same_product(monkeypatch, rows):
+def test_matmul_takes_every_path_to_the_same_product(monkeypatch, rows, order):
     monkeypatch.setattr(kernels, "MATVEC_CHUNK_BYTES", 7 * 40 * 4)  # 7 weight rows: 15 chunks
     rng = np.random.default_rng(rows)
     x = rng.standard_normal((rows, 40)).astype(np.float32)
-    wt = rng.standard_normal((100, 40)).astype(np.float32)
+    wt = np.asarray(rng.standard_normal((100, 40)), np.float32, order=order)
     expected = x.astype(np.float64) @ wt.T.astype(np.float64)
     assert np.allclose(kernels.matmul(x, wt), expected, rtol=1e-4, atol=1e-4)
     out = np.full((rows, 100), np.nan, np.float32)
     assert kernels.matmul(x, wt, out=out) is out
     assert np.allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (5, 3), (4, 4)])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_streaming_copy_keeps_the_longer_dimension_contiguous(shape, order):
+    wt = np.asarray(np.random.default_rng(0).standard_normal(shape), np.float32, order=order)
+    got = engine.streaming_copy(wt)
+    assert np.array_equal(got, wt) and not np.shares_memory(got, wt)
+    rows_of = got if got.flags.c_contiguous else got.T  # the copy's own contiguous rows
+    assert rows_of.flags.c_contiguous and rows_of.shape[1] == max(shape)
+
+
+def test_the_engine_streams_each_matrix_along_its_longer_dimension(tiny):
+    n_embd = tiny.gpt.hparams["n_embd"]
+    for wt in [*(tiny.gpt.blocks[0][name][0] for name in ("c_attn", "c_proj", "c_fc", "mlp_proj")),
+               tiny.gpt.wte]:  # fmt: skip
+        rows_of = wt if wt.flags.c_contiguous else wt.T
+        assert rows_of.flags.c_contiguous and rows_of.shape[1] == max(wt.shape)
+    assert tiny.gpt.blocks[0]["c_fc"][0].shape == (4 * n_embd, n_embd)  # still [n_out, n_in]
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (15, 7), (16, 3), (17, 40), (100, 33), (0, 4)])

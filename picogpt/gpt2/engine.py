@@ -6,10 +6,11 @@ n_layer`.
 Everything is float32: a stray float64 operand would silently make every product several
 times slower.
 
-The blocks' weight matrices are copied at load from OpenAI's [n_in, n_out] to [n_out, n_in]
-order (see matmul for why) when the copy takes at most half the machine's memory; otherwise they
-stay mapped from the file, read through transposed views: slower, but GPT-2 1558M still runs on
-an 8 GB laptop. The embeddings, biases and LayerNorm parameters stay as they are.
+The weight matrices (the blocks' four and wte, which the logits are a product with) are copied
+at load into the order decoding streams them fastest (see streaming_copy) when the copies take
+at most half the machine's memory; otherwise they stay mapped from the file, read as they are:
+slower, but GPT-2 1558M still runs on an 8 GB laptop. The biases and LayerNorm parameters stay
+as they are.
 """
 
 import contextlib
@@ -114,6 +115,23 @@ def embed(wte, ids):
     return wte[ids] if isinstance(wte, np.ndarray) else wte.take(ids)
 
 
+def streaming_copy(wt):
+    """A copy of wt [n_out, n_in] (any strides) laid out for decoding, whose matrix-vector products
+    stream every weight from memory once: with its longer dimension contiguous, since BLAS streams
+    long contiguous rows faster than short ones (benchmarks/bench_matvec.py). It is returned as
+    [n_out, n_in] either way: C-ordered (n_out dot products over rows of n_in) where n_in >= n_out,
+    else a transposed view of a [n_in, n_out] copy (n_in column updates over rows of n_out)."""
+    if wt.shape[1] >= wt.shape[0]:
+        return contiguous(wt)
+    return contiguous(wt.T).T
+
+
+def contiguous(a):
+    """A C-ordered copy of a 2-D array: a plain copy where a is C-ordered, transposed()'s banded
+    copy where it is a transposed view."""
+    return a.copy() if a.flags.c_contiguous else transposed(a.T)
+
+
 def transposed(w):
     """A contiguous copy of w.T, made in bands of TRANSPOSE_ROWS rows of w, so that each row of
     the copy takes one cache line per band. A plain w.T copy reads whole columns, a page per
@@ -168,8 +186,8 @@ class GPT:
     """GPT-2 over a params dict; `forward` runs new tokens through it, extending a KV cache."""
 
     def __init__(self, params, hparams, release=None, dtype=None):
-        """`release(array)`, if given, is called on each block matrix once its reordered copy is
-        made: the loader hands back a mapped file's pages there (the network knows no files).
+        """`release(array)`, if given, is called on each weight matrix once its copy is made:
+        the loader hands back a mapped file's pages there (the network knows no files).
         `dtype` is what the weight matrices are kept in (compact.DTYPES); None keeps each as
         its tensor is (float32, or a file's float16 / bfloat16)."""
         self.hparams = dict(hparams)
@@ -183,6 +201,7 @@ class GPT:
         expected = param_shapes(self.hparams)
 
         matrices = [name for name in expected if name.startswith("model/h") and name.endswith("/w")]
+        matrices.append("model/wte")
         ram = memory.physical_memory()
         self.reordered = ram is None or sum(params[n].nbytes for n in matrices) <= ram // 2
         self.dtype = dtype or compact.dtype_of(params["model/wte"])
@@ -201,7 +220,7 @@ class GPT:
             if kind == own == "float32" and not self.reordered:
                 return source.T  # [nf, nx], a view of OpenAI's [nx, nf] order
             if kind == own == "float32":
-                wt = transposed(source)
+                wt = streaming_copy(source.T)
             elif kind == own:  # a file's float16 / bfloat16: its 16 bits reordered as they are
                 wt = compact.KINDS[kind](transposed(compact.storage(source).view(np.uint16)))
             elif kind == "float32":
@@ -217,8 +236,11 @@ class GPT:
             self.wte = compact.converted(wte, dtype)
         except ValueError as e:
             raise ValueError(f"tensor 'model/wte': {e}") from e
-        if release is not None and compact.dtype_of(self.wte) != compact.dtype_of(wte):
-            release(compact.storage(wte))  # converted: the file's pages are not used
+        if self.reordered and isinstance(self.wte, np.ndarray):
+            self.wte = streaming_copy(self.wte)  # [V, C], its V columns contiguous
+        if release is not None and not np.may_share_memory(compact.storage(self.wte),
+                                                           compact.storage(wte)):
+            release(compact.storage(wte))  # a copy: the file's pages are not used
         self.wpe = params["model/wpe"]
         self.ln_f = params["model/ln_f/g"], params["model/ln_f/b"]
         self.blocks = []

@@ -88,23 +88,23 @@ def gelu_(x):
 
 
 def matmul(x, wt, out=None):
-    """x [M, K] @ wt.T for weights wt [N, K], each output's weights contiguous; into `out` if given.
+    """x [M, K] @ wt.T for weights wt [N, K]; into `out` if given.
 
-    Decoding is a matrix-vector product that streams every weight from memory once, and in this
-    order OpenBLAS runs it as N dot products over contiguous rows, which stream faster
-    (benchmarks/bench_matvec.py) than the column updates it runs over OpenAI's [K, N] order.
-    For a few rows (batched decoding) one such product per row beats gemm, which repacks all
-    of wt on every call. The rows go through wt in chunks of MATVEC_CHUNK_BYTES: the first row
-    streams a chunk from memory and the others find it in cache (GPT-2 1558M's matrices, whole,
-    do not fit). A compact wt (gpt2/compact.py) is widened block by block inside the product."""
+    Decoding is a matrix-vector product that streams every weight from memory once: over a
+    C-ordered wt OpenBLAS runs it as N dot products along contiguous rows, over a transposed
+    view (wt.T C-ordered) as K column updates along contiguous rows of wt.T; the engine lays
+    each matrix out in whichever order has the longer rows (engine.streaming_copy). For a few
+    rows (batched decoding) one such product per row beats gemm, which repacks all of wt on
+    every call. The rows go through wt in chunks of MATVEC_CHUNK_BYTES: the first row streams
+    a chunk from memory and the others find it in cache (GPT-2 1558M's matrices, whole, do not
+    fit). A compact wt (gpt2/compact.py) is widened block by block inside the product."""
     out = np.empty((len(x), wt.shape[0]), np.float32) if out is None else out
     if not isinstance(wt, np.ndarray):  # float16, bfloat16 or int8, widened inside
         return compact.matmul(x, wt, out)
     if len(x) > SMALL_BATCH:
         return np.matmul(x, wt.T, out=out)
-    # One row, or a transposed view (see GPT) whose rows are strided: wt whole, in one product.
-    step = len(wt)
-    if len(x) > 1 and wt.flags.c_contiguous:
+    step = len(wt)  # one row: wt whole, in one product
+    if len(x) > 1:
         step = max(1, MATVEC_CHUNK_BYTES // (wt.shape[1] * 4))
     for start in range(0, len(wt), step):
         chunk = wt[start : start + step]
