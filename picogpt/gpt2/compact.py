@@ -4,7 +4,7 @@ cache-sized block of rows at a time, inside the products.
 Decoding streams every weight from memory once a token, so fewer bytes a weight means less to
 stream, and a model twice or four times larger fits the same memory. BLAS multiplies float32
 only: each product widens WIDEN_BYTES of float32 rows into a buffer of its thread's, which stays
-in the core's cache, and multiplies that (matmul). Widening is done with NumPy's integer
+in the core's caches, and multiplies that (matmul). Widening is done with NumPy's integer
 operations, several times faster than its float16 cast:
 
 - float16: sign-extended, shifted into float32's place and scaled by 2^112 (exact for normal
@@ -25,7 +25,11 @@ import numpy as np
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 QBLOCK = 32  # int8 values per scale
-WIDEN_BYTES = 1 << 20  # float32 bytes widened at a time for a few rows: a block in L2
+# float32 bytes widened at a time for a few rows. Each band is a few NumPy calls, and a thread
+# takes the GIL back at the end of each: the longer the calls, the less threads wait on each
+# other for it (a wait that sends a core to sleep, and waking it costs tens of microseconds). A
+# band a few times the core's L2 still finds its rows in L2 or L3 for the product.
+WIDEN_BYTES = 4 << 20
 PRODUCT_ROWS = 256  # rows of weights widened at least at a time for many rows
 _buffers = threading.local()  # each thread's widening buffers, reused
 
