@@ -297,7 +297,8 @@ class GPT:
 
     def attend(self, q, k, v, cache, layer):
         """Append k, v [B, H, T, hd] to the layer's cache and attend q over it: [B, T, C]. The
-        heads are split over the cores (inside parallel.passes)."""
+        heads are split over the cores (inside parallel.passes) for more query rows than
+        decoding's: a decoding step's attention is shorter than waking a core for it."""
         B, H, T, hd = q.shape
         start = cache.length
         scale = np.float32(1.0 / math.sqrt(hd))
@@ -311,5 +312,8 @@ class GPT:
             attention(q[:, i:j] * scale, keys[:, :, : start + T], values[:, :, : start + T],
                       start, out=heads_out[:, i:j])  # fmt: skip
 
-        parallel.run(heads, H)
+        if B * T > SMALL_BATCH:
+            parallel.run(heads, H)
+        else:
+            heads(0, H)
         return out.reshape(B, T, H * hd)
