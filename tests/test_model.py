@@ -17,7 +17,7 @@ from picogpt.errors import ModelError
 from picogpt.formats import tf_checkpoint as checkpoint
 from picogpt.generation.chat import Conversation
 from picogpt.gpt2 import engine, kernels, memory, parallel
-from picogpt.gpt2.params import param_shapes
+from picogpt.gpt2.params import is_matrix, param_shapes
 
 TINY = Path(__file__).parent / "fixtures" / "gpt2-tiny"
 
@@ -182,13 +182,18 @@ def test_streaming_copy_keeps_the_longer_dimension_contiguous(shape, order):
     assert rows_of.flags.c_contiguous and rows_of.shape[1] == max(shape)
 
 
-def test_the_engine_streams_each_matrix_along_its_longer_dimension(tiny):
-    n_embd = tiny.gpt.hparams["n_embd"]
-    for wt in [*(tiny.gpt.blocks[0][name][0] for name in ("c_attn", "c_proj", "c_fc", "mlp_proj")),
-               tiny.gpt.wte]:  # fmt: skip
+@pytest.mark.parametrize("weights", ["float32", "float16"])  # a float16 file's widened at load
+def test_the_engine_streams_each_matrix_along_its_longer_dimension(params, hparams, weights):
+    params = {name: value.astype(weights) if is_matrix(name) else value
+              for name, value in params.items()}  # fmt: skip
+    gpt = engine.GPT(params, hparams, dtype="float32")
+    for wt in [*(gpt.blocks[0][name][0] for name in ("c_attn", "c_proj", "c_fc", "mlp_proj")),
+               gpt.wte]:  # fmt: skip
         rows_of = wt if wt.flags.c_contiguous else wt.T
         assert rows_of.flags.c_contiguous and rows_of.shape[1] == max(wt.shape)
-    assert tiny.gpt.blocks[0]["c_fc"][0].shape == (4 * n_embd, n_embd)  # still [n_out, n_in]
+        assert rows_of.dtype == np.float32
+    n_embd = gpt.hparams["n_embd"]
+    assert gpt.blocks[0]["c_fc"][0].shape == (4 * n_embd, n_embd)  # still [n_out, n_in]
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (15, 7), (16, 3), (17, 40), (100, 33), (0, 4)])

@@ -223,8 +223,8 @@ class GPT:
                 wt = streaming_copy(source.T)
             elif kind == own:  # a file's float16 / bfloat16: its 16 bits reordered as they are
                 wt = compact.KINDS[kind](transposed(compact.storage(source).view(np.uint16)))
-            elif kind == "float32":
-                wt = transposed(compact.widened(source))
+            elif kind == "float32":  # a file's float16 / bfloat16, widened
+                wt = streaming_copy(compact.widened(source).T)
             else:  # compressed a band of rows at a time
                 wt = compact.compress(compact.widened(source).T, kind)
             if release is not None:  # the copy is used from now on, not the mapped file
