@@ -3,6 +3,7 @@ on weights TensorFlow wrote; the KV cache against full recomputes."""
 
 import json
 import math
+import shutil
 import warnings
 from pathlib import Path
 
@@ -235,6 +236,21 @@ def test_weights_stay_mapped_when_memory_is_short(monkeypatch, params, hparams):
         got = mapped.forward(ids[:, :T], mapped.new_cache(3), all_logits=True)
         expected = reordered.forward(ids[:, :T], reordered.new_cache(3), all_logits=True)
         assert relative_error(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("damage", ["encoder", "hparams"])
+def test_a_bad_folder_is_named_once(tmp_path, damage):
+    folder = tmp_path / "model"
+    shutil.copytree(TINY, folder)
+    if damage == "encoder":  # the error names the file
+        (folder / "encoder.json").write_text('{"a": 1')
+    else:  # the error names no file: the folder is put before it
+        hparams = json.loads((folder / "hparams.json").read_text())
+        (folder / "hparams.json").write_text(json.dumps(dict(hparams, n_layer=3)))
+    with pytest.raises(ModelError) as e:
+        picogpt.load(folder)
+    assert str(e.value).count(str(folder)) == 1, str(e.value)
+    assert ("encoder.json" if damage == "encoder" else "n_layer") in str(e.value)
 
 
 def test_wrong_shapes_are_named(params, hparams):

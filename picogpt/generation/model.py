@@ -312,5 +312,6 @@ def load_folder(folder, dtype=None):
     except ModelError:
         raise
     except (PicogptError, OSError, ValueError) as e:
-        raise ModelError(f"{folder}: {e}") from e
+        named = str(folder) in str(e)  # the error names a file of the folder already
+        raise ModelError(str(e) if named else f"{folder}: {e}") from e
     return Model(gpt, tokenizer, folder)
