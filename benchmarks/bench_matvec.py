@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe  # noqa: E402
 
+from picogpt.gpt2 import parallel  # noqa: E402
 from picogpt.gpt2.engine import project  # noqa: E402
 from picogpt.gpt2.kernels import MATVEC_CHUNK_BYTES, matmul  # noqa: E402
 
@@ -52,6 +53,7 @@ def main():
     parser.add_argument("--size", choices=list(SIZES), default="124M")
     parser.add_argument("--runs", type=int, default=15, help="alternating runs of each variant")
     args = parser.parse_args()
+    parallel.set_threads(None)  # OpenBLAS on PICOGPT_THREADS's count (else every core), as picogpt
 
     rng = np.random.default_rng(0)
     wts = weights(*SIZES[args.size], rng)
