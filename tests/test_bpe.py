@@ -411,5 +411,13 @@ def test_vocabulary_files_are_bounded_reads(tmp_path):
     copy_vocab(tmp_path)
     with open(tmp_path / "vocab.bpe", "r+b") as f:
         f.truncate(3 << 30)  # sparse: costs nothing on disk
-    with pytest.raises(VocabularyError, match="vocab.bpe is 3,072.0 MB"):
+    with pytest.raises(VocabularyError, match="vocab.bpe: GPT-2's merge list is 3,072.0 MB"):
         BPE.load(tmp_path)
+
+
+def test_a_malformed_token_table_is_named_once(tmp_path):
+    copy_vocab(tmp_path, encoder_text='{"a": 1')
+    with pytest.raises(VocabularyError) as e:
+        BPE.load(tmp_path)
+    assert str(e.value).count("encoder.json") == 1, str(e.value)
+    assert "not valid JSON" in str(e.value)

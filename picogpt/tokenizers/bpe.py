@@ -178,7 +178,7 @@ class BPE:
                 raise MissingFileError(
                     errno.ENOENT, f"GPT-2 vocabulary file {path.name} not found", str(path)
                 )
-        encoder = files.load_json(encoder_path, ENCODER_LIMIT, encoder_path.name,
+        encoder = files.load_json(encoder_path, ENCODER_LIMIT, "GPT-2's token table",
                                   error=VocabularyError)
         if not isinstance(encoder, dict):
             raise VocabularyError(f"{encoder_path}: expected a JSON object of token -> id")
@@ -186,7 +186,8 @@ class BPE:
             _count_ids(encoder)
         except VocabularyError as e:
             raise VocabularyError(f"{encoder_path}: {e}") from e
-        text = files.read_text(merges_path, MERGES_LIMIT, merges_path.name, error=VocabularyError)
+        text = files.read_text(merges_path, MERGES_LIMIT, "GPT-2's merge list",
+                               error=VocabularyError)
         return cls.from_tables(encoder, _parse_merges(text, merges_path), encoder_path,
                                where=folder)
 
