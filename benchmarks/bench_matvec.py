@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe  # noqa: E402
 
 from picogpt.gpt2 import parallel  # noqa: E402
-from picogpt.gpt2.engine import project  # noqa: E402
+from picogpt.gpt2.engine import project, streams_by_rows  # noqa: E402
 from picogpt.gpt2.kernels import MATVEC_CHUNK_BYTES, matmul  # noqa: E402
 
 SIZES = {"124M": (768, 12), "355M": (1024, 24), "774M": (1280, 36), "1558M": (1600, 48)}
@@ -58,8 +58,8 @@ def main():
     rng = np.random.default_rng(0)
     wts = weights(*SIZES[args.size], rng)
     ws = [np.ascontiguousarray(wt.T) for wt in wts]  # OpenAI's [n_in, n_out] order
-    # The engine's layout (engine.streaming_copy's choice), from the two copies above.
-    streamed = [wt if wt.shape[1] >= wt.shape[0] else w.T for wt, w in zip(wts, ws)]
+    # The engine's layout (engine.streaming_copy's), from the two copies above.
+    streamed = [wt if streams_by_rows(wt.shape) else w.T for wt, w in zip(wts, ws)]
     n_bytes = sum(wt.nbytes for wt in wts)
     x1 = rng.standard_normal((1, 4 * SIZES[args.size][0]), dtype=np.float32)
     x4 = rng.standard_normal((4, x1.shape[1]), dtype=np.float32)

@@ -121,9 +121,16 @@ def streaming_copy(wt):
     long contiguous rows faster than short ones (benchmarks/bench_matvec.py). It is returned as
     [n_out, n_in] either way: C-ordered (n_out dot products over rows of n_in) where n_in >= n_out,
     else a transposed view of a [n_in, n_out] copy (n_in column updates over rows of n_out)."""
-    if wt.shape[1] >= wt.shape[0]:
+    if streams_by_rows(wt.shape):
         return contiguous(wt)
     return contiguous(wt.T).T
+
+
+def streams_by_rows(shape):
+    """Whether a [n_out, n_in] matrix streams fastest in that order (its rows, n_in long, are
+    its longer dimension) rather than transposed (see streaming_copy)."""
+    n_out, n_in = shape
+    return n_in >= n_out
 
 
 def contiguous(a):
