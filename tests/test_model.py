@@ -253,6 +253,17 @@ def test_a_bad_folder_is_named_once(tmp_path, damage):
     assert ("encoder.json" if damage == "encoder" else "n_layer") in str(e.value)
 
 
+def test_a_folder_named_like_its_tensors_is_still_named(tmp_path, monkeypatch, params):
+    # A relative folder "model", whose error speaks of tensor 'model/h0/...' but of no file.
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(TINY, "model", ignore=shutil.ignore_patterns("model.ckpt*"))
+    tensors = {name: np.array(value) for name, value in params.items()}
+    tensors["model/h0/mlp/c_fc/w"][0, 0, 0] = 1e6  # beyond float16's range
+    checkpoint.write(Path("model") / "model.ckpt", tensors)
+    with pytest.raises(ModelError, match=r"^model: tensor 'model/h0/mlp/c_fc/w': values beyond"):
+        picogpt.load(Path("model"), dtype="float16")
+
+
 def test_wrong_shapes_are_named(params, hparams):
     bad = dict(params)
     bad["model/h1/mlp/c_fc/b"] = np.zeros(3, np.float32)

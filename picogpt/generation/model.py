@@ -8,6 +8,7 @@ loop (decoding.py)."""
 
 import contextlib
 import math
+import os
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -312,6 +313,6 @@ def load_folder(folder, dtype=None):
     except ModelError:
         raise
     except (PicogptError, OSError, ValueError) as e:
-        named = str(folder) in str(e)  # the error names a file of the folder already
+        named = str(e).startswith(f"{folder}{os.sep}")  # it begins with a file of the folder
         raise ModelError(str(e) if named else f"{folder}: {e}") from e
     return Model(gpt, tokenizer, folder)
