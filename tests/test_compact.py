@@ -159,6 +159,23 @@ def test_bfloat16_export_runs_as_bfloat16_and_transformers_reads_it(tmp_path):
     assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
 
 
+@pytest.mark.parametrize("folder_dtype", ["float16", "bfloat16"])
+def test_a_16_bit_folder_runs_in_every_dtype(folder_dtype, tmp_path):
+    """A float16 or bfloat16 folder loads in each dtype (bfloat16 to int8 once failed on the
+    token embedding) and gives the logits of its weights widened, within the dtype's rounding."""
+    from picogpt.hub.export import export
+
+    folder = HF16 if folder_dtype == "float16" else export(HF16, tmp_path / "bf16",
+                                                           dtype="bfloat16")
+    reference = picogpt.load(folder, dtype="float32")
+    ids = reference.encode("Hello, world. " * 3)
+    expected = reference.logits(ids)
+    for dtype, within in [("float16", 1e-2), ("bfloat16", 2e-2), ("int8", 5e-2)]:
+        model = picogpt.load(folder, dtype=dtype)
+        assert model.gpt.dtype == dtype and compact.dtype_of(model.gpt.wte) == dtype
+        assert np.abs(model.logits(ids) - expected).max() <= within * np.abs(expected).max()
+
+
 def test_a_dtype_the_weights_cannot_take_says_why(tmp_path):
     from picogpt.formats import safetensors
     from picogpt.hub.export import export

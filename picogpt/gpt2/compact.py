@@ -134,8 +134,9 @@ def of_halves(data):
 
 
 def compress(w, dtype):
-    """float32 w [n_out, n_in] in `dtype` (float16 or bfloat16 rounded to nearest, int8 with a
-    scale per block of QBLOCK: max |w| / 127), done a band of rows at a time."""
+    """w [n_out, n_in] (float32, a file's float16, or another Compact) in `dtype` (float16 or
+    bfloat16 rounded to nearest, int8 with a scale per block of QBLOCK: max |w| / 127), done a
+    band of rows at a time."""
     if dtype not in KINDS:
         raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
     n_out, n_in = w.shape
@@ -143,7 +144,7 @@ def compress(w, dtype):
     scales = np.empty((n_out, -(-n_in // QBLOCK)), np.float32) if dtype == "int8" else None
     band = max(1, WIDEN_BYTES // (4 * max(1, n_in)))
     for start in range(0, n_out, band):
-        rows = np.ascontiguousarray(w[start : start + band], np.float32)
+        rows = np.ascontiguousarray(widened(w[start : start + band]))
         if dtype == "float16":
             with np.errstate(over="ignore"):
                 halves = rows.astype(np.float16)
