@@ -1,15 +1,17 @@
 """Model folders whose files are intact (every CRC32C matches) but whose weights are not: the
 tiny TF-written fixture with a NaN in one tensor, or with its index saying big-endian over its
-little-endian data. Both load; their logits are not finite numbers."""
+little-endian data, and the tiny float16 one (transformers') with an infinity or a NaN in one
+weight matrix. All load; their logits are not finite numbers."""
 
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from picogpt.formats import tf_checkpoint
+from picogpt.formats import safetensors, tf_checkpoint
 
 TINY = Path(__file__).parent / "fixtures" / "gpt2-tiny"
+TINY_HF16 = Path(__file__).parent / "fixtures" / "gpt2-tiny-hf16"
 
 
 def copy_of_tiny(folder):
@@ -39,3 +41,14 @@ def big_endian_over_little(folder):
             e["dtype"], e["shape"], e["offset"], e["size"], tf_checkpoint.unmask_crc(e["crc32c"]))))
     Path(f"{prefix}.index").write_bytes(tf_checkpoint._index_bytes(rows))
     return folder
+
+
+def half_weights_with(folder, value, tensor="transformer.h.0.mlp.c_fc.weight"):
+    """The float16 fixture with `value` (inf, NaN) as one weight of a block's matrix."""
+    shutil.copytree(TINY_HF16, folder, ignore=shutil.ignore_patterns(".picogpt-verified"))
+    path = Path(folder) / "model.safetensors"
+    tensors = {name: np.array(array) for name, array in dict(safetensors.read(path)).items()}
+    tensors[tensor][1, 2] = value
+    path.unlink()
+    safetensors.write(path, tensors, metadata={"format": "pt"})
+    return Path(folder)

@@ -18,14 +18,21 @@ FOLDER = picogpt.BUNDLED / "shakespeare-char"
 HELD_OUT = Path(__file__).parent / "fixtures" / "held_out.txt"  # Tiny Shakespeare's last lines
 
 
-def test_every_finite_half_widens_exactly():
+def test_every_half_widens_exactly_and_every_non_finite_one_stays_so():
+    """Every finite half widens to its float32 (-0.0 and subnormals too); infinities and NaNs
+    widen to infinities, so that the logits check catches a damaged weight as in float32."""
     bits = np.arange(1 << 16, dtype=np.uint16)
     halves = bits.view(np.float16)
-    finite = np.isfinite(halves)  # (non-finite weights are the logits check's to catch)
-    out = np.empty((1, finite.sum()), np.float32)
-    compact.Float16(bits[finite][None]).widen(out)
-    expected = halves[finite].astype(np.float32)[None]
-    np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))  # -0.0 too
+    finite = np.isfinite(halves)
+    out = compact.Float16(bits[None]).widen(np.empty((1, len(bits)), np.float32))[0]
+    expected = halves.astype(np.float32)
+    np.testing.assert_array_equal(out[finite].view(np.uint32), expected[finite].view(np.uint32))
+    infinite = np.isinf(halves)
+    assert np.isinf(out[~finite]).all() and (out[infinite] == expected[infinite]).all()
+    # Decoding's product (Float16.product) the same: each such half alone in a row of zeros.
+    w = compact.Float16(np.diag(bits[~finite]))  # [2048, 2048]
+    got = compact.matmul(np.ones((1, len(w)), np.float32), w, np.empty((1, len(w)), np.float32))
+    assert not np.isfinite(got).any()
 
 
 def test_bfloat16_rounds_to_nearest_even_as_pytorch():
@@ -58,17 +65,19 @@ def test_int8_is_within_half_a_block_scale(n_in):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
-def test_products_are_those_of_the_widened_weights(dtype, monkeypatch):
-    """Several widening bands a product, rows in and out of a band, 1 row and many."""
-    monkeypatch.setattr(compact, "WIDEN_BYTES", 7 * 176 * 4)  # 7 rows a band
+@pytest.mark.parametrize("n_in", [176, 64, 7])  # int8's last block shorter, or not
+def test_products_are_those_of_the_widened_weights(dtype, n_in, monkeypatch):
+    """Several widening bands a product, rows in and out of a band, 1 row (decoding's product)
+    and many."""
+    monkeypatch.setattr(compact, "WIDEN_BYTES", 7 * n_in * 4)  # 7 rows a band
     rng = np.random.default_rng(2)
-    w = compact.compress(rng.standard_normal((50, 176)).astype(np.float32), dtype)
+    w = compact.compress(rng.standard_normal((50, n_in)).astype(np.float32), dtype)
     widened = w.widen(np.empty(w.shape, np.float32))
     for rows in (1, 3, 20):
-        x = rng.standard_normal((rows, 176)).astype(np.float32)
+        x = rng.standard_normal((rows, n_in)).astype(np.float32)
         got = compact.matmul(x, w, np.empty((rows, 50), np.float32))
         np.testing.assert_allclose(got, x @ widened.T, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(w[10:20].widen(np.empty((10, 176), np.float32)),
+    np.testing.assert_array_equal(w[10:20].widen(np.empty((10, n_in), np.float32)),
                                   widened[10:20])  # fmt: skip
     ids = np.array([[4, 0], [49, 4]])
     np.testing.assert_array_equal(w.take(ids), widened[ids])

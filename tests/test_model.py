@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _damaged import big_endian_over_little, with_a_nan
+from _damaged import big_endian_over_little, half_weights_with, with_a_nan
 from _memory import HAS_SMAPS, resident_kb
 from _reference import hf_model
 
@@ -17,7 +17,7 @@ import picogpt
 from picogpt.errors import ModelError
 from picogpt.formats import tf_checkpoint as checkpoint
 from picogpt.generation.chat import Conversation
-from picogpt.gpt2 import engine, kernels, memory, parallel
+from picogpt.gpt2 import compact, engine, kernels, memory, parallel
 from picogpt.gpt2.params import is_matrix, param_shapes
 
 TINY = Path(__file__).parent / "fixtures" / "gpt2-tiny"
@@ -313,6 +313,24 @@ def test_weights_that_give_non_finite_logits_are_a_model_error(tmp_path, threads
                 call()
         assert str(folder) in str(info.value) and "picogpt verify" in str(info.value), name
     assert m.generate("Hello", n=0) == ""  # nothing ran, nothing to check
+
+
+@pytest.mark.parametrize("value", [np.inf, np.nan])
+@pytest.mark.parametrize("dtype", compact.DTYPES)
+def test_a_non_finite_weight_gives_a_model_error_in_every_dtype(tmp_path, threads, value, dtype):
+    """A float16 weight that is infinite or NaN is caught by the logits check whatever the
+    weights are kept in: float16's widening keeps it non-finite, int8's block scale turns NaN."""
+    threads(2)
+    folder = half_weights_with(tmp_path / "damaged", value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none from loading either
+        m = picogpt.load(folder, dtype=dtype)
+    for name, call in every_way_to_run(m).items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with pytest.raises(ModelError, match="look damaged"):
+                call()
+                pytest.fail(f"{name}: no error")
 
 
 def test_finite_logits_pass_the_check(tiny, threads):

@@ -8,11 +8,15 @@ in the core's caches, and multiplies that (matmul). Widening is done with NumPy'
 operations, several times faster than its float16 cast:
 
 - float16: sign-extended, shifted into float32's place and scaled by 2^112 (exact for normal
-  and subnormal halves alike);
+  and subnormal halves alike), then by 2^112 again, which only infinities' and NaNs' exponent
+  overflows (so a damaged weight stays non-finite for the logits check to catch);
 - bfloat16: the upper half of a float32, shifted into place;
 - int8: symmetric, one float32 scale per block of QBLOCK values along a row (ggml's Q8_0, with
   a float32 scale); a row whose length is not a multiple of QBLOCK ends in a shorter block with
   its own scale.
+
+Decoding's products (a few rows of x) save passes over the weights where the math allows: float16
+leaves its last pass, a product by 2^-112, to x and the result.
 
 A matrix is [n_out, n_in], each output's weights contiguous (as the engine orders them); slicing
 its rows gives a matrix of the same kind. `compress` makes one from float32; `of_halves` and
@@ -31,6 +35,7 @@ QBLOCK = 32  # int8 values per scale
 # band a few times the core's L2 still finds its rows in L2 or L3 for the product.
 WIDEN_BYTES = 4 << 20
 PRODUCT_ROWS = 256  # rows of weights widened at least at a time for many rows
+FEW_ROWS = 8  # up to this many rows of x, a product is decoding's (Compact.product)
 _buffers = threading.local()  # each thread's widening buffers, reused
 
 
@@ -79,22 +84,50 @@ class Compact:
         """Rows start..stop-1 widened into out."""
         return self[start:stop].widen(out)
 
+    def product(self, x, out):
+        """x [M, K] @ self.T into out [M, N] for few rows of x (decoding): a band of rows widened
+        at a time into this thread's buffer, each multiplied while it is in cache."""
+        return widened_product(x, self, out, _band_rows(self.shape[1]))
+
 
 class Float16(Compact):
     dtype = "float16"
     MAGNITUDE_SCALE = np.float32(2.0**112)  # float16's exponent bias 15 against float32's 127
+    UNSCALE = np.float32(2.0**-112)
     KEEP = np.int32(-0x70000001)  # 0x8FFFFFFF: the sign bit and the 28 low bits
 
+    # Decoding's product takes x times 2^-56 and its result times 2^-56 again: the 2^-112 that
+    # widen_scaled leaves out, with x and the result no nearer float32's limits than that.
+    HALF_UNSCALE = np.float32(2.0**-56)
+
     def widen(self, out):
-        """float32(h) for each half h, in 4 passes: h sign-extended to 32 bits and shifted left
-        by 13 puts its exponent and mantissa in float32's low 28 bits and its sign in bit 31
-        (bits 28-30 copies of it, cleared); read as a float32 that is h times 2^-112, subnormal
-        halves too, so a product by 2^112 is exact."""
+        """float32(h) for each half h: widen_scaled's h times 2^112, times 2^-112."""
+        self.widen_scaled(out)
+        out *= self.UNSCALE
+        return out
+
+    def widen_scaled(self, out):
+        """h times 2^112 for each half h (infinite for infinities and NaNs), in 5 passes: h
+        sign-extended to 32 bits and shifted left by 13 puts its exponent and mantissa in
+        float32's low 28 bits and its sign in bit 31 (bits 28-30 copies of it, cleared); read as
+        a float32 that is h times 2^-112, subnormal halves too. Times 2^112 is h for every
+        finite half; infinities and NaNs (exponent 31) are 2^16 to 2^17 then, and times 2^112
+        again they overflow, where the largest finite half (65504) does not."""
         bits = out.view(np.int32)
         np.copyto(bits, self.data.view(np.int16), casting="unsafe")  # sign-extending
         bits <<= 13
         bits &= self.KEEP
         out *= self.MAGNITUDE_SCALE
+        with np.errstate(over="ignore"):
+            out *= self.MAGNITUDE_SCALE  # infinities and NaNs overflow
+        return out
+
+    def product(self, x, out):
+        """Decoding's product over bands widened by widen_scaled: x @ (h 2^112).T, with x and
+        the result each times 2^-56."""
+        widened_product(x * self.HALF_UNSCALE, self, out, _band_rows(self.shape[1]),
+                        widen=lambda start, stop, buffer: self[start:stop].widen_scaled(buffer))
+        out *= self.HALF_UNSCALE
         return out
 
 
@@ -186,7 +219,10 @@ def _quantize(rows):
     blocks = padded.reshape(n, nb, QBLOCK)
     scales = np.abs(blocks).max(axis=-1) / np.float32(127)
     safe = np.where(scales > 0, scales, np.float32(1))
-    q = np.rint(blocks / safe[..., None]).clip(-127, 127).astype(np.int8)
+    # A block holding an infinity or a NaN has a non-finite scale, which carries it into every
+    # product (so the logits check catches it as in float32); its values are moot.
+    with np.errstate(invalid="ignore"):
+        q = np.rint(blocks / safe[..., None]).clip(-127, 127).astype(np.int8)
     return q.reshape(n, -1)[:, :n_in], scales
 
 
@@ -222,29 +258,37 @@ def converted(tensor, dtype):
     return compress(tensor, dtype)
 
 
-def _scratch(shape, dtype):
-    """A buffer of this thread's for the widening's temporaries, reused from call to call."""
+def _scratch(name, shape, dtype):
+    """This thread's buffer `name` for the widening's temporaries, reused from call to call."""
     size = int(np.prod(shape))
-    buffer = getattr(_buffers, str(np.dtype(dtype)), None)
-    if buffer is None or buffer.size < size:
-        buffer = np.empty(max(size, WIDEN_BYTES // 4), dtype)
-        setattr(_buffers, str(np.dtype(dtype)), buffer)
+    buffer = getattr(_buffers, name, None)
+    if buffer is None or buffer.size < size or buffer.dtype != dtype:
+        buffer = np.empty(max(size, WIDEN_BYTES // np.dtype(dtype).itemsize), dtype)
+        setattr(_buffers, name, buffer)
     return buffer[:size].reshape(shape)
 
 
+def _band_rows(n_in):
+    """Rows of a [N, n_in] matrix that make WIDEN_BYTES of float32 (at least one)."""
+    return max(1, WIDEN_BYTES // (4 * n_in))
+
+
 def matmul(x, w, out):
-    """x [M, K] @ w.T for a compact w [N, K], into out [M, N]: a band of w's rows widened at a
-    time into this thread's buffer, then one BLAS product each. A band is WIDEN_BYTES of float32
-    for a few rows of x (decoding: the band stays in cache for the product), and at least
-    PRODUCT_ROWS rows for many (a prefill: a product over fewer rows of w repacks all of x for
-    little work)."""
-    n_in = w.shape[1]
-    band = max(1, WIDEN_BYTES // (4 * n_in))
-    if len(x) > 8:
-        band = max(band, PRODUCT_ROWS)
-    buffer = _scratch((min(band, len(w)), n_in), np.float32)
+    """x [M, K] @ w.T for a compact w [N, K], into out [M, N]. A few rows of x (decoding) go
+    through w.product. For more, a band of at least PRODUCT_ROWS rows of w is widened at a
+    time (a product over fewer rows of w repacks all of x for little work)."""
+    if len(x) <= FEW_ROWS:
+        return w.product(x, out)
+    return widened_product(x, w, out, max(_band_rows(w.shape[1]), PRODUCT_ROWS))
+
+
+def widened_product(x, w, out, band, widen=None):
+    """x @ w.T into out: `band` rows of w widened at a time into this thread's buffer (by
+    `widen(start, stop, buffer)`, w.widen_rows unless given), then one BLAS product each."""
+    widen = w.widen_rows if widen is None else widen
+    buffer = _scratch("widened", (min(band, len(w)), w.shape[1]), np.float32)
     for start in range(0, len(w), band):
         stop = min(len(w), start + band)
-        block = w.widen_rows(start, stop, buffer[: stop - start])
+        block = widen(start, stop, buffer[: stop - start])
         np.matmul(x, block.T, out=out[:, start:stop])
     return out
