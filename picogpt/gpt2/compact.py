@@ -16,7 +16,8 @@ operations, several times faster than its float16 cast:
   its own scale.
 
 Decoding's products (a few rows of x) save passes over the weights where the math allows: float16
-leaves its last pass, a product by 2^-112, to x and the result.
+leaves its last pass, a product by 2^-112, to x and the result, and int8 multiplies each block's
+partial sum by its scale instead of every weight.
 
 A matrix is [n_out, n_in], each output's weights contiguous (as the engine orders them); slicing
 its rows gives a matrix of the same kind. `compress` makes one from float32; `of_halves` and
@@ -155,6 +156,28 @@ class Int8(Compact):
             blocks *= self.scales[:, : whole // QBLOCK, None]
         if whole < n_in:  # the shorter last block
             out[:, whole:] *= self.scales[:, -1:]
+        return out
+
+    def product(self, x, out):
+        """Decoding's product: out[m, j] = sum over blocks b of scale[j, b] (q[j, b] . x[m, b]).
+        The scales multiply each block's partial sum, a pass over rows x blocks values, not
+        every weight (widen's pass, whose inner loop is a block long, is the slower half of
+        it). Each band's values are cast to float32 whole, and one batched product gives
+        every block's partial sums. Rows of a length not a multiple of QBLOCK go through widen."""
+        n_out, n_in = self.shape
+        if n_in % QBLOCK:
+            return super().product(x, out)
+        blocks, band = n_in // QBLOCK, _band_rows(n_in)
+        xb = np.ascontiguousarray(x.T).reshape(blocks, QBLOCK, len(x))  # [blocks, QBLOCK, M]
+        values = _scratch("values", (min(band, n_out), n_in), np.float32)
+        partial = _scratch("partial", (blocks, min(band, n_out), len(x)), np.float32)
+        for start in range(0, n_out, band):
+            stop = min(n_out, start + band)
+            q = values[: stop - start]
+            np.copyto(q, self.data[start:stop], casting="unsafe")
+            by_block = q.reshape(len(q), blocks, QBLOCK).transpose(1, 0, 2)  # [blocks, rows, 32]
+            sums = np.matmul(by_block, xb, out=partial[:, : len(q)])  # [blocks, rows, M]
+            np.einsum("jb,bjm->mj", self.scales[start:stop], sums, out=out[:, start:stop])
         return out
 
 
