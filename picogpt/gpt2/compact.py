@@ -36,7 +36,7 @@ QBLOCK = 32  # int8 values per scale
 # band a few times the core's L2 still finds its rows in L2 or L3 for the product.
 WIDEN_BYTES = 4 << 20
 PRODUCT_ROWS = 256  # rows of weights widened at least at a time for many rows
-FEW_ROWS = 8  # up to this many rows of x, a product is decoding's (Compact.product)
+FEW_ROWS = 8  # up to this many rows of x (as kernels.SMALL_BATCH), decoding's Compact.product
 _buffers = threading.local()  # each thread's widening buffers, reused
 
 
@@ -198,7 +198,7 @@ def compress(w, dtype):
     n_out, n_in = w.shape
     data = np.empty(w.shape, np.int8 if dtype == "int8" else np.uint16)
     scales = np.empty((n_out, -(-n_in // QBLOCK)), np.float32) if dtype == "int8" else None
-    band = max(1, WIDEN_BYTES // (4 * max(1, n_in)))
+    band = _band_rows(n_in)
     for start in range(0, n_out, band):
         rows = np.ascontiguousarray(widened(w[start : start + band]))
         if dtype == "float16":
@@ -293,7 +293,7 @@ def _scratch(name, shape, dtype):
 
 def _band_rows(n_in):
     """Rows of a [N, n_in] matrix that make WIDEN_BYTES of float32 (at least one)."""
-    return max(1, WIDEN_BYTES // (4 * n_in))
+    return max(1, WIDEN_BYTES // (4 * max(1, n_in)))
 
 
 def matmul(x, w, out):
@@ -313,8 +313,5 @@ def widened_product(x, w, out, band, widen=None):
     for start in range(0, len(w), band):
         stop = min(len(w), start + band)
         block = widen(start, stop, buffer[: stop - start])
-        if len(x) == 1:  # the same BLAS product; threads calling np.dot at once scale better
-            np.dot(block, x[0], out=out[0, start:stop])  # (benchmarks/bench_widen.py)
-        else:
-            np.matmul(x, block.T, out=out[:, start:stop])
+        np.matmul(x, block.T, out=out[:, start:stop])
     return out
