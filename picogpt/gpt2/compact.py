@@ -42,7 +42,8 @@ _buffers = threading.local()  # each thread's widening buffers, reused
 
 class Compact:
     """A [n_out, n_in] weight matrix in a compact dtype: `data` holds the values (and `scales`
-    int8's block scales); `widen(out)` writes it as float32 into out."""
+    int8's block scales); `widen(out)` writes it as float32 into out, and `product(x, out)` is
+    decoding's x @ it.T."""
 
     dtype = None
 
