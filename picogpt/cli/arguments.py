@@ -153,8 +153,10 @@ def add_model_options(p, default="124M"):
     add_threads_option(p)
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="what the weights are kept in while running: float16 and bfloat16 "
-                        "halve their memory, int8 quarters it (default: the folder's own, "
-                        "float32 unless an HF folder holds float16 or bfloat16)")
+                        "halve their memory, int8 quarters it, for a model that would not "
+                        "fit otherwise; on a few cores each decodes slower than float32, "
+                        "float16 most (default: the folder's own, float32 unless an HF folder "
+                        "holds float16 or bfloat16)")
 
 
 def add_threads_option(p):
