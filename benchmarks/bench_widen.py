@@ -5,7 +5,8 @@ thread, on two threads of one process, and in two processes at once.
 
 For each dtype, a [rows, 768] matrix of random weights (GPT-2 124M's width; 65,536 rows are 50
 million weights, more than the caches hold, so each product streams them from memory) times one
-row, through `Compact.product` (float32: one BLAS product), in billions of weights a second:
+row, through `Compact.product` (float32: one BLAS product over the weights in the engine's
+order, engine.streaming_copy), in billions of weights a second:
 
 - one thread: the product over the whole matrix, OpenBLAS held to one thread;
 - two threads: each thread the product over its half of the rows, at once, in one process: a
@@ -29,16 +30,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from machine import describe  # noqa: E402
 
-from picogpt.gpt2 import compact, parallel  # noqa: E402
+from picogpt.gpt2 import compact, engine, parallel  # noqa: E402
 
 DTYPES = ("float32", "float16", "bfloat16", "int8")
 WIDTH = 768
 
 
 def operands(dtype, rows):
-    """The matrix [rows, WIDTH] in dtype, a row x and the output."""
+    """The matrix [rows, WIDTH] in dtype (float32 laid out as the engine lays it out, compact
+    types in their one layout), a row x and the output."""
     w = (np.random.default_rng(0).standard_normal((rows, WIDTH)) * 0.02).astype(np.float32)
-    w = w if dtype == "float32" else compact.compress(w, dtype)
+    w = engine.streaming_copy(w) if dtype == "float32" else compact.compress(w, dtype)
     return w, np.ones((1, WIDTH), np.float32), np.empty((1, rows), np.float32)
 
 
