@@ -283,11 +283,12 @@ def converted(tensor, dtype):
 
 
 def _scratch(name, shape, dtype):
-    """This thread's buffer `name` for the widening's temporaries, reused from call to call."""
+    """This thread's buffer `name` for the widening's temporaries, reused from call to call (made
+    anew only when a call needs more)."""
     size = int(np.prod(shape))
     buffer = getattr(_buffers, name, None)
     if buffer is None or buffer.size < size or buffer.dtype != dtype:
-        buffer = np.empty(max(size, WIDEN_BYTES // np.dtype(dtype).itemsize), dtype)
+        buffer = np.empty(size, dtype)
         setattr(_buffers, name, buffer)
     return buffer[:size].reshape(shape)
 
