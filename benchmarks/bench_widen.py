@@ -16,9 +16,14 @@ order, engine.streaming_copy), in billions of weights a second:
 Two processes share nothing but the memory bus; two threads also share the GIL, which each NumPy
 call takes back when it ends. Where the two-thread figure falls short of the two-process one, the
 threads lose that much to each other, not to the hardware.
+
+Last, what a pass of the pool costs by itself: the median time of a two-thread pass that does
+nothing, run back to back and after the threads have idled 0.3 and 1 ms (a core left idle may
+sleep, and waking it takes time). A decoding step with compact weights pays it once a product.
 """
 
 import argparse
+import statistics
 import subprocess
 import sys
 import time
@@ -104,6 +109,25 @@ def child(dtype, rows, reps):
         print(best_rate(lambda: product(w, x, out), rows * WIDTH, reps))
 
 
+def empty_pass_us(gaps=(0.0, 0.3e-3, 1e-3), passes=300):
+    """{gap in seconds: median microseconds of a two-thread pass of the pool doing nothing, each
+    run after the threads idled `gap`}."""
+    before = parallel.set_threads(2)
+    try:
+        with parallel.passes():
+            medians = {}
+            for gap in gaps:
+                times = []
+                for _ in range(passes):
+                    if gap:
+                        time.sleep(gap)
+                    times.append(timed(lambda: parallel.run(lambda start, stop: None, 2)))
+                medians[gap] = statistics.median(times) * 1e6
+            return medians
+    finally:
+        parallel.set_threads(before)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=65536, help="rows of 768 weights")
@@ -123,6 +147,8 @@ def main():
         processes = two_processes(dtype, args.rows, args.reps)
         print(f"| {dtype} | {one:.2f} | {threads:.2f} ({threads / one:.2f}x) | "
               f"{processes:.2f} ({processes / one:.2f}x) |", flush=True)  # fmt: skip
+    waits = ", ".join(f"{us:.0f} us after {gap * 1e3:g} ms" for gap, us in empty_pass_us().items())
+    print(f"\na pass of the pool doing nothing on 2 threads, median of 300: {waits}")
 
 
 if __name__ == "__main__":
