@@ -170,8 +170,8 @@ class Int8(Compact):
             return super().product(x, out)
         blocks, band = n_in // QBLOCK, _band_rows(n_in)
         xb = np.ascontiguousarray(x.T).reshape(blocks, QBLOCK, len(x))  # [blocks, QBLOCK, M]
-        values = _scratch("values", (min(band, n_out), n_in), np.float32)
-        partial = _scratch("partial", (blocks, min(band, n_out), len(x)), np.float32)
+        values = _scratch("values", (min(band, n_out), n_in))
+        partial = _scratch("partial", (blocks, min(band, n_out), len(x)))
         for start in range(0, n_out, band):
             stop = min(n_out, start + band)
             q = values[: stop - start]
@@ -282,13 +282,13 @@ def converted(tensor, dtype):
     return compress(tensor, dtype)
 
 
-def _scratch(name, shape, dtype):
-    """This thread's buffer `name` for the widening's temporaries, reused from call to call (made
-    anew only when a call needs more)."""
+def _scratch(name, shape):
+    """This thread's float32 buffer `name` for the widening's temporaries, reused from call to
+    call (made anew only when a call needs more)."""
     size = int(np.prod(shape))
     buffer = getattr(_buffers, name, None)
-    if buffer is None or buffer.size < size or buffer.dtype != dtype:
-        buffer = np.empty(size, dtype)
+    if buffer is None or buffer.size < size:
+        buffer = np.empty(size, np.float32)
         setattr(_buffers, name, buffer)
     return buffer[:size].reshape(shape)
 
@@ -311,7 +311,7 @@ def widened_product(x, w, out, band, widen=None):
     """x @ w.T into out: `band` rows of w widened at a time into this thread's buffer (by
     `widen(start, stop, buffer)`, w.widen_rows unless given), then one BLAS product each."""
     widen = w.widen_rows if widen is None else widen
-    buffer = _scratch("widened", (min(band, len(w)), w.shape[1]), np.float32)
+    buffer = _scratch("widened", (min(band, len(w)), w.shape[1]))
     for start in range(0, len(w), band):
         stop = min(len(w), start + band)
         block = widen(start, stop, buffer[: stop - start])
