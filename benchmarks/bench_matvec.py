@@ -1,13 +1,14 @@
 """What one decoding step's products cost through NumPy's BLAS: 1 row against 4 rows.
 
-    python benchmarks/bench_matvec.py [--size 124M|355M|774M|1558M] [--runs 15]
+    python benchmarks/bench_matvec.py [--size 124M|355M|774M|1558M] [--runs 15] [--pages]
 
 A decoding step multiplies one row per sample by every weight matrix of GPT-2 (the blocks' four,
 and wte for the logits). With random weights of a size's shapes this times, over all of them:
 - 1 row with every matrix in [n_out, n_in] order (N dot products along rows of n_in), in OpenAI's
   [n_in, n_out] order (K column updates along rows of n_out), and as the engine lays them out
   (engine.streaming_copy): each in whichever order has the longer rows, the reason the engine
-  copies the weights at load;
+  copies the weights at load, all in one buffer on huge pages (memory.Arena); with --pages also
+  that layout on 4 KB pages, what huge pages are worth;
 - 4 rows as the engine runs them (one matrix-vector product per row: the first streams the
   weights from memory, the other three find them in cache) and as one matrix product, both ways;
 - the rate of a matrix-vector product over one chunk of a matrix (kernels.matmul) already in
@@ -17,6 +18,7 @@ If 4 rows must read each matrix once from memory and 3 more times from cache, th
 """
 
 import argparse
+import mmap
 import statistics
 import sys
 import time
@@ -27,8 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import describe  # noqa: E402
 
-from picogpt.gpt2 import parallel  # noqa: E402
-from picogpt.gpt2.engine import project, streams_by_rows  # noqa: E402
+from picogpt.gpt2 import memory, parallel  # noqa: E402
+from picogpt.gpt2.engine import project, streaming_copy  # noqa: E402
 from picogpt.gpt2.kernels import MATVEC_CHUNK_BYTES, matmul  # noqa: E402
 
 SIZES = {"124M": (768, 12), "355M": (1024, 24), "774M": (1280, 36), "1558M": (1600, 48)}
@@ -42,6 +44,20 @@ def weights(n_embd, n_layer, rng):
     return [rng.standard_normal(shape, dtype=np.float32) for shape in shapes]
 
 
+def engine_layout(wts, arena):
+    """The matrices laid out as the engine lays them out (engine.streaming_copy), in `arena`."""
+    return [streaming_copy(wt, arena.empty) for wt in wts]
+
+
+def small_page_arena(n_bytes):
+    """A memory.Arena of n_bytes whose buffer the kernel is asked to keep on 4 KB pages."""
+    arena = memory.Arena(0)
+    pages = mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    pages.madvise(mmap.MADV_NOHUGEPAGE)
+    arena.buffer = np.frombuffer(pages, np.uint8)
+    return arena
+
+
 def engine(x, wts):
     """The products of a decoding step as the engine runs them (wte through its projection)."""
     *blocks, wte = wts
@@ -52,20 +68,25 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=list(SIZES), default="124M")
     parser.add_argument("--runs", type=int, default=15, help="alternating runs of each variant")
+    parser.add_argument("--pages", action="store_true",
+                        help="also time the engine's layout on 4 KB pages (one more copy)")
     args = parser.parse_args()
     parallel.set_threads(None)  # OpenBLAS on PICOGPT_THREADS's count (else every core), as picogpt
 
     rng = np.random.default_rng(0)
     wts = weights(*SIZES[args.size], rng)
     ws = [np.ascontiguousarray(wt.T) for wt in wts]  # OpenAI's [n_in, n_out] order
-    # The engine's layout (engine.streaming_copy's), from the two copies above.
-    streamed = [wt if streams_by_rows(wt.shape) else w.T for wt, w in zip(wts, ws)]
+    arena_bytes = memory.Arena.bytes_for(wt.size for wt in wts)
+    streamed = engine_layout(wts, memory.Arena(arena_bytes))
     n_bytes = sum(wt.nbytes for wt in wts)
     x1 = rng.standard_normal((1, 4 * SIZES[args.size][0]), dtype=np.float32)
     x4 = rng.standard_normal((4, x1.shape[1]), dtype=np.float32)
 
+    small_pages = engine_layout(wts, small_page_arena(arena_bytes)) if args.pages else None
     variants = {
         "1 row, the longer rows (the engine)": lambda: engine(x1, streamed),
+        **({"1 row, the longer rows, on 4 KB pages": lambda: engine(x1, small_pages)}
+           if small_pages else {}),  # fmt: skip
         "1 row, all [n_out, n_in]": lambda: engine(x1, wts),
         "1 row, all [n_in, n_out] (OpenAI's order)": lambda: [x1[0, : w.shape[0]] @ w for w in ws],
         "4 rows, a product per row (the engine)": lambda: engine(x4, streamed),

@@ -3,6 +3,7 @@ on weights TensorFlow wrote; the KV cache against full recomputes."""
 
 import json
 import math
+import mmap
 import shutil
 import warnings
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from _damaged import big_endian_over_little, half_weights_with, with_a_nan
-from _memory import HAS_SMAPS, resident_kb
+from _memory import HAS_SMAPS, resident_kb, vm_flags
 from _reference import hf_model
 
 import picogpt
@@ -195,6 +196,39 @@ def test_the_engine_streams_each_matrix_along_its_longer_dimension(params, hpara
         assert rows_of.dtype == np.float32
     n_embd = gpt.hparams["n_embd"]
     assert gpt.blocks[0]["c_fc"][0].shape == (4 * n_embd, n_embd)  # still [n_out, n_in]
+
+
+def buffer_of(a):
+    """The array whose memory `a` views (a itself where it owns its memory)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+@pytest.mark.parametrize("weights", ["float32", "float16"])  # a float16 file's widened at load
+def test_the_engines_float32_matrices_share_one_buffer_on_huge_pages(params, hparams, weights):
+    params = {name: value.astype(weights) if is_matrix(name) else value
+              for name, value in params.items()}  # fmt: skip
+    gpt = engine.GPT(params, hparams, dtype="float32")
+    names = ("c_attn", "c_proj", "c_fc", "mlp_proj")
+    matrices = [blk[name][0] for blk in gpt.blocks for name in names] + [gpt.wte]
+    assert len({id(buffer_of(wt)) for wt in matrices}) == 1
+    spans = sorted((wt.ctypes.data, wt.ctypes.data + wt.nbytes) for wt in matrices)  # contiguous
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # none overlap
+    assert all(start % memory.ARENA_ALIGN == 0 for start, _ in spans)
+    if HAS_SMAPS and hasattr(mmap, "MADV_HUGEPAGE"):
+        assert spans[0][0] % memory.HUGE_PAGE == 0  # the first array starts the buffer
+        assert "hg" in vm_flags(spans[0][0])  # advised: the kernel may give it 2 MB pages
+
+
+def test_an_arena_carves_aligned_arrays_in_turn_and_says_when_it_is_full():
+    arena = memory.Arena(memory.Arena.bytes_for([3, 5]))
+    a, b = arena.empty((3,)), arena.empty((5,))
+    assert b.ctypes.data - a.ctypes.data == memory.ARENA_ALIGN
+    a[:], b[:] = 1, 2  # writable, and apart
+    assert a.tolist() == [1] * 3 and b.tolist() == [2] * 5
+    with pytest.raises(MemoryError, match="no room"):
+        arena.empty((1,))
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (15, 7), (16, 3), (17, 40), (100, 33), (0, 4)])

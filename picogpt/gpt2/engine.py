@@ -115,15 +115,16 @@ def embed(wte, ids):
     return wte[ids] if isinstance(wte, np.ndarray) else wte.take(ids)
 
 
-def streaming_copy(wt):
+def streaming_copy(wt, empty=np.empty):
     """A copy of wt [n_out, n_in] (any strides) laid out for decoding, whose matrix-vector products
     stream every weight from memory once: with its longer dimension contiguous, since BLAS streams
     long contiguous rows faster than short ones (benchmarks/bench_matvec.py). It is returned as
     [n_out, n_in] either way: C-ordered (n_out dot products over rows of n_in) where n_in >= n_out,
-    else a transposed view of a [n_in, n_out] copy (n_in column updates over rows of n_out)."""
+    else a transposed view of a [n_in, n_out] copy (n_in column updates over rows of n_out).
+    The copy is made in `empty(shape, dtype)`: the engine's is an Arena's (memory.Arena)."""
     if streams_by_rows(wt.shape):
-        return contiguous(wt)
-    return contiguous(wt.T).T
+        return contiguous(wt, empty)
+    return contiguous(wt.T, empty).T
 
 
 def streams_by_rows(shape):
@@ -133,17 +134,21 @@ def streams_by_rows(shape):
     return n_in >= n_out
 
 
-def contiguous(a):
-    """A C-ordered copy of a 2-D array: a plain copy where a is C-ordered, transposed()'s banded
-    copy where it is a transposed view."""
-    return a.copy() if a.flags.c_contiguous else transposed(a.T)
+def contiguous(a, empty=np.empty):
+    """A C-ordered copy of a 2-D array, in `empty(a.shape, a.dtype)`: a plain copy where a is
+    C-ordered, transposed()'s banded copy where it is a transposed view."""
+    out = empty(a.shape, a.dtype)
+    if not a.flags.c_contiguous:
+        return transposed(a.T, out)
+    np.copyto(out, a)
+    return out
 
 
-def transposed(w):
-    """A contiguous copy of w.T, made in bands of TRANSPOSE_ROWS rows of w, so that each row of
-    the copy takes one cache line per band. A plain w.T copy reads whole columns, a page per
-    row of w, more pages than the TLB holds, and runs several times slower."""
-    out = np.empty(w.shape[::-1], w.dtype)
+def transposed(w, out=None):
+    """A contiguous copy of w.T (into `out` if given), made in bands of TRANSPOSE_ROWS rows of w,
+    so that each row of the copy takes one cache line per band. A plain w.T copy reads whole
+    columns, a page per row of w, more pages than the TLB holds, and runs several times slower."""
+    out = np.empty(w.shape[::-1], w.dtype) if out is None else out
     for start in range(0, w.shape[0], TRANSPOSE_ROWS):
         out[:, start : start + TRANSPOSE_ROWS] = w[start : start + TRANSPOSE_ROWS].T
     return out
@@ -213,6 +218,18 @@ class GPT:
         self.reordered = ram is None or sum(params[n].nbytes for n in matrices) <= ram // 2
         self.dtype = dtype or compact.dtype_of(params["model/wte"])
 
+        def copied(name):
+            """Whether matrix `name` is kept as a float32 copy: read in OpenAI's order from the
+            file (not reordered) and compact kinds are not; wte is widened where it is not."""
+            own = compact.dtype_of(params[name])
+            if (dtype or own) != "float32":
+                return False
+            return self.reordered or (own != "float32" and name != "model/wte")
+
+        # The float32 copies share one buffer on huge pages, the order decoding streams them in.
+        sizes = [math.prod(params[name].shape) for name in matrices if copied(name)]
+        empty = memory.Arena(memory.Arena.bytes_for(sizes)).empty if sizes else np.empty
+
         def w(name):
             """Block matrix `name` ([1, nx, nf]) as [nf, nx] in `dtype`; a ValueError (a value
             beyond float16's range, say) names the tensor."""
@@ -227,11 +244,11 @@ class GPT:
             if kind == own == "float32" and not self.reordered:
                 return source.T  # [nf, nx], a view of OpenAI's [nx, nf] order
             if kind == own == "float32":
-                wt = streaming_copy(source.T)
+                wt = streaming_copy(source.T, empty)
             elif kind == own:  # a file's float16 / bfloat16: its 16 bits reordered as they are
                 wt = compact.KINDS[kind](transposed(compact.storage(source).view(np.uint16)))
             elif kind == "float32":  # a file's float16 / bfloat16, widened
-                wt = streaming_copy(compact.widened(source).T)
+                wt = streaming_copy(compact.widened(source).T, empty)
             else:  # compressed a band of rows at a time
                 wt = compact.compress(compact.widened(source).T, kind)
             if release is not None:  # the copy is used from now on, not the mapped file
@@ -244,7 +261,7 @@ class GPT:
         except ValueError as e:
             raise ValueError(f"tensor 'model/wte': {e}") from e
         if self.reordered and isinstance(self.wte, np.ndarray):
-            self.wte = streaming_copy(self.wte)  # [V, C], its V columns contiguous
+            self.wte = streaming_copy(self.wte, empty)  # [V, C], its V columns contiguous
         if release is not None and not np.may_share_memory(compact.storage(self.wte),
                                                            compact.storage(wte)):
             release(compact.storage(wte))  # a copy: the file's pages are not used

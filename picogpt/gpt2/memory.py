@@ -1,12 +1,16 @@
-"""Memory the network asks of the machine: how much there is, keeping freed memory for reuse, and
-zeros committed only where written."""
+"""Memory the network asks of the machine: how much there is, keeping freed memory for reuse,
+zeros committed only where written, and one buffer on huge pages for the weights."""
 
+import contextlib
 import ctypes
 import math
 import mmap
 import os
 
 import numpy as np
+
+HUGE_PAGE = 2 << 20  # bytes: a transparent huge page on x86-64 (and arm64 with 4 KB pages)
+ARENA_ALIGN = 64  # bytes: each array of an Arena starts on a cache line
 
 
 def physical_memory():
@@ -44,3 +48,48 @@ def lazy_zeros(shape):
     if n_bytes == 0:
         return np.zeros(shape, np.float32)
     return np.frombuffer(mmap.mmap(-1, n_bytes), np.float32).reshape(shape)
+
+
+def huge_page_buffer(n_bytes):
+    """A zeroed, writable uint8 array of n_bytes that starts on a huge page boundary, from an
+    anonymous map advised for the kernel's transparent huge pages: committed as written, 2 MB at a
+    time where the kernel allows it, else 4 KB (the advice is ignored where there is none).
+
+    Decoding streams every weight from memory for each token, and with 4 KB pages it walks a new
+    page table entry every 64 cache lines; with 2 MB pages, every 32,768 (benchmarks/README.md
+    has what that is worth)."""
+    if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: no such map, and no huge pages unasked
+        return np.zeros(n_bytes, np.uint8)
+    # Private: a shared anonymous map is shared memory, which the kernel seldom gives huge pages.
+    buffer = mmap.mmap(-1, n_bytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(AttributeError, OSError):  # no MADV_HUGEPAGE here, or refused
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    raw = np.frombuffer(buffer, np.uint8)
+    start = -raw.ctypes.data % HUGE_PAGE
+    return raw[start : start + n_bytes]
+
+
+class Arena:
+    """Arrays carved in turn from one huge_page_buffer, each on a cache line: the engine's weight
+    matrices, one buffer that decoding streams through on huge pages (see huge_page_buffer).
+    An array keeps the whole buffer alive."""
+
+    def __init__(self, n_bytes):
+        self.buffer = huge_page_buffer(n_bytes)
+        self.used = 0
+
+    @staticmethod
+    def bytes_for(sizes, dtype=np.float32):
+        """The bytes an Arena needs for arrays of these element counts."""
+        item = np.dtype(dtype).itemsize
+        return sum(-(-n * item // ARENA_ALIGN) * ARENA_ALIGN for n in sizes)
+
+    def empty(self, shape, dtype=np.float32):
+        """An uninitialized C-ordered array of `shape`, the buffer's next free bytes."""
+        n_bytes = math.prod(shape) * np.dtype(dtype).itemsize
+        start = -(-self.used // ARENA_ALIGN) * ARENA_ALIGN
+        if start + n_bytes > len(self.buffer):
+            raise MemoryError(f"an Arena of {len(self.buffer)} bytes has no room for "
+                              f"{n_bytes} more after {self.used}")  # fmt: skip
+        self.used = start + n_bytes
+        return self.buffer[start : start + n_bytes].view(dtype).reshape(shape)
