@@ -219,14 +219,15 @@ class GPT:
         self.dtype = dtype or compact.dtype_of(params["model/wte"])
 
         def copied(name):
-            """Whether matrix `name` is kept as a float32 copy: read in OpenAI's order from the
-            file (not reordered) and compact kinds are not; wte is widened where it is not."""
+            """Whether matrix `name` becomes a float32 copy made below. Not when it is kept
+            compact, nor a float32 file's matrix read in place (not reordered); a 16-bit wte
+            that is not reordered is widened whole by compact.converted instead."""
             own = compact.dtype_of(params[name])
             if (dtype or own) != "float32":
                 return False
             return self.reordered or (own != "float32" and name != "model/wte")
 
-        # The float32 copies share one buffer on huge pages, the order decoding streams them in.
+        # The float32 copies share one buffer on huge pages (memory.Arena).
         sizes = [math.prod(params[name].shape) for name in matrices if copied(name)]
         empty = memory.Arena(memory.Arena.bytes_for(sizes)).empty if sizes else np.empty
 

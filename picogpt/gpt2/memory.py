@@ -58,13 +58,15 @@ def huge_page_buffer(n_bytes):
     Decoding streams every weight from memory for each token, and with 4 KB pages it walks a new
     page table entry every 64 cache lines; with 2 MB pages, every 32,768 (benchmarks/README.md
     has what that is worth)."""
-    if not hasattr(mmap, "MAP_PRIVATE"):  # Windows: no such map, and no huge pages unasked
-        return np.zeros(n_bytes, np.uint8)
-    # Private: a shared anonymous map is shared memory, which the kernel seldom gives huge pages.
-    buffer = mmap.mmap(-1, n_bytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    with contextlib.suppress(AttributeError, OSError):  # no MADV_HUGEPAGE here, or refused
-        buffer.madvise(mmap.MADV_HUGEPAGE)
-    raw = np.frombuffer(buffer, np.uint8)
+    if hasattr(mmap, "MAP_PRIVATE"):
+        # Private: a shared anonymous map is shared memory, which the kernel seldom gives huge
+        # pages.
+        buffer = mmap.mmap(-1, n_bytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        with contextlib.suppress(AttributeError, OSError):  # no MADV_HUGEPAGE here, or refused
+            buffer.madvise(mmap.MADV_HUGEPAGE)
+        raw = np.frombuffer(buffer, np.uint8)
+    else:  # Windows: no private anonymous map, and no huge pages without privileges
+        raw = np.zeros(n_bytes + HUGE_PAGE, np.uint8)
     start = -raw.ctypes.data % HUGE_PAGE
     return raw[start : start + n_bytes]
 
@@ -85,7 +87,8 @@ class Arena:
         return sum(-(-n * item // ARENA_ALIGN) * ARENA_ALIGN for n in sizes)
 
     def empty(self, shape, dtype=np.float32):
-        """An uninitialized C-ordered array of `shape`, the buffer's next free bytes."""
+        """The buffer's next free bytes as a C-ordered array of `shape`, like np.empty's: to be
+        written (each byte is handed out once, so it holds zeros until then)."""
         n_bytes = math.prod(shape) * np.dtype(dtype).itemsize
         start = -(-self.used // ARENA_ALIGN) * ARENA_ALIGN
         if start + n_bytes > len(self.buffer):
