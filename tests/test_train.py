@@ -271,6 +271,9 @@ def test_resume_continues_exactly_where_it_stopped(text_file, tmp_path):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     lines = (split / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["iter"] for line in lines] == [0, 20, 40]  # 20 not repeated
+    done = train_cli(text_file, "--out", split, "--resume", "--max-iters", "40")
+    assert "resuming at iter 40, which is --max-iters 40 or more: nothing to train" in done.stdout
+    assert (split / "train_log.jsonl").read_text().splitlines() == lines
 
 
 def test_a_crash_while_saving_leaves_the_last_good_model(text_file, tmp_path, monkeypatch):
@@ -344,10 +347,11 @@ def test_resume_refuses_a_new_shape_and_unknown_characters(text_file, tmp_path):
 
 
 @pytest.mark.parametrize("args, message, status", [
-    (["missing.txt"], "training text does not exist", 1),
+    (["missing.txt"], "training text does not exist", 2),
     (["{empty}"], "the training text is empty", 2),
-    (["{latin1}"], "is not UTF-8 text (byte offset 9)", 1),
-    (["/dev/zero"], "is not a regular file", 1),
+    (["{latin1}"], "is not UTF-8 text (byte offset 9)", 2),
+    (["/dev/zero"], "is not a regular file", 2),
+    (["{text}", "--out", "{empty_dir}", "--resume"], "nothing to resume (an empty folder)", 2),
     (["{text}", "--n-embd", "30", "--n-head", "4"], "not divisible", 2),
     (["{text}", "--block-size", "1000"], "too short", 2),
     (["{text}", "--dropout", "1.5"], "[0, 1)", 2),
@@ -360,11 +364,12 @@ def test_resume_refuses_a_new_shape_and_unknown_characters(text_file, tmp_path):
     (["{text}", "--tokenizer", "gpt3"], "no model 'gpt3': not a folder", 2),
     (["{text}", "--init", "shakespeare-char", "--resume"], "give one of them", 2),
 ])  # fmt: skip
-def test_bad_input_is_one_line_and_exit_2_or_1(text_file, tmp_path, args, message, status):
+def test_bad_input_is_one_line_and_exit_2(text_file, tmp_path, args, message, status):
     (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "empty_dir").mkdir()
     (tmp_path / "latin1.txt").write_bytes("Hello caf\xe9 world".encode("latin-1") * 50)
-    args = [a.format(text=text_file, empty=tmp_path / "empty.txt", latin1=tmp_path / "latin1.txt")
-            for a in args]  # fmt: skip
+    args = [a.format(text=text_file, empty=tmp_path / "empty.txt", latin1=tmp_path / "latin1.txt",
+                     empty_dir=tmp_path / "empty_dir") for a in args]  # fmt: skip
     result = train_cli(*args, *([] if "--out" in args else ["--out", tmp_path / "m"]), check=False)
     assert result.returncode == status and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -871,7 +876,7 @@ def test_a_token_file_with_an_id_outside_the_vocabulary_is_refused(tmp_path, cap
     assert status == 2 and "3 bytes is not a whole number of 2-byte token ids" in err, err
     (data / "val.bin").unlink()
     status, _, err = run_train(capsys, "--data", data, "--out", tmp_path / "m", "--tokenizer", TINY)
-    assert status == 1 and "val.bin: token file does not exist" in err, err
+    assert status == 2 and "val.bin: token file does not exist" in err, err
     write_token_files(data, ids[:20], ids[:20])
     status, _, err = run_train(capsys, "--data", data, "--out", tmp_path / "m", "--tokenizer",
                                TINY, *SMALL)  # fmt: skip
@@ -941,5 +946,5 @@ def test_training_on_a_text_over_the_limit(text_file, tmp_path, capsys, monkeypa
     bad.write_bytes(TEXT.encode() + b"caf\xe9" + TEXT.encode())
     status, _, err = run_train(capsys, bad, "--out", tmp_path / "m", "--tokenizer", TINY,
                                "--weights-dir", weights, *SMALL)  # fmt: skip
-    assert status == 1 and f"is not UTF-8 text (byte offset {len(TEXT) + 3})" in err, err
+    assert status == 2 and f"is not UTF-8 text (byte offset {len(TEXT) + 3})" in err, err
     assert not list((weights / "tokens").glob("*.tmp*"))

@@ -210,6 +210,9 @@ def run(argv):
     n_params = trainer.flat.size
     start = (f"; resuming at iter {trainer.iter}" if plan.resume
              else f"; fine-tuning {args.init}" if args.init else "")  # fmt: skip
+    if plan.resume and trainer.iter >= config["max_iters"]:
+        start += (f", which is --max-iters {config['max_iters']} or more: nothing to train "
+                  "(a larger --max-iters goes on)")  # fmt: skip
     print(f"{n_params:,} parameters ({n_params * 4 / 1e6:.1f} MB), a vocabulary of "
           f"{plan.tokenizer.n_vocab:,} {unit}, {len(plan.data[0]):,} training and "
           f"{len(plan.data[1]):,} validation {unit}; about {plan.memory / 1e9:.1f} GB of "

@@ -34,9 +34,9 @@ _SAFE_CUT = None  # compiled on first use: where a text can be cut without chang
 
 
 def read_text(path):
-    """The training text: a regular UTF-8 file of at most TEXT_LIMIT bytes, not empty. A file
-    that cannot be read is a FileReadError (exit 1); an empty one a TrainingError."""
-    text = files.read_text(path, TEXT_LIMIT, "training text")
+    """The training text: a regular UTF-8 file of at most TEXT_LIMIT bytes, not empty; else a
+    TrainingError naming it (bad input, exit 2)."""
+    text = files.read_text(path, TEXT_LIMIT, "training text", error=TrainingError)
     if not text:
         raise TrainingError(f"{path}: the training text is empty")
     return text

@@ -49,6 +49,8 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
     if resume:
         if not out.is_dir():
             raise TrainingError(f"{out}: nothing to resume (no such folder)")
+        if not any(out.iterdir()):
+            raise TrainingError(f"{out}: nothing to resume (an empty folder)")
         folder = RunFolder.open(out)
         if folder.has_state():
             saved = _saved_config(out, check_saved)
@@ -109,7 +111,8 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
 def _read_text(path):
     """The training text, or None for a file over data.TEXT_LIMIT: it is tokenized as a stream
     (token_files.tokenize_file), never held whole."""
-    if files.check_regular(path, token_files.SIZE_LIMIT, "training text") > data_module.TEXT_LIMIT:
+    size = files.check_regular(path, token_files.SIZE_LIMIT, "training text", error=TrainingError)
+    if size > data_module.TEXT_LIMIT:
         return None
     return read_text(path)
 

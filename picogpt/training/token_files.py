@@ -31,8 +31,8 @@ def open_split(folder, n_vocab, progress=None):
 
 def open_ids(path, n_vocab, progress=None):
     """The ids of a token file, memory-mapped (nothing is read until used), after checking that
-    every id is below `n_vocab`. A file that is not there or not regular is a FileReadError."""
-    size = files.check_regular(path, SIZE_LIMIT, "token file")
+    every id is below `n_vocab`. A file that is not there or not regular is a TrainingError."""
+    size = files.check_regular(path, SIZE_LIMIT, "token file", error=TrainingError)
     if size % ID_DTYPE.itemsize:
         raise TrainingError(f"{path}: {size:,} bytes is not a whole number of 2-byte token ids")
     if size == 0:
@@ -71,7 +71,7 @@ def tokenize_file(path, tokenizer, cache_dir, vocabulary, progress=None, workers
     if tokenizer.n_vocab > 1 << 16:
         raise TrainingError(f"{path}: a token file holds ids below 65,536; this vocabulary has "
                             f"{tokenizer.n_vocab:,}")  # fmt: skip
-    size = files.check_regular(path, SIZE_LIMIT, "training text")
+    size = files.check_regular(path, SIZE_LIMIT, "training text", error=TrainingError)
     digest = _file_digest(path, size, progress)
     target = Path(cache_dir) / f"{digest[:32]}-{data.vocabulary_digest(vocabulary)[:16]}.bin"
     if target.is_file():
@@ -135,8 +135,8 @@ def _text_pieces(path):
             try:
                 buffer += decoder.decode(block, final=not block)
             except UnicodeDecodeError as e:
-                raise files.FileReadError(f"{path}: training text is not UTF-8 text (byte offset "
-                                          f"{done - pending + e.start})") from e  # fmt: skip
+                raise TrainingError(f"{path}: training text is not UTF-8 text (byte offset "
+                                    f"{done - pending + e.start})") from e  # fmt: skip
             done += len(block)
             while len(buffer) > chunk and (match := cut.search(buffer, chunk)):
                 yield buffer[: match.end()], done
