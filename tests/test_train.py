@@ -26,7 +26,7 @@ from picogpt.tokenizers import GPT2_VOCABULARY
 from picogpt.tokenizers.bpe import BPE
 from picogpt.tokenizers.chars import CharTokenizer
 from picogpt.training.data import encode, get_batch, split_data, vocabulary_files
-from picogpt.training.loop import Trainer
+from picogpt.training.loop import Trainer, evaluations_left, train
 from picogpt.training.optimizer import AdamW, clip_grad_norm, learning_rate
 from picogpt.training.prepare import prepare
 
@@ -311,6 +311,31 @@ def small_options(**extra):
     keys = [flag[2:].replace("-", "_") for flag in SMALL[::2]]
     values = [float(v) if "e" in v or "." in v else int(v) for v in SMALL[1::2]]
     return {**dict(zip(keys, values)), **extra}
+
+
+@pytest.mark.parametrize("max_iters, interval", [(100, 20), (50, 20), (7, 1), (5, 10)])
+def test_evaluations_left_counts_each_one_still_due(max_iters, interval):
+    for it in range(max_iters + 2):
+        due = [i for i in range(it, max_iters + 1) if i % interval == 0 or i == max_iters]
+        assert evaluations_left(it, max_iters, interval) == len(due), it
+
+
+def test_training_says_what_it_does_between_steps_and_counts_it_in_the_eta(text_file, tmp_path):
+    plan = prepare(text_file, tmp_path / "model", small_options(max_iters=25))
+    trainer = Trainer(plan.config, plan.hparams, plan.tokenizer, plan.folder, plan.vocabulary)
+    trainer.initialize()
+    events = []
+    train(trainer, plan.data, report=lambda line: events.append(("report", line)),
+          status=lambda *args: events.append(("status", args)),
+          busy=lambda what: events.append(("busy", what)))  # fmt: skip
+    first = [e for e in events if e[0] != "status"][:4]
+    assert first == [("busy", "evaluating at iter 0"), ("busy", "saving the model of iter 0"),
+                     ("busy", "saving the resume state of iter 0"), first[3]]  # fmt: skip
+    assert first[3][0] == "report" and first[3][1].startswith("iter  0: train loss")
+    statuses = [args for kind, args in events if kind == "status"]
+    assert [s[0] for s in statuses] == list(range(1, 26))
+    for it, max_iters, _, ms, eta in statuses:  # evaluations to come at iters 20 and 25
+        assert eta > (max_iters - it) * ms / 1e3
 
 
 # --- the command's errors -------------------------------------------------------------------------

@@ -220,7 +220,7 @@ def run(argv):
     status = _TrainStatus(sys.stdout, config["log_interval"])
     try:
         loop.train(trainer, plan.data, report=status.report, status=status.update,
-                   resumed=plan.resume)  # fmt: skip
+                   resumed=plan.resume, busy=status.busy)  # fmt: skip
     except KeyboardInterrupt:
         status.report(f"interrupted at iter {trainer.iter}")
         _say_where(trainer, args, interrupted=True)
@@ -321,8 +321,7 @@ class _TrainStatus:
         self.shown = 0.0
         self.width = shutil.get_terminal_size().columns if self.tty else 0
 
-    def update(self, it, max_iters, loss, ms):
-        eta = (max_iters - it) * ms / 1e3
+    def update(self, it, max_iters, loss, ms, eta):
         line = (f"iter {it}/{max_iters}  loss {loss:.4f}  {ms:.1f} ms/iter  "
                 f"ETA {_duration(eta)}")  # fmt: skip
         if self.tty:
@@ -334,6 +333,13 @@ class _TrainStatus:
         elif it % self.log_interval == 0:
             self.stream.write(line + "\n")
             self.stream.flush()
+
+    def busy(self, what):
+        """On a terminal, what the run is doing between steps (an evaluation, a save)."""
+        if self.tty:
+            self.stream.write("\r" + f"{what}..."[: self.width - 1] + "\x1b[K")
+            self.stream.flush()
+            self.shown = 0.0  # the next step redraws its line at once
 
     def report(self, line):
         self.end()

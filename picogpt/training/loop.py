@@ -188,21 +188,29 @@ def _stored(tensors, name, shape):
     return tensors[name]
 
 
-def train(trainer, data, report=print, status=None, resumed=False):
+def train(trainer, data, report=print, status=None, resumed=False, busy=None):
     """Train until max_iters: evaluate every eval_interval iterations (and at the end), save the
     model when the validation loss improves and the resume state every time. A resumed run
-    starts where its state was saved, just after an evaluation, so it does not repeat it."""
+    starts where its state was saved, just after an evaluation, so it does not repeat it.
+
+    report(line): each evaluation's result. status(iter, max_iters, loss, ms_per_iter, eta): after
+    each step, eta the seconds left, the evaluations and saves to come counted at what the last
+    one took. busy(what): before an evaluation and each save (a fine-tuned model's take seconds)."""
     c = trainer.config
     train_data, val_data = data
     max_iters = c["max_iters"]
     decay_iters = c["lr_decay_iters"] if c["lr_decay_iters"] is not None else max_iters
     step_ms = []
     first = trainer.iter
+    eval_s = 0.0  # what the last evaluation took, with its saves
+    busy = busy or (lambda what: None)
     keep_freed_memory()
     while True:
         it = trainer.iter
         due = it % c["eval_interval"] == 0 or it == max_iters
         if due and not (resumed and it == first):
+            t_eval = time.perf_counter()
+            busy(f"evaluating at iter {it}")
             eval_rng = np.random.default_rng([c["seed"], 1, it])
             train_loss = trainer.estimate_loss(train_data, eval_rng)
             val_loss = trainer.estimate_loss(val_data, eval_rng)
@@ -210,7 +218,9 @@ def train(trainer, data, report=print, status=None, resumed=False):
             improved = val_loss < trainer.best_val_loss
             if improved:
                 trainer.best_val_loss = val_loss
+                busy(f"saving the model of iter {it}")
                 trainer.save_model(val_loss)
+            busy(f"saving the resume state of iter {it}")
             trainer.save_state()
             trainer.log({"iter": it, "train_loss": round(train_loss, 4),
                          "val_loss": round(val_loss, 4),
@@ -219,6 +229,7 @@ def train(trainer, data, report=print, status=None, resumed=False):
                    f"val loss {val_loss:.4f}" + (" (best, saved)" if improved else "")
                    + ("" if ms is None else f", {ms:.1f} ms/iter"))  # fmt: skip
             step_ms.clear()
+            eval_s = time.perf_counter() - t_eval
         if it >= max_iters:
             return
         rng = np.random.default_rng([c["seed"], 0, it])  # batch and dropout of this iteration
@@ -229,4 +240,15 @@ def train(trainer, data, report=print, status=None, resumed=False):
         step_ms.append((time.perf_counter() - t0) * 1e3)
         trainer.iter = it + 1
         if status is not None:
-            status(trainer.iter, max_iters, loss, float(np.median(step_ms[-50:])))
+            ms = float(np.median(step_ms[-50:]))
+            eta = (max_iters - trainer.iter) * ms / 1e3
+            eta += evaluations_left(trainer.iter, max_iters, c["eval_interval"]) * eval_s
+            status(trainer.iter, max_iters, loss, ms, eta)
+
+
+def evaluations_left(it, max_iters, interval):
+    """How many evaluations a run that has made `it` steps has still to make, the one due at `it`
+    among them: at each multiple of `interval` from `it` on, and at max_iters."""
+    if it > max_iters:
+        return 0
+    return max_iters // interval - (it - 1) // interval + (max_iters % interval != 0)
