@@ -275,6 +275,23 @@ def test_piped_chat_streams_one_reply_per_line_and_exits_at_eof(ready_env):
     assert all(t.startswith("gpt2> ") for t in turns[1::2]) and len(turns) == 2 * len(lines)
 
 
+def test_piped_chat_says_which_message_is_not_utf8_and_goes_on(ready_env):
+    out = subprocess.run([sys.executable, "-m", "picogpt", "chat", "--n", "4", "--seed", "1"],
+                         env=ready_env, input=b"Hello \xff there\nHi\n", capture_output=True,
+                         timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    turns = out.stdout.decode("utf-8", "replace").splitlines()
+    assert turns[1] == "(cannot read that message: it is not UTF-8 text)"
+    assert turns[2] == "you> Hi" and turns[3].startswith("gpt2> ") and len(turns) == 4
+
+
+@pytest.mark.parametrize("logprobs", [[], ["--logprobs", "2"]])
+def test_a_prompt_the_model_cannot_read_writes_nothing_to_stdout(env, logprobs):
+    out = picogpt_cmd("Café", "-m", "shakespeare-char", "--n", "5", *logprobs, env=env)
+    assert_clean_failure(out, 2)
+    assert out.stdout == "" and "outside this model's vocabulary" in out.stderr
+
+
 def test_chat_prompt_keeps_a_stable_prefix_and_fits_the_context(tmp_path):
     if not (FIXTURE / DATA).is_file() or not hasattr(picogpt, "load"):
         pytest.skip("needs the fixture model and the engine")

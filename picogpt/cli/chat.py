@@ -33,7 +33,7 @@ def add_parser(sub):
     add_model_options(c)
 
 
-MESSAGE_LIMIT = files.MB  # characters of one chat message read from stdin
+MESSAGE_LIMIT = files.MB  # bytes of one chat message read from piped stdin
 
 
 def run(args):
@@ -61,12 +61,16 @@ def run(args):
             except EOFError:  # Ctrl-D
                 print(file=sys.stderr)
                 return 0
+            except UnicodeDecodeError:  # a terminal whose encoding is not UTF-8
+                print("(cannot read that message: it is not UTF-8 text)", file=sys.stderr)
+                continue
         else:
-            line = sys.stdin.readline(MESSAGE_LIMIT + 1)  # bounded: stdin may be /dev/zero
-            if not line:  # end of input
+            raw = sys.stdin.buffer.readline(MESSAGE_LIMIT + 1)  # bounded: stdin may be /dev/zero
+            if not raw:  # end of input
                 return 0
-            if len(line) > MESSAGE_LIMIT:
-                raise UsageError(f"a message on stdin longer than {MESSAGE_LIMIT:,} characters")
+            if len(raw) > MESSAGE_LIMIT:
+                raise UsageError(f"a message on stdin longer than {MESSAGE_LIMIT:,} bytes")
+            line = raw.decode("utf-8", "surrogateescape")  # a bad byte is said below, not fatal
         message = line.strip()
         if not message:
             continue
@@ -78,6 +82,12 @@ def run(args):
             continue
         if not interactive:  # show the exchange, so a piped session reads as a transcript
             out.write(f"you> {message}\n")
+        try:
+            message.encode("utf-8")  # bytes that are not UTF-8 arrive as lone surrogates
+        except UnicodeEncodeError:
+            out.write("(cannot read that message: it is not UTF-8 text)\n")
+            out.flush()
+            continue
         try:
             prompt = chat.prompt(message)
         except ValueError as e:  # characters a char-level model does not know: say, go on

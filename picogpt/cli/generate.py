@@ -86,13 +86,14 @@ def run(args):
 
 def _write_sample(model, prompt, out, k, args, options):
     """One continuation, streamed after the prompt (unless --no-echo)."""
+    pieces = model.stream(prompt, **options)  # checks the prompt: nothing is written if it fails
     if args.samples > 1:
         out.write(f"{'' if k == 0 else chr(10)}--- sample {k + 1} of {args.samples} ---\n")
     if not args.no_echo:
         out.write(prompt)
     out.flush()
     text = prompt
-    for piece in model.stream(prompt, **options):
+    for piece in pieces:
         out.write(piece)
         out.flush()  # each piece as it comes: this is the point of streaming
         text += piece
@@ -106,6 +107,7 @@ def _write_logprobs(model, prompt, out, k, args, terminal, options):
     the probability of its least likely token, then a table of the tokens. Piped: the table
     alone, tab-separated (sample, position, token, probability, then K alternatives and theirs)."""
     color = terminal and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+    chunks = model.stream_completion(prompt, logprobs=args.logprobs, **options)  # checked first
     if terminal:
         if args.samples > 1:
             out.write(f"{'' if k == 0 else chr(10)}--- sample {k + 1} of {args.samples} ---\n")
@@ -115,7 +117,7 @@ def _write_logprobs(model, prompt, out, k, args, terminal, options):
     elif k == 0:
         out.write("sample\tposition\ttoken\tprobability\talternatives\n")
     rows, pending, text = [], [], ""
-    for chunk in model.stream_completion(prompt, logprobs=args.logprobs, **options):
+    for chunk in chunks:
         rows += zip(chunk.tokens, chunk.token_logprobs, chunk.top_logprobs)
         pending += chunk.token_logprobs
         if terminal and chunk.text:
