@@ -335,7 +335,9 @@ def test_eval_of_a_short_file_is_the_plain_cross_entropy(ready_env, tmp_path):
     model = picogpt.load(str(FIXTURE))
     text = path.read_text(encoding="utf-8")
     ids = [EOT, *model.encode(text)]  # every token scored, after <|endoftext|>
-    assert len(ids) <= model.hparams["n_ctx"] and f"{len(ids) - 1} tokens scored" in stdout
+    n_bytes = len(text.encode("utf-8"))
+    assert len(ids) <= model.hparams["n_ctx"]
+    assert f"{len(ids) - 1} tokens scored, {n_bytes} bytes;" in stdout
     ce = -_log_softmax(model.logits(ids))[range(len(ids) - 1), ids[1:]].mean()
     assert math.isclose(got["cross-entropy"], ce, rel_tol=1e-4)
     assert math.isclose(got["perplexity"], math.exp(ce), rel_tol=1e-3)

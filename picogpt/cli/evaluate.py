@@ -43,7 +43,8 @@ def run(args):
         raise UsageError(f"{args.file}: {e}") from None
     if progress:
         progress.close()
-    print(f"file:          {args.file} ({score.n_bytes} bytes, {score.tokens} tokens scored; "
+    # The bytes are the scored tokens': a character model never scores its first character.
+    print(f"file:          {args.file} ({score.tokens} tokens scored, {score.n_bytes} bytes; "
           f"window {score.window}, stride {score.stride})")
     print(f"model:         {args.model}")
     print(f"cross-entropy: {score.cross_entropy:.4f} nats/token")
