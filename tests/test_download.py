@@ -115,6 +115,15 @@ def test_missing_file_is_a_clear_error_without_retries(server, tmp_path):
     assert len(server.requests_for("encoder.json")) == 1
 
 
+def test_a_mirror_without_the_tf_graph_is_enough(server, tmp_path, capsys):
+    del server.files["/124M/model.ckpt.meta"]  # OpenAI's TF graph: loading never reads it
+    folder = dl.download("124M", tmp_path, server.url, **FAST)
+    assert dl.verified_source(folder) and not (folder / "model.ckpt.meta").exists()
+    assert "model.ckpt.meta is not at" in capsys.readouterr().err
+    for name in sources.NEEDED:
+        assert (folder / name).read_bytes() == served(server, name), name
+
+
 def test_corrupted_transfer_is_caught_removed_and_fetched_anew(server, tmp_path):
     server.add_fault(DATA, ("corrupt", len(served(server, DATA)) // 2))
     with pytest.raises(dl.DownloadError, match="verification") as e:

@@ -56,6 +56,7 @@ from picogpt.hub.transfer import (
     RETRIES,
     TIMEOUT,
     Limits,
+    NotFound,
     Offline,
     fetch,
     file_digest,
@@ -163,6 +164,11 @@ def _download_locked(folder, size, source, base, chosen, only_if_missing, limits
                                    limits)
                 except Offline as e:
                     raise _offline_error(e, folder, size, source, where, chosen) from None
+                except NotFound:  # a mirror may leave out what loading does not need
+                    if name in needed:
+                        raise
+                    say(f"{name} is not at {url}; skipped (not needed to load)")
+                    continue
                 if digest and digest[0] == "sha256":
                     digests[name] = digest[1]
     if set(missing) & set(needed) or not verified_source(folder):

@@ -41,6 +41,10 @@ class Offline(Exception):
     """Could not connect at all."""
 
 
+class NotFound(DownloadError):
+    """The server has no such file (HTTP 404)."""
+
+
 class Limits:
     """The bounds of one download: retries per file, failed attempts in all, the deadline."""
 
@@ -150,7 +154,7 @@ def _check_answer(r, url, part, have, limit, linked=None):
         part.unlink(missing_ok=True)
         raise _Retry(f"server refused to resume at byte {have}")
     if status == 404:
-        raise DownloadError(f"{url} does not exist (HTTP 404); is the base URL right?")
+        raise NotFound(f"{url} does not exist (HTTP 404); is the base URL right?")
     if status in (401, 403):
         raise DownloadError(f"{url}: access denied (HTTP {status})")
     if status >= 500 or status in (408, 429):
