@@ -4,6 +4,8 @@ reports about its input (a folder, a file, a download, an option).
 Each class names what went wrong; the message names the file (or option) and the problem, and the
 underlying cause, where there is one, is chained (`raise ... from e`)."""
 
+import errno
+
 
 class PicogptError(Exception):
     """The base of every error picogpt raises about its input or environment."""
@@ -48,4 +50,13 @@ class FileReadError(PicogptError, OSError):
 
 
 class MissingFileError(FileReadError, FileNotFoundError):
-    """A file that is not there (a FileNotFoundError too, for callers that catch that)."""
+    """A file that is not there (a FileNotFoundError too, for callers that catch that): its
+    message names the file; `filename` is the path, where the raiser gave it."""
+
+    def __init__(self, message, filename=None):
+        super().__init__(message)
+        if filename is not None:
+            self.errno, self.filename = errno.ENOENT, str(filename)
+
+    def __str__(self):
+        return str(self.args[0])  # the message alone, not OSError's "[Errno 2] ...: 'path'"

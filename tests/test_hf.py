@@ -452,6 +452,15 @@ def test_export_never_overwrites(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "out"]  # no temporary
 
 
+def test_export_where_no_folder_can_be_made_names_the_folder_asked_for(tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "model"  # its parent is a file
+    with pytest.raises(PicogptError) as e:
+        export(TINY, out)
+    assert str(e.value).startswith(f"cannot write {out}: ") and ".tmp" not in str(e.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
 def test_export_a_bad_model_leaves_nothing(tmp_path):
     bad = hf_folder(tmp_path, config_with(n_layer=3))
     with pytest.raises(ModelError):

@@ -272,19 +272,28 @@ def test_weights_stay_mapped_when_memory_is_short(monkeypatch, params, hparams):
         assert relative_error(got, expected) < 1e-5
 
 
-@pytest.mark.parametrize("damage", ["encoder", "hparams"])
-def test_a_bad_folder_is_named_once(tmp_path, damage):
+@pytest.mark.parametrize("damage, said", [
+    ("encoder", "encoder.json"), ("hparams", "n_layer"),
+    ("vocab", "vocab.bpe: GPT-2's vocabulary file does not exist"),
+    ("empty", "not a model folder (no hparams.json, nor the HuggingFace layout's config.json)"),
+])  # fmt: skip
+def test_a_bad_folder_is_named_once(tmp_path, damage, said):
     folder = tmp_path / "model"
     shutil.copytree(TINY, folder)
     if damage == "encoder":  # the error names the file
         (folder / "encoder.json").write_text('{"a": 1')
-    else:  # the error names no file: the folder is put before it
+    elif damage == "hparams":  # the error names no file: the folder is put before it
         hparams = json.loads((folder / "hparams.json").read_text())
         (folder / "hparams.json").write_text(json.dumps(dict(hparams, n_layer=3)))
+    elif damage == "vocab":
+        (folder / "vocab.bpe").unlink()
+    else:
+        shutil.rmtree(folder)
+        folder.mkdir()
     with pytest.raises(ModelError) as e:
         picogpt.load(folder)
     assert str(e.value).count(str(folder)) == 1, str(e.value)
-    assert ("encoder.json" if damage == "encoder" else "n_layer") in str(e.value)
+    assert said in str(e.value) and "Errno" not in str(e.value)
 
 
 def test_a_folder_named_like_its_tensors_is_still_named(tmp_path, monkeypatch, params):

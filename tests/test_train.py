@@ -383,6 +383,7 @@ def test_resume_refuses_a_new_shape_and_unknown_characters(text_file, tmp_path):
     (["{text}", "--seed", "-1"], "--seed: must be >= 0, got -1", 2),
     (["{text}", "--grad-accum", "0"], "--grad-accum: must be at least 1, got 0", 2),
     (["{text}", "--lr", "nan"], "--lr: expected a finite number", 2),
+    (["{text}", "--lr", "-1"], "--lr: must be >= 0, got -1", 2),
     (["{text}", "--resume"], "nothing to resume", 2),
     (["{text}", "--out", "{text}"], "is a file", 2),
     (["{text}", "--init", "no-such-model"], "no model 'no-such-model': not a folder", 2),

@@ -71,11 +71,15 @@ def in_range(low, high, low_open=False, high_open=False):
         x = _float(value)
         too_low = low is not None and (x <= low if low_open else x < low)
         too_high = high is not None and (x >= high if high_open else x > high)
-        if too_low or too_high:
-            left = "-inf" if low is None else f"{low:g}"
-            right = "inf" if high is None else f"{high:g}"
-            interval = f"{'(' if low_open else '['}{left}, {right}{')' if high_open else ']'}"
-            raise argparse.ArgumentTypeError(f"must be in {interval}, got {value}")
+        if too_low or too_high:  # (infinities are refused: no bound is said as one)
+            if high is None:
+                bound = f"{'>' if low_open else '>='} {low:g}"
+            elif low is None:
+                bound = f"{'<' if high_open else '<='} {high:g}"
+            else:
+                bound = (f"in {'(' if low_open else '['}{low:g}, {high:g}"
+                         f"{')' if high_open else ']'}")  # fmt: skip
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
         return x
     return parse
 

@@ -27,7 +27,8 @@ def read_hparams(folder):
     """hparams.json of a model folder: a JSON object with GPT-2's five positive sizes."""
     path = Path(folder) / "hparams.json"
     if not path.exists():
-        raise ModelError(f"{folder}: not a model folder (no hparams.json)")
+        raise ModelError(f"{folder}: not a model folder (no hparams.json, nor the HuggingFace "
+                         "layout's config.json)")
     try:
         hparams = files.load_json(path, HPARAMS_LIMIT, "hparams.json")
     except FileReadError as e:

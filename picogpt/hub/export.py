@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from picogpt import files
-from picogpt.errors import ModelError, OutputExistsError
+from picogpt.errors import ModelError, OutputExistsError, PicogptError
 from picogpt.formats import hf, openai
 from picogpt.hub.folder import read_folder
 
@@ -40,7 +40,10 @@ def export(model, out, format="hf", dtype="float32"):
         raise ModelError(f"{model}: {e}") from e
     remove_stale(out)
     tmp = files.temporary_name(out)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:  # named by `out`: the temporary name is ours, not the user's
+        raise PicogptError(f"cannot write {out}: {e.strerror or e}") from e
     try:
         (tmp / MARK).touch()
         if format == "hf":
@@ -50,8 +53,10 @@ def export(model, out, format="hf", dtype="float32"):
         (tmp / MARK).unlink()
         check_new_folder(out)
         os.replace(tmp, out)  # a directory onto a missing or empty one
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, PicogptError):  # a full disk, say
+            raise PicogptError(f"cannot write {out}: {e.strerror or e}") from e
         raise
     return out
 

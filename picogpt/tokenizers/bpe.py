@@ -16,7 +16,6 @@ GPT-2's Unicode classes), and each distinct piece is merged only once per tokeni
 """
 
 import codecs
-import errno
 import functools
 import heapq
 import json
@@ -174,10 +173,8 @@ class BPE:
         folder = Path(folder)
         encoder_path, merges_path = (folder / name for name in names)
         for path in (encoder_path, merges_path):
-            if not path.exists():
-                raise MissingFileError(
-                    errno.ENOENT, f"GPT-2 vocabulary file {path.name} not found", str(path)
-                )
+            if not path.exists():  # said as files.check_regular says it
+                raise MissingFileError(f"{path}: GPT-2's vocabulary file does not exist", path)
         encoder = files.load_json(encoder_path, ENCODER_LIMIT, "GPT-2's token table",
                                   error=VocabularyError)
         if not isinstance(encoder, dict):

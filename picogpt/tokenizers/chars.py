@@ -4,7 +4,6 @@ The vocabulary is the sorted set of characters of the training text (65 for Tiny
 saved in the model folder as `chars.json`, a JSON list of one-character strings.
 """
 
-import errno
 import json
 from pathlib import Path
 
@@ -45,7 +44,7 @@ class CharTokenizer:
         a MissingFileError (also a FileNotFoundError), anything else a VocabularyError naming it."""
         path = Path(folder) / FILENAME
         if not path.exists():
-            raise MissingFileError(errno.ENOENT, "no character vocabulary", str(path))
+            raise MissingFileError(f"{path}: the character vocabulary does not exist", path)
         chars = files.load_json(path, LIMIT, FILENAME, error=VocabularyError)
         if not isinstance(chars, list):
             raise VocabularyError(f"{path}: expected a JSON list of characters")
