@@ -16,10 +16,14 @@ _LAZY = {
     "BUNDLED": "picogpt.hub.resolve", "Model": "picogpt.generation.model",
     "LogLikelihood": "picogpt.generation.model", "Completion": "picogpt.generation.model",
     "set_threads": "picogpt.gpt2.parallel", "Chunk": "picogpt.generation.decoding",
-    "ModelError": "picogpt.errors", "PicogptError": "picogpt.errors",
 }  # fmt: skip
+# The exceptions (picogpt/errors.py), every one: a caller catches what README's Errors names.
+_ERRORS = ("PicogptError", "ModelError", "CheckpointError", "VocabularyError", "DownloadError",
+          "ModelNotFoundError", "UnknownModelError", "TrainingError", "OutputExistsError",
+          "FileReadError", "MissingFileError")  # fmt: skip
+_LAZY.update(dict.fromkeys(_ERRORS, "picogpt.errors"))
 __all__ = ["load", "resolve", "generate", "Model", "Completion", "Chunk", "LogLikelihood",
-           "BUNDLED", "set_threads", "ModelError", "PicogptError"]
+           "BUNDLED", "set_threads", *_ERRORS]
 
 
 def __getattr__(name):

@@ -80,3 +80,16 @@ def test_the_wheel_holds_both_licences_and_gpt2s_vocabulary(tmp_path):
     assert set(SHIPPED) <= set(names)
     licences = [n for n in names if ".dist-info/" in n and n.endswith("LICENSE")]
     assert len(licences) == 2, names  # picogpt's MIT notice and OpenAI's, in the metadata too
+
+
+def test_every_exception_is_public():
+    import inspect
+
+    import picogpt
+    from picogpt import errors
+
+    family = [c for _, c in inspect.getmembers(errors, inspect.isclass)
+              if issubclass(c, errors.PicogptError)]  # fmt: skip
+    assert len(family) >= 10
+    for cls in family:  # README's Errors section names them as picogpt.<name>
+        assert getattr(picogpt, cls.__name__) is cls and cls.__name__ in picogpt.__all__
