@@ -11,6 +11,7 @@ import weakref
 import numpy as np
 import pytest
 
+import picogpt
 from picogpt.gpt2 import engine, network, parallel
 from picogpt.gpt2.params import param_shapes
 from picogpt.training import memory
@@ -144,6 +145,8 @@ def test_the_thread_count_is_a_setting(threads, monkeypatch):
     monkeypatch.setenv(parallel.ENV, "many")
     with pytest.raises(ValueError, match="PICOGPT_THREADS"):
         parallel.threads()
+    with pytest.raises(ValueError, match="PICOGPT_THREADS"):  # at load, not at a forward
+        picogpt.load("shakespeare-char")
     monkeypatch.delenv(parallel.ENV)
     assert parallel.threads() == parallel.usable_cores()
 

@@ -19,6 +19,7 @@ from picogpt.formats import tf_checkpoint
 from picogpt.generation import decoding
 from picogpt.generation.options import Options, check_logprobs, check_sampling, check_seed
 from picogpt.generation.stops import check_stop
+from picogpt.gpt2 import parallel
 from picogpt.gpt2.compact import DTYPES
 from picogpt.gpt2.engine import GPT
 from picogpt.hub.folder import read_folder
@@ -289,8 +290,10 @@ def load(name="124M", weights_dir=None, base_url=None, source=None, dtype=None):
     (see `resolve`). `dtype` is what its weight matrices are kept in: float32, float16,
     bfloat16 or int8 (widened inside the products: gpt2/compact.py); None, the folder's own
     (float32, or an HF folder's float16 / bfloat16). Anything wrong in the folder is a
-    ModelError naming it, the cause chained."""
+    ModelError naming it, the cause chained. A bad $PICOGPT_THREADS is a ValueError here,
+    before any download, not at the first forward that splits."""
     check_dtype(dtype)
+    parallel.threads()
     return load_folder(resolve(name, weights_dir, base_url, source), dtype)
 
 
