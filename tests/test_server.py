@@ -580,6 +580,14 @@ def test_cors_only_when_asked(tiny):
         assert headers["access-control-allow-origin"] == "*"
         assert "Authorization" in headers["access-control-allow-headers"]
         assert request(s, "GET", "/v1/models")[1]["access-control-allow-origin"] == "*"
+        asked = "authorization,content-type,x-stainless-os,x-stainless-retry-count"
+        status, headers, _ = request(s, "OPTIONS", "/v1/chat/completions",
+                                     headers={"Origin": "http://example.com",
+                                              "Access-Control-Request-Headers": asked})
+        assert status == 204 and headers["access-control-allow-headers"] == asked
+        status, headers, _ = request(s, "OPTIONS", "/v1/chat/completions",
+                                     headers={"Access-Control-Request-Headers": "a b, (c)"})
+        assert headers["access-control-allow-headers"] == "Authorization, Content-Type"
 
 
 def test_connections_beyond_the_limit_get_503(tiny):

@@ -40,6 +40,7 @@ import contextlib
 import hmac
 import io
 import json
+import re
 import select
 import socket
 import sys
@@ -62,6 +63,8 @@ IDLE_TIMEOUT = 60.0  # seconds a connection may sit idle, or a read or a write m
 REQUEST_TIMEOUT = 30.0  # seconds from a request's first byte to its last
 MAX_CONNECTIONS = 64  # open at once (each a thread, most waiting their turn at the model)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+_TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`|~-]+"  # a header name (RFC 9110's token)
+_HEADER_LIST = re.compile(rf"{_TOKEN}([ \t]*,[ \t]*{_TOKEN})*")  # a preflight's list of them
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8",
                  ".js": "text/javascript; charset=utf-8", ".png": "image/png",
                  ".svg": "image/svg+xml", ".ico": "image/x-icon"}
@@ -340,10 +343,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _common_headers(self):
         if self.app.cors:
             self.send_header("Access-Control-Allow-Origin", "*")
-            self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+            self.send_header("Access-Control-Allow-Headers", self._allowed_headers())
             self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
         if self.close_connection:
             self.send_header("Connection", "close")
+
+    def _allowed_headers(self):
+        """The request headers a browser may send: those its preflight asks for when each is a
+        header name (OpenAI's JavaScript SDK adds its own X-Stainless-* headers to every call),
+        else Authorization and Content-Type."""
+        asked = (self.headers.get("Access-Control-Request-Headers") or "").strip()
+        if len(asked) <= 1024 and _HEADER_LIST.fullmatch(asked):
+            return asked
+        return "Authorization, Content-Type"
 
     def _send(self, status, data, content_type, headers=()):
         self._status = status
