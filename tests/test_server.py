@@ -191,10 +191,15 @@ def test_logprobs_are_the_api_s(client, reference):
     lp = out.choices[0].logprobs
     assert lp.tokens == [reference.token_text(t) for t in want.tokens]
     np.testing.assert_allclose(lp.token_logprobs, want.token_logprobs, atol=1e-6)
-    assert [set(d) for d in lp.top_logprobs] == [set(d) for d in want.top_logprobs]
-    for got, expected in zip(lp.top_logprobs, want.top_logprobs):
-        assert all(len(got) == 3 and math.isclose(got[t], expected[t], abs_tol=1e-6)
-                   for t in expected)
+    # OpenAI's rule: the K likeliest, and the token itself where it is not among them.
+    for got, expected, token, token_lp in zip(lp.top_logprobs, want.top_logprobs, lp.tokens,
+                                              lp.token_logprobs):  # fmt: skip
+        assert set(got) == set(expected) | {token} and len(expected) == 3
+        assert all(math.isclose(got[t], expected[t], abs_tol=1e-6) for t in expected)
+        assert math.isclose(got[token], token_lp, abs_tol=1e-6)
+    zero = client.completions.create(model="gpt2-tiny", prompt=prompt, max_tokens=8, seed=2,
+                                     logprobs=0).choices[0].logprobs  # the token's own alone
+    assert zero.top_logprobs == [{t: lp} for t, lp in zip(zero.tokens, zero.token_logprobs)]
     # text_offset: where each token's text begins in prompt + text, as an incremental UTF-8
     # decoder releases it (a token that completes a character begins where the character does).
     utf8, offsets, at = codecs.getincrementaldecoder("utf-8")(errors="replace"), [], len(prompt)
@@ -223,7 +228,8 @@ def test_echo_with_logprobs_scores_the_prompt(client, reference):
     rows = log_softmax(reference.logits(ids))
     np.testing.assert_allclose(lp.token_logprobs[1:len(ids)],
                                rows[np.arange(len(ids) - 1), ids[1:]], atol=1e-4)
-    assert all(len(d) == 2 for d in lp.top_logprobs[1:])
+    for top, token, token_lp in zip(lp.top_logprobs[1:], lp.tokens[1:], lp.token_logprobs[1:]):
+        assert len(top) in (2, 3) and math.isclose(top[token], token_lp, abs_tol=1e-9)
     assert lp.text_offset[0] == 0 and lp.text_offset[len(ids)] == len(prompt)
     echo_only = client.completions.create(model="gpt2-tiny", prompt=prompt, max_tokens=0,
                                           echo=True)
@@ -412,8 +418,27 @@ BAD_CHATS = [
     ({"messages": MESSAGES, "max_tokens": N_CTX}, "max_tokens"),
     ({"messages": MESSAGES, "max_completion_tokens": -2}, "max_completion_tokens"),
     ({"messages": MESSAGES, "stop": ["."] * 16}, "stop"),
-    ({"messages": MESSAGES, "tools": []}, "tools"),
+    ({"messages": MESSAGES, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"messages": MESSAGES, "tool_choice": "required"}, "tool_choice"),
+    ({"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": MESSAGES, "logit_bias": {"50256": -100}}, "logit_bias"),
+    ({"messages": MESSAGES, "store": True}, "store"),
+    ({"messages": MESSAGES, "modalities": ["text", "audio"]}, "modalities"),
+    ({"messages": MESSAGES, "metadata": "x"}, "metadata"),
 ]
+NO_OP_CHAT_FIELDS = {"response_format": {"type": "text"}, "logit_bias": {}, "tools": [],
+                     "tool_choice": "none", "parallel_tool_calls": False, "store": False,
+                     "metadata": {"user": "me"}, "service_tier": "auto",
+                     "modalities": ["text"]}  # fmt: skip
+
+
+def test_chat_fields_that_ask_nothing_of_gpt2_are_taken(server):
+    body = {"messages": MESSAGES, "max_tokens": 4, "seed": 3}
+    status, _, plain = post(server, "/v1/chat/completions", body)
+    status_too, _, with_them = post(server, "/v1/chat/completions", {**body, **NO_OP_CHAT_FIELDS})
+    assert status == status_too == 200, with_them
+    reply = [json.loads(d)["choices"][0]["message"]["content"] for d in (plain, with_them)]
+    assert reply[0] == reply[1]
 
 
 def test_bad_fields_are_400_naming_the_field(server):

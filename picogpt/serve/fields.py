@@ -109,6 +109,28 @@ def stream_options(body, stream):
     return boolean(value, "include_usage")
 
 
+# Chat fields OpenAI's clients and tools send that, in these values, ask nothing of GPT-2: taken
+# and ignored. Any other value asks for what picogpt has not (tools, JSON output, a logit bias,
+# stored completions, audio): a 400 naming the field.
+CHAT_NO_OPS = {"logit_bias": ({},), "response_format": ({"type": "text"},), "tools": ([],),
+               "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False),
+               "store": (False,), "service_tier": ("auto", "default"),
+               "modalities": (["text"],)}  # fmt: skip
+
+
+def no_ops(body, allowed):
+    """Check that each of `allowed`'s fields (name -> the values that ask nothing) in `body` has
+    one of its values."""
+    for name, values in allowed.items():
+        value = body.get(name)
+        if value is not None and not any(value == v and type(value) is type(v) for v in values):
+            raise invalid(name, f"{name} {json.dumps(value)[:60]} is not supported here (GPT-2 "
+                                f"has no tools, JSON mode or logit bias)")  # fmt: skip
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise invalid("metadata", "metadata must be an object", code="invalid_type")
+
+
 SAMPLING_FIELDS = ("model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream",
                    "stream_options", "stop", "presence_penalty", "frequency_penalty", "seed",
                    "user")

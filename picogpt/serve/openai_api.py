@@ -25,6 +25,7 @@ MAX_MESSAGES = 1024
 
 # --- one generation at a time, in arrival order -------------------------------------------------
 
+
 class FifoLock:
     """A lock that hands itself to waiters in the order they asked (threading.Lock promises no
     order, so under load a request could wait for ever). A context manager."""
@@ -255,11 +256,14 @@ class Service:
             raise APIError(400, str(e)) from None
 
     def _text_logprobs(self, tokens, token_logprobs, top_logprobs, offsets, prompt=None):
-        """OpenAI's completions `logprobs`: tokens (their text), token_logprobs, top_logprobs,
-        text_offset (from `offsets`, a TextOffsets); `prompt`'s lists first (echo)."""
-        out = {"tokens": [self.model.token_text(t) for t in tokens],
-               "token_logprobs": list(token_logprobs or []),
-               "top_logprobs": list(top_logprobs or []), "text_offset": offsets.of(tokens)}
+        """OpenAI's completions `logprobs`: tokens (their text), token_logprobs, top_logprobs
+        (each the K likeliest and the token itself: up to K + 1, as OpenAI's), text_offset (from
+        `offsets`, a TextOffsets); `prompt`'s lists first (echo)."""
+        texts = [self.model.token_text(t) for t in tokens]
+        out = {"tokens": texts, "token_logprobs": list(token_logprobs or []),
+               "top_logprobs": [_with_token(top, text, lp) for top, text, lp in
+                                zip(top_logprobs or [], texts, token_logprobs or [])],
+               "text_offset": offsets.of(tokens)}  # fmt: skip
         if prompt is not None:
             out = {key: prompt[key] + out[key] for key in out}
         return out
@@ -278,17 +282,19 @@ class Service:
             for row, token in zip(lsm, ids[1:]):
                 token_lp.append(float(row[token]))
                 top = np.argsort(-row, kind="stable")[:k]
-                top_lp.append({self.model.token_text(int(t)): float(row[t]) for t in top})
+                likeliest = {self.model.token_text(int(t)): float(row[t]) for t in top}
+                top_lp.append(_with_token(likeliest, self.model.token_text(token), token_lp[-1]))
         return {"tokens": [self.model.token_text(t) for t in ids], "token_logprobs": token_lp,
                 "top_logprobs": top_lp, "text_offset": TextOffsets(self.model, 0).of(ids)}
 
     # --- chat completions
 
     CHAT_FIELDS = SAMPLING_FIELDS + ("messages", "max_completion_tokens", "logprobs",
-                                     "top_logprobs")
+                                     "top_logprobs", "metadata", *fields.CHAT_NO_OPS)
 
     def chat_request(self, body):
         fields.only(body, self.CHAT_FIELDS)
+        fields.no_ops(body, fields.CHAT_NO_OPS)
         default = min(60, self.n_ctx // 2)  # `picogpt chat`'s reply length, in a tiny context
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None \
             else "max_tokens"
@@ -442,6 +448,13 @@ def _messages(value):
                                  code="invalid_type")
         out.append({"role": "system" if role == "developer" else role, "content": content})
     return out
+
+
+def _with_token(top, text, logprob):
+    """A completions token's top_logprobs: the K likeliest tokens' and, where it is not among
+    them, the token's own (OpenAI: "up to logprobs+1 elements", so that a client can always look
+    the token up there)."""
+    return top if text in top else {**top, text: logprob}
 
 
 class TextOffsets:
