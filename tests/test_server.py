@@ -357,18 +357,34 @@ def test_chat_stream_deltas(client, reference):
     assert finish == {0: want[0].finish_reason, 1: want[1].finish_reason}
 
 
-def test_chat_logprobs(client, reference):
+@pytest.mark.parametrize("seed", [0, 31])  # replies ' al'..., and ' ', 'pt', ...
+def test_chat_logprobs(client, reference, seed):
     out = client.chat.completions.create(model="gpt2-tiny", messages=MESSAGES, max_tokens=10,
-                                         seed=5, logprobs=True, top_logprobs=4)
-    want = chat_reference(reference, MESSAGES, 10, seed=5, logprobs=4)
+                                         seed=seed, logprobs=True, top_logprobs=4)
+    want = chat_reference(reference, MESSAGES, 10, seed=seed, logprobs=4)
     content = out.choices[0].logprobs.content
-    assert [c.token for c in content] == [reference.token_text(t) for t in want.tokens]
-    np.testing.assert_allclose([c.logprob for c in content], want.token_logprobs, atol=1e-6)
-    for c, top in zip(content, want.top_logprobs):
+    # The reply loses its leading space, and its logprobs with it: their bytes joined are the
+    # reply (a token that is part of a character has the text "bytes:\\x..", as OpenAI's).
+    reply = out.choices[0].message.content
+    assert b"".join(bytes(c.bytes) for c in content).decode("utf-8", "replace") == reply
+    texts = [reference.token_text(t) for t in want.tokens]
+    lost = next(i for i, t in enumerate(texts) if t.strip())  # whitespace tokens before the first
+    assert texts[0] != texts[0].lstrip()  # (this reply does begin with whitespace)
+    assert [c.token for c in content] == [texts[lost].lstrip(), *texts[lost + 1:]]
+    np.testing.assert_allclose([c.logprob for c in content], want.token_logprobs[lost:],
+                               atol=1e-6)  # fmt: skip
+    for c, top in zip(content, want.top_logprobs[lost:]):
         assert {t.token for t in c.top_logprobs} == set(top)
         assert [t.logprob for t in c.top_logprobs] == sorted(top.values(), reverse=True)
-    assert [c.bytes for c in content] == [list(reference.tokenizer.decode_bytes([t]))
-                                          for t in want.tokens]
+    raw = [reference.tokenizer.decode_bytes([t]) for t in want.tokens[lost:]]
+    assert [bytes(c.bytes) for c in content] == [raw[0].lstrip(), *raw[1:]]
+    stream = client.chat.completions.create(model="gpt2-tiny", messages=MESSAGES, max_tokens=10,
+                                            seed=seed, logprobs=True, top_logprobs=4, stream=True)
+    chunks = [c.choices[0] for c in stream if c.choices]
+    text = "".join(c.delta.content or "" for c in chunks)
+    assert text == reply
+    assert [e.token for c in chunks if c.logprobs for e in c.logprobs.content] == \
+        [c.token for c in content]
 
 
 def test_chat_on_the_bundled_char_model(reference):

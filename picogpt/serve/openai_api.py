@@ -334,9 +334,9 @@ class Service:
         for k, c in enumerate(out):
             logprobs = None
             if request["logprobs"] is not None:
-                logprobs = {"content": self._chat_logprobs(c.tokens, c.token_logprobs,
-                                                           c.top_logprobs, request["logprobs"]),
-                            "refusal": None}
+                content = self._chat_logprobs(c.tokens, c.token_logprobs, c.top_logprobs,
+                                              request["logprobs"])
+                logprobs = {"content": _without_leading_space(content, [False]), "refusal": None}
             choices.append({"index": k, "message": {"role": "assistant",
                                                     "content": c.text.lstrip(),
                                                     "refusal": None},
@@ -363,6 +363,7 @@ class Service:
             for k in range(n):
                 yield chunk(k, {"role": "assistant", "content": ""})
             started = [False] * n  # the reply's leading space is not part of it
+            spoke = [[False] for _ in range(n)]  # ... nor of its logprobs (_without_leading_space)
             try:
                 for c in stream:
                     stats.tokens += len(c.tokens)
@@ -370,9 +371,10 @@ class Service:
                     started[c.index] = started[c.index] or bool(text)
                     logprobs = None
                     if request["logprobs"] is not None and c.tokens:
-                        logprobs = {"content": self._chat_logprobs(
-                            c.tokens, c.token_logprobs, c.top_logprobs, request["logprobs"]),
-                            "refusal": None}
+                        content = self._chat_logprobs(c.tokens, c.token_logprobs, c.top_logprobs,
+                                                      request["logprobs"])
+                        logprobs = {"content": _without_leading_space(content, spoke[c.index]),
+                                    "refusal": None}
                     if text or logprobs:
                         yield chunk(c.index, {"content": text}, logprobs)
                     if c.finish_reason:
@@ -400,6 +402,24 @@ class Service:
         if decode_bytes is not None:
             return decode_bytes([token])
         return self.model.decode([token]).encode("utf-8")
+
+
+def _without_leading_space(content, spoke):
+    """A chat reply's logprobs entries less the leading whitespace its content loses: the
+    entries of whitespace tokens before the first other, and that one's own leading whitespace
+    (its token and bytes), so that the tokens joined are the content. `spoke` ([bool], kept
+    across a stream's chunks): whether a token other than whitespace has come."""
+    out = []
+    for entry in content:
+        if not spoke[0]:
+            token = entry["token"].lstrip()
+            if not token:
+                continue
+            cut = len(entry["token"].encode("utf-8")) - len(token.encode("utf-8"))
+            entry = {**entry, "token": token, "bytes": entry["bytes"][cut:]}
+            spoke[0] = True
+        out.append(entry)
+    return out
 
 
 def _watched(chunks, stats, gone):
