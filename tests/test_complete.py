@@ -326,6 +326,7 @@ BAD = [
     (dict(seed=-1), "seed"),
     (dict(samples=0), "samples"),
     (dict(temperature=float("nan")), "temperature"),
+    (dict(top_k=True), "top_k"),
 ]
 
 
@@ -341,6 +342,23 @@ def test_bad_options_are_value_errors_naming_the_option(tiny, options, name):
     if "logprobs" not in options and "stop" not in options:
         with pytest.raises(ValueError, match=name):
             tiny.generate_tokens([1, 2], 3, **options)
+
+
+def test_numpy_numbers_are_numbers(tiny):
+    plain = tiny.complete("Hi", 3, seed=2, temperature=0.5, top_k=5, top_p=0.9, samples=2)
+    numpy = tiny.complete("Hi", np.int64(3), seed=np.uint32(2), temperature=np.float32(0.5),
+                          top_k=np.int16(5), top_p=np.float64(0.9), samples=np.int8(2))
+    assert [c.tokens for c in numpy] == [c.tokens for c in plain]
+
+
+@pytest.mark.parametrize("prompt", [b"Hi", 5, None, [1.7, 2.2], [True, False], [[1, 2]]])
+def test_a_prompt_that_is_neither_text_nor_token_ids_is_a_type_error(tiny, prompt):
+    with pytest.raises(TypeError, match="a prompt is a str|token ids are integers"):
+        tiny.complete(prompt, 2)
+    if not isinstance(prompt, (bytes, int)) and prompt is not None:
+        with pytest.raises(TypeError, match="token ids are integers"):
+            tiny.logits(prompt)
+    assert tiny.logits(np.array([1, 2, 3])).shape[0] == 3  # a NumPy array of ids is ids
 
 
 def test_good_edge_options_are_accepted(tiny):

@@ -18,6 +18,7 @@ from picogpt.errors import ModelError, PicogptError
 from picogpt.formats import tf_checkpoint
 from picogpt.generation import decoding
 from picogpt.generation.options import Options, check_logprobs, check_sampling, check_seed
+from picogpt.generation.sampling import is_integer
 from picogpt.generation.stops import check_stop
 from picogpt.gpt2 import parallel
 from picogpt.gpt2.compact import DTYPES
@@ -249,10 +250,11 @@ class Model:
         options = Options(
             check_sampling(temperature, top_k, top_p, frequency_penalty, presence_penalty),
             check_stop(stop), check_logprobs(logprobs), bool(stop_at_eos))  # fmt: skip
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        if not is_integer(n) or n < 0:
             raise ValueError(f"n must be an integer >= 0, got {n!r}")
-        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        if not is_integer(samples) or samples < 1:
             raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+        n, samples = int(n), int(samples)
         base = check_seed(seed)
         ids = self._prompt_ids(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
         return ids or self._start_ids(), n, options, base, samples
@@ -263,6 +265,14 @@ class Model:
         return self.encode(prompt)
 
     def _check_ids(self, ids):
+        """ids (a list, a NumPy array: any iterable of integers) as a list of ints, each checked
+        to be a token of the vocabulary."""
+        if isinstance(ids, (str, bytes, bytearray)) or not hasattr(ids, "__iter__"):
+            raise TypeError(f"a prompt is a str or a list of token ids, got {type(ids).__name__}")
+        ids = list(ids)
+        for i in ids:
+            if not is_integer(i):
+                raise TypeError(f"token ids are integers, got {i!r}")
         ids = [int(i) for i in ids]
         n_vocab = self.gpt.hparams["n_vocab"]
         bad = [i for i in ids if not 0 <= i < n_vocab]

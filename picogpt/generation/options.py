@@ -39,8 +39,7 @@ def check_logprobs(logprobs):
     """None, or an integer K in 0..20 (how many alternatives to report)."""
     if logprobs is None:
         return None
-    if not isinstance(logprobs, (int, np.integer)) or isinstance(logprobs, bool) or \
-            not 0 <= logprobs <= MAX_LOGPROBS:
+    if not sampling.is_integer(logprobs) or not 0 <= logprobs <= MAX_LOGPROBS:
         raise ValueError(f"logprobs must be None or an integer in 0..{MAX_LOGPROBS}, "
                          f"got {logprobs!r}")
     return int(logprobs)
@@ -50,6 +49,6 @@ def check_seed(seed):
     """The base seed: an integer >= 0 as given; None draws one from the OS."""
     if seed is None:
         return int(np.random.SeedSequence().entropy)
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+    if not sampling.is_integer(seed) or seed < 0:
         raise ValueError(f"seed must be None or an integer >= 0, got {seed!r}")
     return int(seed)

@@ -6,14 +6,24 @@ FLUSH_BELOW = -690.0
 
 
 def check_options(temperature, top_k, top_p):
-    """Raise ValueError for options that mean nothing, before any work is done."""
-    number = isinstance(temperature, (int, float)) and np.isfinite(temperature)
-    if not (number and temperature >= 0):
+    """Raise ValueError for options that mean nothing, before any work is done. NumPy's numbers
+    are numbers too; a bool is not."""
+    if not (is_number(temperature) and np.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and not (isinstance(top_k, (int, np.integer)) and top_k >= 0):
+    if top_k is not None and not (is_integer(top_k) and top_k >= 0):
         raise ValueError(f"top_k must be an integer >= 0 (0 = no limit), got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    if top_p is not None and not (is_number(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def is_integer(value):
+    """An int or a NumPy integer, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_number(value):
+    """An integer (is_integer), a float or a NumPy float."""
+    return is_integer(value) or isinstance(value, (float, np.floating))
 
 
 def candidates(logits, temperature=1.0, top_k=None, top_p=None):
@@ -72,8 +82,7 @@ def check_penalties(frequency_penalty, presence_penalty):
     low, high = PENALTY_RANGE
     for name, value in (("frequency_penalty", frequency_penalty),
                         ("presence_penalty", presence_penalty)):
-        number = isinstance(value, (int, float, np.integer, np.floating))
-        if isinstance(value, bool) or not (number and np.isfinite(value)):
+        if not (is_number(value) and np.isfinite(value)):
             raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], "
                              f"got {value!r}")
         if not low <= value <= high:
