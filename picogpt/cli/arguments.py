@@ -142,17 +142,25 @@ def add_download_options(p):
     environment variables are the defaults, checked like the options."""
     p.add_argument("--base-url", metavar="URL", type=_base_url,
                    default=os.environ.get("PICOGPT_BASE_URL") or None,
-                   help="download from here instead of the source's own address")
+                   help="download from here instead of the source's own address "
+                        "($PICOGPT_BASE_URL)")
     p.add_argument("--source", metavar="{openai,huggingface}", type=_source,
                    default=os.environ.get("PICOGPT_SOURCE") or None,
                    help="where GPT-2 sizes are downloaded from: OpenAI (the default) or the "
                         "HuggingFace hub ($PICOGPT_SOURCE)")
 
 
+def add_weights_dir(p, help="where GPT-2 sizes are downloaded to"):
+    """--weights-dir, its default said as hub.sources.weights_dir finds it."""
+    p.add_argument("--weights-dir", metavar="DIR",
+                   help=f"{help} (default $PICOGPT_WEIGHTS, else ./weights where it exists, else "
+                        "~/.cache/picogpt)")
+
+
 def add_model_options(p, default="124M"):
     p.add_argument("--model", "-m", default=default,
                    help=f"GPT-2 size, bundled model name or model folder (default {default})")
-    p.add_argument("--weights-dir", metavar="DIR", help="where GPT-2 sizes are downloaded to")
+    add_weights_dir(p)
     add_download_options(p)
     add_threads_option(p)
     p.add_argument("--dtype", choices=DTYPES, default=None,

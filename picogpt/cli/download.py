@@ -2,7 +2,7 @@
 
 import sys
 
-from picogpt.cli.arguments import UsageError, add_download_options
+from picogpt.cli.arguments import UsageError, add_download_options, add_weights_dir
 from picogpt.hub import download, sources
 
 
@@ -14,7 +14,7 @@ def add_parser(sub):
                        epilog="example: picogpt download 355M --weights-dir ~/models")
     d.add_argument("size", metavar="SIZE", help="124M, 355M, 774M, 1558M (or gpt2, gpt2-medium, "
                                                 "gpt2-large, gpt2-xl)")
-    d.add_argument("--weights-dir", metavar="DIR", help="download into DIR/SIZE")
+    add_weights_dir(d, "download into DIR/SIZE")
     add_download_options(d)
 
 

@@ -4,7 +4,7 @@ does the work)."""
 import sys
 from pathlib import Path
 
-from picogpt.cli.arguments import UsageError, add_download_options
+from picogpt.cli.arguments import UsageError, add_download_options, add_weights_dir
 from picogpt.errors import OutputExistsError, UnknownModelError
 
 
@@ -27,7 +27,7 @@ def add_parser(sub):
     x.add_argument("--dtype", choices=export.DTYPES, default="float32",
                    help="the weights' type (default float32; float16 and bfloat16 halve the size, "
                         "hf only)")
-    x.add_argument("--weights-dir", metavar="DIR", help="where GPT-2 sizes are downloaded to")
+    add_weights_dir(x)
     add_download_options(x)
 
 

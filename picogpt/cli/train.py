@@ -12,6 +12,7 @@ from picogpt.cli.arguments import (
     UsageError,
     add_download_options,
     add_threads_option,
+    add_weights_dir,
     apply_threads,
     in_range,
     positive_int,
@@ -108,8 +109,7 @@ def _add_train_arguments(parser, defaults):
                         help="from scratch: chars (the text's characters, the default), or gpt2 "
                              "(GPT-2's 50,257 tokens, shipped with picogpt: no download; the "
                              "default with --data), or any model whose tokenizer to use")
-    parser.add_argument("--weights-dir", metavar="DIR",
-                        help="where GPT-2 sizes are downloaded to (and tokenized texts cached)")
+    add_weights_dir(parser, "where GPT-2 sizes are downloaded to, and tokenized texts cached")
     add_download_options(parser)
     add_threads_option(parser)
     groups = {"model": parser.add_argument_group("model (fixed once training starts)"),

@@ -2,7 +2,7 @@
 weights file saying how it was checked; a file that fails is the error, naming it (and, for a
 CRC32C, the tensor)."""
 
-from picogpt.cli.arguments import UsageError, add_download_options
+from picogpt.cli.arguments import UsageError, add_download_options, add_weights_dir
 from picogpt.errors import UnknownModelError
 from picogpt.hub import verify
 from picogpt.hub.resolve import resolve
@@ -19,7 +19,7 @@ def add_parser(sub):
         epilog="example: picogpt verify 124M")
     v.add_argument("model", metavar="MODEL",
                    help="GPT-2 size, bundled model name or model folder")
-    v.add_argument("--weights-dir", metavar="DIR", help="where GPT-2 sizes are downloaded to")
+    add_weights_dir(v)
     add_download_options(v)
 
 
