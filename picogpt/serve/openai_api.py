@@ -1,6 +1,7 @@
 """OpenAI's API over one `Model`, HTTP apart: each request's fields checked (fields.py), the
 Model called (one generation at a time, in arrival order: `FifoLock`), and the answer in OpenAI's
-response shapes, whole or as a stream of events. transport.py carries it over HTTP."""
+response shapes, whole or as a stream of events (their logprobs: logprobs.py). transport.py
+carries it over HTTP."""
 
 import contextlib
 import json
@@ -9,14 +10,19 @@ import threading
 import time
 from collections import deque
 
-import numpy as np
-
 from picogpt.errors import ModelError
 from picogpt.generation.model import completions_of
 from picogpt.generation.options import MAX_LOGPROBS
 from picogpt.generation.stops import MAX_STOPS as MAX_STOP  # a chat's turn end is one of them
 from picogpt.serve import fields
 from picogpt.serve.fields import SAMPLING_FIELDS, APIError
+from picogpt.serve.logprobs import (
+    TextOffsets,
+    chat_logprobs,
+    completion_logprobs,
+    prompt_logprobs,
+    without_leading_space,
+)
 
 MAX_N = 16  # samples per prompt (one batch)
 MAX_PROMPTS = 16  # prompts per completions request
@@ -175,7 +181,7 @@ class Service:
                 out = self._complete(ids, options, request["logprobs"], n, stats, gone)
                 prompt_lp = None
                 if request["echo"] and request["logprobs"] is not None:
-                    prompt_lp = self._prompt_logprobs(ids, request)
+                    prompt_lp = prompt_logprobs(self.model, ids, request["logprobs"])
                 results.append((text, out, prompt_lp))
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for p, (text, out, prompt_lp) in enumerate(results):
@@ -184,7 +190,7 @@ class Service:
                 completion_tokens += len(c.tokens)
                 logprobs = None
                 if request["logprobs"] is not None:
-                    logprobs = self._text_logprobs(c.tokens, c.token_logprobs,
+                    logprobs = completion_logprobs(self.model, c.tokens, c.token_logprobs,
                                                    c.top_logprobs,
                                                    TextOffsets(self.model, len(text)), prompt_lp)
                 choices.append({"text": (text if request["echo"] else "") + c.text,
@@ -219,7 +225,7 @@ class Service:
             for p, ((text, ids), stream) in enumerate(zip(request["prompts"], streams)):
                 offsets = [TextOffsets(self.model, len(text)) for _ in range(n)]
                 if request["echo"]:
-                    lp = self._prompt_logprobs(ids, request) if want_lp else None
+                    lp = prompt_logprobs(self.model, ids, request["logprobs"]) if want_lp else None
                     for k in range(n):
                         yield chunk(p * n + k, text, lp)
                 try:
@@ -227,7 +233,7 @@ class Service:
                         stats.tokens += len(c.tokens)
                         logprobs = None
                         if want_lp and c.tokens:
-                            logprobs = self._text_logprobs(c.tokens, c.token_logprobs,
+                            logprobs = completion_logprobs(self.model, c.tokens, c.token_logprobs,
                                                            c.top_logprobs, offsets[c.index])
                         if c.text or logprobs or c.finish_reason:
                             yield chunk(p * n + c.index, c.text, logprobs, c.finish_reason)
@@ -254,38 +260,6 @@ class Service:
             return self.model.stream_completion(ids, **options, logprobs=logprobs, samples=n)
         except ValueError as e:
             raise APIError(400, str(e)) from None
-
-    def _text_logprobs(self, tokens, token_logprobs, top_logprobs, offsets, prompt=None):
-        """OpenAI's completions `logprobs`: tokens (their text), token_logprobs, top_logprobs
-        (each the K likeliest and the token itself: up to K + 1, as OpenAI's), text_offset (from
-        `offsets`, a TextOffsets); `prompt`'s lists first (echo)."""
-        texts = [self.model.token_text(t) for t in tokens]
-        out = {"tokens": texts, "token_logprobs": list(token_logprobs or []),
-               "top_logprobs": [_with_token(top, text, lp) for top, text, lp in
-                                zip(top_logprobs or [], texts, token_logprobs or [])],
-               "text_offset": offsets.of(tokens)}  # fmt: skip
-        if prompt is not None:
-            out = {key: prompt[key] + out[key] for key in out}
-        return out
-
-    def _prompt_logprobs(self, ids, request):
-        """The echoed prompt's logprobs: each token's log-probability given the ones before it
-        (the first has none), from one forward pass over the prompt."""
-        if not ids:  # an empty prompt has no tokens to score
-            return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        token_lp, top_lp = [None], [None]
-        k = request["logprobs"]
-        if len(ids) > 1:
-            logits = self.model.logits(ids[:-1]).astype(np.float64)  # [T-1, n_vocab]
-            peak = logits.max(axis=1, keepdims=True)
-            lsm = logits - peak - np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))
-            for row, token in zip(lsm, ids[1:]):
-                token_lp.append(float(row[token]))
-                top = np.argsort(-row, kind="stable")[:k]
-                likeliest = {self.model.token_text(int(t)): float(row[t]) for t in top}
-                top_lp.append(_with_token(likeliest, self.model.token_text(token), token_lp[-1]))
-        return {"tokens": [self.model.token_text(t) for t in ids], "token_logprobs": token_lp,
-                "top_logprobs": top_lp, "text_offset": TextOffsets(self.model, 0).of(ids)}
 
     # --- chat completions
 
@@ -334,9 +308,9 @@ class Service:
         for k, c in enumerate(out):
             logprobs = None
             if request["logprobs"] is not None:
-                content = self._chat_logprobs(c.tokens, c.token_logprobs, c.top_logprobs,
-                                              request["logprobs"])
-                logprobs = {"content": _without_leading_space(content, [False]), "refusal": None}
+                content = chat_logprobs(self.model, c.tokens, c.token_logprobs,
+                                        c.top_logprobs, request["logprobs"])
+                logprobs = {"content": without_leading_space(content, [False]), "refusal": None}
             choices.append({"index": k, "message": {"role": "assistant",
                                                     "content": c.text.lstrip(),
                                                     "refusal": None},
@@ -363,7 +337,7 @@ class Service:
             for k in range(n):
                 yield chunk(k, {"role": "assistant", "content": ""})
             started = [False] * n  # the reply's leading space is not part of it
-            spoke = [[False] for _ in range(n)]  # ... nor of its logprobs (_without_leading_space)
+            spoke = [[False] for _ in range(n)]  # ... nor of its logprobs (without_leading_space)
             try:
                 for c in stream:
                     stats.tokens += len(c.tokens)
@@ -371,9 +345,9 @@ class Service:
                     started[c.index] = started[c.index] or bool(text)
                     logprobs = None
                     if request["logprobs"] is not None and c.tokens:
-                        content = self._chat_logprobs(c.tokens, c.token_logprobs, c.top_logprobs,
-                                                      request["logprobs"])
-                        logprobs = {"content": _without_leading_space(content, spoke[c.index]),
+                        content = chat_logprobs(self.model, c.tokens, c.token_logprobs,
+                                                c.top_logprobs, request["logprobs"])
+                        logprobs = {"content": without_leading_space(content, spoke[c.index]),
                                     "refusal": None}
                     if text or logprobs:
                         yield chunk(c.index, {"content": text}, logprobs)
@@ -384,42 +358,6 @@ class Service:
         if request["include_usage"]:
             first = chunk(0, {})
             yield dict(first, choices=[], usage=_usage(len(request["ids"]), stats.tokens))
-
-    def _chat_logprobs(self, tokens, token_logprobs, top_logprobs, k):
-        """OpenAI's chat `logprobs.content`: per token its text, logprob, UTF-8 bytes and the k
-        likeliest alternatives."""
-        content = []
-        for token, lp, top in zip(tokens, token_logprobs, top_logprobs):
-            top = sorted(top.items(), key=lambda kv: -kv[1])[:k]
-            content.append({"token": self.model.token_text(token), "logprob": lp,
-                            "bytes": list(self._token_bytes(token)),
-                            "top_logprobs": [{"token": t, "logprob": v, "bytes": _bytes_of(t)}
-                                             for t, v in top]})
-        return content
-
-    def _token_bytes(self, token):
-        decode_bytes = getattr(self.model.tokenizer, "decode_bytes", None)
-        if decode_bytes is not None:
-            return decode_bytes([token])
-        return self.model.decode([token]).encode("utf-8")
-
-
-def _without_leading_space(content, spoke):
-    """A chat reply's logprobs entries less the leading whitespace its content loses: the
-    entries of whitespace tokens before the first other, and that one's own leading whitespace
-    (its token and bytes), so that the tokens joined are the content. `spoke` ([bool], kept
-    across a stream's chunks): whether a token other than whitespace has come."""
-    out = []
-    for entry in content:
-        if not spoke[0]:
-            token = entry["token"].lstrip()
-            if not token:
-                continue
-            cut = len(entry["token"].encode("utf-8")) - len(token.encode("utf-8"))
-            entry = {**entry, "token": token, "bytes": entry["bytes"][cut:]}
-            spoke[0] = True
-        out.append(entry)
-    return out
 
 
 def _watched(chunks, stats, gone):
@@ -468,40 +406,6 @@ def _messages(value):
                                  code="invalid_type")
         out.append({"role": "system" if role == "developer" else role, "content": content})
     return out
-
-
-def _with_token(top, text, logprob):
-    """A completions token's top_logprobs: the K likeliest tokens' and, where it is not among
-    them, the token's own (OpenAI: "up to logprobs+1 elements", so that a client can always look
-    the token up there)."""
-    return top if text in top else {**top, text: logprob}
-
-
-class TextOffsets:
-    """Where each generated token's text begins, in characters from the start of the prompt:
-    a token that only completes a character split across tokens begins where that character
-    does."""
-
-    def __init__(self, model, start):
-        self.decoder, self.at = model.tokenizer.decoder(), start
-
-    def of(self, tokens):
-        out = []
-        for token in tokens:
-            out.append(self.at)
-            self.at += len(self.decoder.feed(token))
-        return out
-
-
-def _bytes_of(token_text):
-    """The UTF-8 bytes of a token's text as Model.token_text gives it ("bytes:\\xe2\\x80" for
-    part of a character)."""
-    if token_text.startswith("bytes:"):
-        try:
-            return list(bytes.fromhex(token_text[len("bytes:"):].replace("\\x", "")))
-        except ValueError:  # a token whose text really begins with "bytes:"
-            pass
-    return list(token_text.encode("utf-8"))
 
 
 def _is_id(value):
