@@ -62,7 +62,7 @@ def token_bytes(model, token):
 def without_leading_space(content, spoke):
     """A chat reply's logprobs entries less the leading whitespace its content loses: the
     entries of whitespace tokens before the first other, and that one's own leading whitespace
-    (its token and bytes), so that the tokens joined are the content. `spoke` ([bool], kept
+    (its token and bytes), so that their bytes joined are the content's. `spoke` ([bool], kept
     across a stream's chunks): whether a token other than whitespace has come."""
     out = []
     for entry in content:
