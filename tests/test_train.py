@@ -20,11 +20,13 @@ from _reference import hf_model, hf_names
 import picogpt
 import picogpt.training.data
 import picogpt.training.optimizer
+from picogpt.errors import TrainingError
 from picogpt.formats import tf_checkpoint as checkpoint
 from picogpt.gpt2 import network
 from picogpt.tokenizers import GPT2_VOCABULARY
 from picogpt.tokenizers.bpe import BPE
 from picogpt.tokenizers.chars import CharTokenizer
+from picogpt.training.config import DEFAULTS, FINETUNE_DEFAULTS, make_config
 from picogpt.training.data import encode, get_batch, split_data, vocabulary_files
 from picogpt.training.loop import Trainer, evaluations_left, train
 from picogpt.training.optimizer import AdamW, clip_grad_norm, learning_rate
@@ -409,6 +411,58 @@ def test_engine_does_not_import_training():
     out = subprocess.run([sys.executable, "-c", code, str(tiny)], capture_output=True,
                          text=True, check=True)  # fmt: skip
     assert out.stdout.strip() == "False"
+
+
+def test_every_resume_state_saves_the_configuration_it_goes_with(text_file, tmp_path):
+    plan = prepare(text_file, tmp_path / "m", small_options(max_iters=3, lr=2e-3))
+    trainer = Trainer(plan.config, plan.hparams, plan.tokenizer, plan.folder, plan.vocabulary)
+    trainer.initialize()
+    trainer.best_val_loss = -math.inf  # no evaluation improves: no model is saved
+    train(trainer, plan.data, report=lambda line: None)
+    assert trainer.saved_model is None and trainer.saved_iter == 3
+    saved = json.loads((tmp_path / "m" / "train_config.json").read_text())
+    assert saved["max_iters"] == 3 and saved["lr"] == 2e-3  # what the next --resume keeps
+
+
+def test_a_constant_learning_rate_stays_constant_when_resumed_with_another():
+    saved = {**DEFAULTS, **FINETUNE_DEFAULTS, "lr": 3e-5, "min_lr": 3e-5}  # a fine-tune's
+    options = dict.fromkeys(DEFAULTS)
+    assert make_config({**options, "lr": 1e-5}, saved)["min_lr"] == 1e-5
+    assert make_config({**options, "lr": 1e-5, "min_lr": 1e-6}, saved)["min_lr"] == 1e-6
+    decaying = {**DEFAULTS, "lr": 1e-3, "min_lr": 1e-4}  # from scratch: min_lr its own
+    assert make_config({**options, "lr": 2e-3}, decaying)["min_lr"] == 1e-4
+    with pytest.raises(TrainingError, match=r"--min-lr 0.0001 is above --lr 5e-05 \(--min-lr's "
+                                            r"default value"):  # fmt: skip
+        make_config({**options, "lr": 5e-5})
+
+
+def test_resume_keeps_its_tokenizer_and_refuses_another(text_file, tmp_path):
+    out = tmp_path / "m"
+    train_cli(text_file, "--out", out, "--max-iters", "0", *SMALL)  # characters
+    for same in (None, "chars"):
+        assert prepare(text_file, out, small_options(), resume=True, tokenizer=same).resume
+    with pytest.raises(TrainingError, match="--tokenizer gpt2: the run being resumed was "
+                                            "trained with --tokenizer chars"):  # fmt: skip
+        prepare(text_file, out, small_options(), resume=True, tokenizer="gpt2")
+    result = train_cli(text_file, "--out", out, "--resume", "--tokenizer", "gpt2", check=False)
+    assert result.returncode == 2 and "cannot change" in result.stderr
+
+
+def test_a_reader_that_leaves_stops_training_quietly(text_file, tmp_path):
+    out = tmp_path / "m"
+    command = [sys.executable, "-m", "picogpt", "train", str(text_file), "--out", str(out),
+               "--max-iters", "100000", "--log-interval", "1", *SMALL]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        while b" 0: train loss" not in proc.stdout.readline():  # the first evaluation, saved
+            pass
+        proc.stdout.close()  # `| head`: the reader leaves
+        err = proc.stderr.read().decode()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and err == "", err
+    assert prepare(text_file, out, small_options(), resume=True).resume  # whole, resumable
 
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(text_file, tmp_path):

@@ -129,7 +129,7 @@ def _check_source(parser, args):
     if args.data is not None and args.tokenizer == "chars":
         parser.error("--data holds token ids, not characters: --tokenizer gpt2 (the default "
                      "with --data) or a model's tokenizer")
-    if args.tokenizer is None and args.init is None:
+    if args.tokenizer is None and args.init is None and not args.resume:  # (a resumed run's own)
         args.tokenizer = "gpt2" if args.data is not None else "chars"
 
 
@@ -231,6 +231,8 @@ def run(argv):
               f"{plan.memory / 1e9:.1f} GB were estimated)" + _still_there(trainer, args),
               file=sys.stderr)  # fmt: skip
         return 1
+    except BrokenPipeError:  # `picogpt train ... | head`: the reader left, as for every command
+        raise
     except OSError as e:  # a full disk, a folder made read-only meanwhile
         status.end()
         print(f"picogpt train: error: cannot save to {trainer.out}: {e.strerror or e}"

@@ -45,6 +45,8 @@ def make_config(options, saved=None, init_hparams=None):
                                 f"context of the model of --init ({init_hparams['n_ctx']})")
     if saved:
         config.update({k: v for k, v in saved.items() if k in DEFAULTS})
+        if saved.get("min_lr") == saved.get("lr") and options.get("min_lr") is None:
+            config["min_lr"] = None  # a constant rate (a fine-tune's): min_lr follows a new --lr
     for key in DEFAULTS:
         value = options.get(key)
         if value is None:
@@ -59,7 +61,10 @@ def make_config(options, saved=None, init_hparams=None):
         raise TrainingError(f"--n-embd {config['n_embd']} is not divisible by "
                             f"--n-head {config['n_head']}")
     if config["min_lr"] > config["lr"]:
-        raise TrainingError(f"--min-lr {config['min_lr']} is above --lr {config['lr']}")
+        given = options.get("min_lr") is not None
+        raise TrainingError(f"--min-lr {config['min_lr']:g} is above --lr {config['lr']:g}" + (
+            "" if given else f" (--min-lr's {'saved' if saved else 'default'} value: give a "
+                             "--min-lr at most --lr)"))
     return config
 
 

@@ -142,6 +142,9 @@ class Trainer:
         self.saved_model = (self.iter, val_loss)
 
     def save_state(self):
+        # The configuration goes with every state, not only with a better model: what a
+        # resumed run was given (--lr, --max-iters, ...) is what the next --resume keeps.
+        self.folder.write_json("train_config.json", self.config)
         if self.record is None:  # so that --resume can tell a folder edited since
             self.record = resume.as_tensor(resume.describe(self.hparams, self.config,
                                                            self.tokenizer))  # fmt: skip

@@ -31,15 +31,17 @@ class Plan(NamedTuple):
     memory: int  # bytes the run is estimated to need at its peak
 
 
-def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="chars", data=None,
+def prepare(text_path, out, options, *, resume=False, init=None, tokenizer=None, data=None,
             weights_dir=None, base_url=None, check_saved=None, progress=None,
             download_source=None):
     """Check everything that can be wrong before any training: the text (or `data`, a folder of
     nanoGPT's train.bin and val.bin, when `text_path` is None), the options, --out, the memory it
     needs. `init` and `tokenizer` are model names as --model takes them (hub.resolve; a GPT-2
-    size is downloaded from `download_source`); `check_saved(config, path)` validates a
-    folder's saved configuration; `progress(done, total[, what, unit])` hears how tokenizing
-    and checking go. Nothing is written until all is checked."""
+    size is downloaded from `download_source`); no `tokenizer` is the text's characters (GPT-2's
+    with `data`) for a new run, and the run's own when resuming, which any other refuses;
+    `check_saved(config, path)` validates a folder's saved configuration; `progress(done,
+    total[, what, unit])` hears how tokenizing and checking go. Nothing is written until all is
+    checked."""
     from picogpt.hub.folder import read_folder
     from picogpt.hub.resolve import resolve
 
@@ -54,6 +56,7 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
         folder = RunFolder.open(out)
         if folder.has_state():
             saved = _saved_config(out, check_saved)
+            _check_same_tokenizer(tokenizer, saved)
             hparams, tok = _read_model(out, "cannot resume")
             resume_check.check_state(out / STATE_DIR, resume_check.describe(hparams, saved, tok))
             source = out
@@ -64,6 +67,7 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
             if folder.has_model():
                 hparams, tok = _read_model(out, "cannot start over")
                 model_record = resume_check.describe(hparams, {}, tok)
+            _check_same_tokenizer(tokenizer, saved)
             init, tokenizer = _saved_sources(saved, tokenizer)
             notice = (f"{out} holds no complete training state to resume (its first save never "
                       "finished): starting over" + (" with its own recipe" if saved else ""))
@@ -77,6 +81,7 @@ def prepare(text_path, out, options, *, resume=False, init=None, tokenizer="char
             config = make_config(options, saved, init_hparams=hparams)
             hparams = dict(hparams)
         else:
+            tokenizer = tokenizer or ("gpt2" if data is not None else "chars")
             tok, source = _scratch_tokenizer(tokenizer, text, text_path, weights_dir, base_url,
                                              download_source)  # fmt: skip
             config = make_config(options, saved)
@@ -135,6 +140,18 @@ def _saved_recipe(out, check_saved):
         return None
     hparams = _read_model(out, "cannot start over", tokenizer=False)
     return {**{k: hparams[k] for k in ARCHITECTURE}, "block_size": hparams["n_ctx"]}
+
+
+def _check_same_tokenizer(tokenizer, saved):
+    """A --tokenizer given with --resume must be the run's own (its recipe's, `saved`)."""
+    if tokenizer is None or not saved:
+        return
+    if saved.get("init") is not None:
+        raise TrainingError(f"--tokenizer {tokenizer}: the run being resumed uses the tokenizer of "
+                            f"its --init model ({saved['init']}); it cannot change")
+    if saved.get("tokenizer") is not None and tokenizer != saved["tokenizer"]:
+        raise TrainingError(f"--tokenizer {tokenizer}: the run being resumed was trained with "
+                            f"--tokenizer {saved['tokenizer']}; it cannot change")
 
 
 def _saved_sources(saved, tokenizer):
