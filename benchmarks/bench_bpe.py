@@ -165,10 +165,12 @@ def stream(args, vocab):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("text", nargs="?", default=REPO / "../shared/data/tinyshakespeare.txt")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("text", nargs="?", default=REPO / "../shared/data/tinyshakespeare.txt",
+                        help="the text to encode (default ../shared/data/tinyshakespeare.txt)")
     parser.add_argument("--vocab", help="folder with encoder.json and vocab.bpe")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=5, help="timed encodings; the best counts")
     parser.add_argument("--stream", type=float, metavar="MB",
                         help="tokenize MB megabytes of shuffled lines as a stream (see above)")
     parser.add_argument("--workers", type=int, help="--stream's processes (threads for "

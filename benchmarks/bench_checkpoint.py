@@ -39,9 +39,11 @@ def gpt2_shapes(n_embd, n_head, n_layer, n_vocab=50257, n_ctx=1024):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=sorted(SHAPES), default="124M")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SHAPES), default="124M",
+                        help="GPT-2 size whose shapes the checkpoint has (random values)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed reads; the best counts")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)

@@ -141,7 +141,8 @@ def accuracy(text, root):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", nargs="+", default=["124M"], choices=["124M", "355M", "774M",
                         "1558M"])  # fmt: skip
     parser.add_argument("--threads", type=int, help="threads (default: every usable core)")

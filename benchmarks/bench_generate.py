@@ -211,12 +211,14 @@ def run_worker(engine, folder):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=list(SIZES), default="124M")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=list(SIZES), default="124M",
+                        help="GPT-2 size whose shapes the random model has")
     parser.add_argument("--runs", type=int, default=3, help="alternating runs of each engine")
     parser.add_argument("--dir", type=Path, help="where the random model lives (kept); "
                         "default: a temporary folder")  # fmt: skip
-    parser.add_argument("--only", choices=["picogpt", "hf"])
+    parser.add_argument("--only", choices=["picogpt", "hf"], help="run one engine alone")
     parser.add_argument("--worker", choices=["picogpt", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--count-subnormals", action="store_true",
                         help="count subnormal floats on the hot paths instead of timing")

@@ -128,7 +128,8 @@ def run_worker(engine, folder):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="alternating runs of each case")
     parser.add_argument("--dir", type=Path, help="where the random model lives (kept); "
                         "default: a temporary folder")  # fmt: skip

@@ -65,8 +65,10 @@ def engine(x, wts):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=list(SIZES), default="124M")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=list(SIZES), default="124M",
+                        help="GPT-2 size whose shapes the matrices have")
     parser.add_argument("--runs", type=int, default=15, help="alternating runs of each variant")
     parser.add_argument("--pages", action="store_true",
                         help="also time the engine's layout on 4 KB pages (one more copy)")

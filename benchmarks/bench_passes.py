@@ -175,10 +175,11 @@ def training_cases(old, old_model, rng):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default="7e8e3c1", help="git revision to compare against "
                         "(default: the last one before issue 13's changes)")  # fmt: skip
-    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=20, help="alternating runs of each pass")
     args = parser.parse_args()
     old = module_at(args.before, "picogpt/gpt2/engine.py", "picogpt/model.py")
     rng = np.random.default_rng(0)

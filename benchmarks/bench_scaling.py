@@ -271,7 +271,8 @@ def profile_passes(counts, reps):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", help="thread counts (default: 1, 2, "
                         "4, ... up to the usable cores)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="1 thread and the most, fewer reps")

@@ -99,11 +99,14 @@ def api_stream(model, tokens):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="124M", choices=("124M", "355M", "774M", "1558M"))
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "picogpt-bench")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="124M", choices=("124M", "355M", "774M", "1558M"),
+                    help="GPT-2 size whose shapes the random model has")
+    ap.add_argument("--runs", type=int, default=5, help="alternating runs of each way")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens generated a run")
+    ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "picogpt-bench",
+                    help="where the random model lives (kept)")
     args = ap.parse_args()
 
     import picogpt

@@ -396,20 +396,24 @@ def chars(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
     c = sub.add_parser("chars", help="the character-level recipe, against PyTorch")
     c.add_argument("text", type=Path, help="Tiny Shakespeare")
     c.add_argument("--torch", action="store_true", help="also run the recipe in PyTorch")
-    c.add_argument("--max-iters", type=int, default=RECIPE["max_iters"])
+    c.add_argument("--max-iters", type=int, default=RECIPE["max_iters"],
+                   help="training steps (default the recipe's)")
     f = sub.add_parser("finetune", help="a GPT-2 124M step, against HuggingFace + PyTorch")
-    f.add_argument("--block-size", type=int, nargs="+", default=[512, 1024])
+    f.add_argument("--block-size", type=int, nargs="+", default=[512, 1024],
+                   help="sequence lengths T to time a step at")
     f.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up")
     f.add_argument("--no-torch", action="store_true", help="picogpt alone")
     b = sub.add_parser("bpe", help="from scratch on GPT-2's tokens, against nanoGPT")
     b.add_argument("text", type=Path, help="Tiny Shakespeare")
     b.add_argument("--nanogpt", type=Path, help="a clone of karpathy/nanoGPT to run alongside")
-    b.add_argument("--max-iters", type=int, default=RECIPE["max_iters"])
+    b.add_argument("--max-iters", type=int, default=RECIPE["max_iters"],
+                   help="training steps (default the recipe's)")
     b.add_argument("--eval-interval", type=int, default=1000,
                    help="both evaluate every N iters (a multiple of it ends the run with one); "
                         "each is 2 x --eval-iters batches a side, outside the step times")

@@ -129,7 +129,8 @@ def empty_pass_us(gaps=(0.0, 0.3e-3, 1e-3), passes=300):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=65536, help="rows of 768 weights")
     parser.add_argument("--reps", type=int, default=5, help="timed products; the best counts")
     parser.add_argument("--child", choices=DTYPES, help=argparse.SUPPRESS)
