@@ -219,8 +219,8 @@ class GPT:
         self.dtype = dtype or compact.dtype_of(params["model/wte"])
 
         def copied(name):
-            """Whether matrix `name` becomes a float32 copy made below. Not when it is kept
-            compact, nor a float32 file's matrix read in place (not reordered); a 16-bit wte
+            """Whether matrix `name` becomes a float32 copy laid out for decoding. Not when it is
+            kept compact, nor a float32 file's matrix read in place (not reordered); a 16-bit wte
             that is not reordered is widened whole by compact.converted instead."""
             own = compact.dtype_of(params[name])
             if (dtype or own) != "float32":
@@ -235,21 +235,20 @@ class GPT:
             """Block matrix `name` ([1, nx, nf]) as [nf, nx] in `dtype`; a ValueError (a value
             beyond float16's range, say) names the tensor."""
             try:
-                return matrix(params[name])
+                return matrix(name)
             except ValueError as e:
                 raise ValueError(f"tensor {name!r}: {e}") from e
 
-        def matrix(tensor):
+        def matrix(name):
+            tensor = params[name]
             source, own = tensor[0], compact.dtype_of(tensor)
             kind = dtype or own
-            if kind == own == "float32" and not self.reordered:
+            if copied(name):  # (a file's float16 / bfloat16 widened first)
+                wt = streaming_copy(compact.widened(source).T, empty)
+            elif kind == "float32":  # a float32 file's, not reordered
                 return source.T  # [nf, nx], a view of OpenAI's [nx, nf] order
-            if kind == own == "float32":
-                wt = streaming_copy(source.T, empty)
             elif kind == own:  # a file's float16 / bfloat16: its 16 bits reordered as they are
                 wt = compact.KINDS[kind](transposed(compact.storage(source).view(np.uint16)))
-            elif kind == "float32":  # a file's float16 / bfloat16, widened
-                wt = streaming_copy(compact.widened(source).T, empty)
             else:  # compressed a band of rows at a time
                 wt = compact.compress(compact.widened(source).T, kind)
             if release is not None:  # the copy is used from now on, not the mapped file
@@ -258,11 +257,12 @@ class GPT:
 
         wte = params["model/wte"]  # [n_vocab, C] is already [n_out, n_in]
         try:
-            self.wte = compact.converted(wte, dtype)
+            if copied("model/wte"):  # [V, C], its V columns contiguous
+                self.wte = streaming_copy(compact.widened(wte), empty)
+            else:
+                self.wte = compact.converted(wte, dtype)
         except ValueError as e:
             raise ValueError(f"tensor 'model/wte': {e}") from e
-        if self.reordered and isinstance(self.wte, np.ndarray):
-            self.wte = streaming_copy(self.wte, empty)  # [V, C], its V columns contiguous
         if release is not None and not np.may_share_memory(compact.storage(self.wte),
                                                            compact.storage(wte)):
             release(compact.storage(wte))  # a copy: the file's pages are not used

@@ -84,15 +84,20 @@ class Arena:
     def bytes_for(sizes, dtype=np.float32):
         """The bytes an Arena needs for arrays of these element counts."""
         item = np.dtype(dtype).itemsize
-        return sum(-(-n * item // ARENA_ALIGN) * ARENA_ALIGN for n in sizes)
+        return sum(_aligned(n * item) for n in sizes)
 
     def empty(self, shape, dtype=np.float32):
         """The buffer's next free bytes as a C-ordered array of `shape`, like np.empty's: to be
         written (each byte is handed out once, so it holds zeros until then)."""
         n_bytes = math.prod(shape) * np.dtype(dtype).itemsize
-        start = -(-self.used // ARENA_ALIGN) * ARENA_ALIGN
+        start = _aligned(self.used)
         if start + n_bytes > len(self.buffer):
             raise MemoryError(f"an Arena of {len(self.buffer)} bytes has no room for "
                               f"{n_bytes} more after {self.used}")  # fmt: skip
         self.used = start + n_bytes
         return self.buffer[start : start + n_bytes].view(dtype).reshape(shape)
+
+
+def _aligned(n_bytes):
+    """n_bytes rounded up to a whole number of ARENA_ALIGN."""
+    return -(-n_bytes // ARENA_ALIGN) * ARENA_ALIGN
