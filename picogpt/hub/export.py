@@ -42,9 +42,6 @@ def export(model, out, format="hf", dtype="float32"):
     tmp = files.temporary_name(out)
     try:
         tmp.mkdir(parents=True)
-    except OSError as e:  # named by `out`: the temporary name is ours, not the user's
-        raise PicogptError(f"cannot write {out}: {e.strerror or e}") from e
-    try:
         (tmp / MARK).touch()
         if format == "hf":
             hf.write_folder(tmp, hparams, tokenizer, params, dtype, model)
@@ -55,7 +52,8 @@ def export(model, out, format="hf", dtype="float32"):
         os.replace(tmp, out)  # a directory onto a missing or empty one
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and not isinstance(e, PicogptError):  # a full disk, say
+        if isinstance(e, OSError) and not isinstance(e, PicogptError):  # a full disk, say:
+            # named by `out`, as the user gave it; the temporary name is ours
             raise PicogptError(f"cannot write {out}: {e.strerror or e}") from e
         raise
     return out
