@@ -3,7 +3,7 @@ and likeliest alternatives): the completions' lists (tokens, token_logprobs, top
 text_offset), an echoed prompt's, and the chat's entries (token, logprob, bytes,
 top_logprobs)."""
 
-import numpy as np
+from picogpt.generation import sampling
 
 
 def completion_logprobs(model, tokens, token_logprobs, top_logprobs, offsets, prompt=None):
@@ -22,18 +22,17 @@ def completion_logprobs(model, tokens, token_logprobs, top_logprobs, offsets, pr
 
 def prompt_logprobs(model, ids, k):
     """The echoed prompt's logprobs: each token's log-probability given the ones before it
-    (the first has none), from one forward pass over the prompt."""
+    (the first has none), from one forward pass over the prompt, as decoding reports a
+    generated token's (sampling.log_softmax, sampling.top_ids)."""
     if not ids:  # an empty prompt has no tokens to score
         return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     token_lp, top_lp = [None], [None]
     if len(ids) > 1:
-        logits = model.logits(ids[:-1]).astype(np.float64)  # [T-1, n_vocab]
-        peak = logits.max(axis=1, keepdims=True)
-        lsm = logits - peak - np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))
-        for row, token in zip(lsm, ids[1:]):
+        for logits, token in zip(model.logits(ids[:-1]), ids[1:]):  # [T-1, n_vocab]
+            row = sampling.log_softmax(logits)
             token_lp.append(float(row[token]))
-            top = np.argsort(-row, kind="stable")[:k]
-            likeliest = {model.token_text(int(t)): float(row[t]) for t in top}
+            likeliest = {model.token_text(int(t)): float(row[t])
+                         for t in sampling.top_ids(row, k)}  # fmt: skip
             top_lp.append(with_token(likeliest, model.token_text(token), token_lp[-1]))
     return {"tokens": [model.token_text(t) for t in ids], "token_logprobs": token_lp,
             "top_logprobs": top_lp, "text_offset": TextOffsets(model, 0).of(ids)}
