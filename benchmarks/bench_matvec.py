@@ -51,11 +51,9 @@ def engine_layout(wts, arena):
 
 def small_page_arena(n_bytes):
     """A memory.Arena of n_bytes whose buffer the kernel is asked to keep on 4 KB pages."""
-    arena = memory.Arena(0)
     pages = mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     pages.madvise(mmap.MADV_NOHUGEPAGE)
-    arena.buffer = np.frombuffer(pages, np.uint8)
-    return arena
+    return memory.Arena(np.frombuffer(pages, np.uint8))
 
 
 def engine(x, wts):
@@ -79,7 +77,7 @@ def main():
     wts = weights(*SIZES[args.size], rng)
     ws = [np.ascontiguousarray(wt.T) for wt in wts]  # OpenAI's [n_in, n_out] order
     arena_bytes = memory.Arena.bytes_for(wt.size for wt in wts)
-    streamed = engine_layout(wts, memory.Arena(arena_bytes))
+    streamed = engine_layout(wts, memory.Arena(memory.huge_page_buffer(arena_bytes)))
     n_bytes = sum(wt.nbytes for wt in wts)
     x1 = rng.standard_normal((1, 4 * SIZES[args.size][0]), dtype=np.float32)
     x4 = rng.standard_normal((4, x1.shape[1]), dtype=np.float32)

@@ -222,7 +222,7 @@ def test_the_engines_float32_matrices_share_one_buffer_on_huge_pages(params, hpa
 
 
 def test_an_arena_carves_aligned_arrays_in_turn_and_says_when_it_is_full():
-    arena = memory.Arena(memory.Arena.bytes_for([3, 5]))
+    arena = memory.Arena(memory.huge_page_buffer(memory.Arena.bytes_for([3, 5])))
     a, b = arena.empty((3,)), arena.empty((5,))
     assert b.ctypes.data - a.ctypes.data == memory.ARENA_ALIGN
     a[:], b[:] = 1, 2  # writable, and apart

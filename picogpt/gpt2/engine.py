@@ -229,7 +229,10 @@ class GPT:
 
         # The float32 copies share one buffer on huge pages (memory.Arena).
         sizes = [math.prod(params[name].shape) for name in matrices if copied(name)]
-        empty = memory.Arena(memory.Arena.bytes_for(sizes)).empty if sizes else np.empty
+        if sizes:
+            empty = memory.Arena(memory.huge_page_buffer(memory.Arena.bytes_for(sizes))).empty
+        else:
+            empty = np.empty
 
         def w(name):
             """Block matrix `name` ([1, nx, nf]) as [nf, nx] in `dtype`; a ValueError (a value

@@ -72,12 +72,12 @@ def huge_page_buffer(n_bytes):
 
 
 class Arena:
-    """Arrays carved in turn from one huge_page_buffer, each on a cache line: the engine's weight
-    matrices, one buffer that decoding streams through on huge pages (see huge_page_buffer).
-    An array keeps the whole buffer alive."""
+    """Arrays carved in turn from one uint8 `buffer`, each on a cache line: the engine's weight
+    matrices, from a huge_page_buffer that decoding streams through on huge pages. An array
+    keeps the whole buffer alive."""
 
-    def __init__(self, n_bytes):
-        self.buffer = huge_page_buffer(n_bytes)
+    def __init__(self, buffer):
+        self.buffer = buffer
         self.used = 0
 
     @staticmethod
