@@ -382,3 +382,42 @@ def test_finite_logits_pass_the_check(tiny, threads):
         warnings.simplefilter("error")
         for call in every_way_to_run(tiny).values():
             call()
+
+
+@pytest.mark.parametrize("C", [64, 768])
+def test_layer_norm_of_one_row_is_the_formula_of_rows(C):
+    rng = np.random.default_rng(C)
+    x = (rng.standard_normal((3, C)) * 3 + 1).astype(np.float32)  # a mean and a spread to remove
+    g, b = rng.standard_normal((2, C)).astype(np.float32)
+    before, x64 = x.copy(), x.astype(np.float64)
+    expected = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5)
+    expected = expected * g + b
+    rows = kernels.layer_norm(x, g, b)
+    for i in range(3):
+        one = kernels.layer_norm(x[None, i : i + 1], g, b)  # [1, 1, C]: a decoding step's
+        assert one.shape == (1, 1, C) and one.dtype == np.float32
+        assert np.allclose(one[0, 0], expected[i], rtol=1e-5, atol=1e-5)
+        assert np.allclose(one[0, 0], rows[i], rtol=1e-5, atol=1e-5)
+    assert np.array_equal(x, before)  # a new array: x itself untouched
+
+
+@pytest.mark.parametrize("then", [None, "gelu", "residual"])
+def test_linear_of_one_row_is_a_row_of_the_rows_product(then):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 40)).astype(np.float32)
+    wt = rng.standard_normal((100, 40)).astype(np.float32)
+    b = rng.standard_normal(100).astype(np.float32)
+    residual = rng.standard_normal((3, 100)).astype(np.float32)
+    epilogue = {"gelu": lambda r: engine.gelu_columns, "residual": engine.add_into}.get(then)
+    rows_residual = residual.copy()
+    rows = engine.linear(x, wt, b, then=epilogue and epilogue(rows_residual))
+    for i in range(3):
+        one_residual = residual[None, i : i + 1].copy()
+        one = engine.linear(x[None, i : i + 1], wt, b, then=epilogue and epilogue(one_residual))
+        assert one.shape == (1, 1, 100)
+        assert np.allclose(one[0, 0], rows[i], rtol=1e-5, atol=1e-5)
+        if then == "residual":
+            assert np.allclose(one_residual[0, 0], rows_residual[i], rtol=1e-5, atol=1e-5)
+            assert not np.allclose(one_residual[0, 0], residual[i])  # the product was added
+    if then is None:
+        assert np.allclose(rows, x.astype(np.float64) @ wt.T.astype(np.float64) + b, atol=1e-4)

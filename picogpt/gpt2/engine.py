@@ -44,8 +44,15 @@ TRANSPOSE_ROWS = 16  # rows per band when copying weights into [n_out, n_in] ord
 def linear(x, wt, b, then=None):
     """x @ wt.T + b over the last axis, for x of any leading shape; then `then(out_columns,
     start, stop)` on each part of the output's columns (an elementwise epilogue: GELU, a
-    residual add). The output's columns are split over the cores (inside parallel.passes)."""
+    residual add). The output's columns are split over the cores (inside parallel.passes);
+    one row of float32 weights (decoding) is one product on BLAS's threads, whole."""
     rows = x.reshape(-1, x.shape[-1])
+    if len(rows) == 1 and isinstance(wt, np.ndarray):  # no ranges: each costs more than its sum
+        out = matmul(rows, wt)
+        out += b
+        if then is not None:
+            then(out, 0, len(wt))
+        return out.reshape(*x.shape[:-1], wt.shape[0])
     out = np.empty((len(rows), wt.shape[0]), np.float32)
 
     def columns(start, stop):
