@@ -401,23 +401,25 @@ def test_layer_norm_of_one_row_is_the_formula_of_rows(C):
     assert np.array_equal(x, before)  # a new array: x itself untouched
 
 
-@pytest.mark.parametrize("then", [None, "gelu", "residual"])
-def test_linear_of_one_row_is_a_row_of_the_rows_product(then):
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((3, 40)).astype(np.float32)
-    wt = rng.standard_normal((100, 40)).astype(np.float32)
-    b = rng.standard_normal(100).astype(np.float32)
-    residual = rng.standard_normal((3, 100)).astype(np.float32)
-    epilogue = {"gelu": lambda r: engine.gelu_columns, "residual": engine.add_into}.get(then)
-    rows_residual = residual.copy()
-    rows = engine.linear(x, wt, b, then=epilogue and epilogue(rows_residual))
-    for i in range(3):
-        one_residual = residual[None, i : i + 1].copy()
-        one = engine.linear(x[None, i : i + 1], wt, b, then=epilogue and epilogue(one_residual))
-        assert one.shape == (1, 1, 100)
-        assert np.allclose(one[0, 0], rows[i], rtol=1e-5, atol=1e-5)
-        if then == "residual":
-            assert np.allclose(one_residual[0, 0], rows_residual[i], rtol=1e-5, atol=1e-5)
-            assert not np.allclose(one_residual[0, 0], residual[i])  # the product was added
-    if then is None:
-        assert np.allclose(rows, x.astype(np.float64) @ wt.T.astype(np.float64) + b, atol=1e-4)
+@pytest.mark.parametrize("weights", ["float32", "float16"])  # a float16 file's widened at load
+def test_a_decoding_step_is_a_row_of_the_rows_forward(params, hparams, weights):
+    params = {name: value.astype(weights) if is_matrix(name) else value
+              for name, value in params.items()}  # fmt: skip
+    gpt = engine.GPT(params, hparams, dtype="float32")
+    prompt = np.array([[5, 17, 3]])
+    one, two = gpt.new_cache(), gpt.new_cache(batch=2)  # one token a step, or two rows of it
+    gpt.forward(prompt, one)
+    gpt.forward(np.repeat(prompt, 2, axis=0), two)
+    for token in (99, 42, 7):
+        step = gpt.forward(np.array([[token]]), one)  # [1, V]
+        rows = gpt.forward(np.array([[token], [token]]), two)  # [2, V]
+        assert step.shape == (1, hparams["n_vocab"]) and step.dtype == np.float32
+        assert np.allclose(step[0], rows[0], rtol=0, atol=1e-5 * np.abs(rows).max())
+    assert one.length == two.length == 6
+    for layer in range(hparams["n_layer"]):  # the same keys and values appended
+        assert np.allclose(one.k[layer][0, :, :6], two.k[layer][0, :, :6], atol=1e-6)
+        assert np.allclose(one.v[layer][0, :, :6], two.v[layer][0, :, :6], atol=1e-6)
+    last = gpt.forward(np.array([[8]]), one, all_logits=True)
+    assert last.shape == (1, 1, hparams["n_vocab"])
+    assert np.allclose(last[0, 0], gpt.forward(np.array([[8], [8]]), two)[0], rtol=0,
+                       atol=1e-5 * np.abs(last).max())  # fmt: skip

@@ -28,6 +28,7 @@ from picogpt.gpt2.kernels import (
     matmul,
     past_mask,
     row_sums,
+    vector_layer_norm,
 )
 from picogpt.gpt2.memory import keep_freed_memory, lazy_zeros
 from picogpt.gpt2.params import check_params, param_shapes
@@ -44,15 +45,8 @@ TRANSPOSE_ROWS = 16  # rows per band when copying weights into [n_out, n_in] ord
 def linear(x, wt, b, then=None):
     """x @ wt.T + b over the last axis, for x of any leading shape; then `then(out_columns,
     start, stop)` on each part of the output's columns (an elementwise epilogue: GELU, a
-    residual add). The output's columns are split over the cores (inside parallel.passes);
-    one row of float32 weights (decoding) is one product on BLAS's threads, whole."""
+    residual add). The output's columns are split over the cores (inside parallel.passes)."""
     rows = x.reshape(-1, x.shape[-1])
-    if len(rows) == 1 and isinstance(wt, np.ndarray):  # no ranges: each costs more than its sum
-        out = matmul(rows, wt)
-        out += b
-        if then is not None:
-            then(out, 0, len(wt))
-        return out.reshape(*x.shape[:-1], wt.shape[0])
     out = np.empty((len(rows), wt.shape[0]), np.float32)
 
     def columns(start, stop):
@@ -63,6 +57,13 @@ def linear(x, wt, b, then=None):
 
     parallel.run(columns, len(wt), COLUMN_GRAIN)
     return out.reshape(*x.shape[:-1], wt.shape[0])
+
+
+def vector_linear(x, wt, b):
+    """linear for one row x [C] (a decoding step's): wt @ x + b, one product on BLAS's threads."""
+    out = np.matmul(wt, x)
+    out += b
+    return out
 
 
 def gelu_columns(o, start, stop):
@@ -300,13 +301,17 @@ class GPT:
         keys and values to `cache`. Returns logits [B, n_vocab] of the last position, or
         [B, T, n_vocab] with all_logits (computed in row blocks). More than SMALL_BATCH rows
         (a prefill) split each pass over the cores; fewer (decoding) leave the products to
-        BLAS's threads and the short passes whole, unless the weights are compact."""
+        BLAS's threads and the short passes whole, unless the weights are compact. One token
+        of float32 weights goes through _step, over vectors."""
         ids = np.asarray(ids)
         B, T = ids.shape
         if cache.length + T > cache.n_ctx:
             raise ValueError(f"{cache.length + T} positions do not fit a cache of {cache.n_ctx}")
         if B != cache.batch:
             raise ValueError(f"batch of {B} rows for a cache of {cache.batch}")
+        if B * T == 1 and self.dtype == "float32":  # decoding one token (see _step)
+            logits = self._step(int(ids[0, 0]), cache)
+            return logits[None, None] if all_logits else logits[None]
         # Compact weights are widened on every core, also when decoding.
         split = B * T > SMALL_BATCH or self.dtype != "float32"
         with parallel.passes() if split else contextlib.nullcontext():
@@ -329,6 +334,36 @@ class GPT:
         if not all_logits:
             return project(layer_norm(x[:, -1], *self.ln_f), self.wte)  # [B, V]: the last row
         return project(layer_norm(x, *self.ln_f), self.wte)
+
+    def _step(self, token, cache):
+        """One token through the network, for decoding: _forward's math over vectors ([C], not
+        [1, 1, C]); logits [V]. A decoding step's time is its products' streaming and its NumPy
+        calls, each cold after a product has streamed weights through the caches, not their
+        math, and this path makes far fewer calls than _forward. The tests hold it to _forward."""
+        t = cache.length
+        x = self.wte[token] + self.wpe[t]  # [C]
+        for layer, blk in enumerate(self.blocks):
+            h = vector_layer_norm(x, *blk["ln_1"])
+            q, k, v = vector_linear(h, *blk["c_attn"]).reshape(3, self.n_head, self.head_dim)
+            x += vector_linear(self._attend_one(q, k, v, cache, layer), *blk["c_proj"])
+            h = vector_layer_norm(x, *blk["ln_2"])
+            x += vector_linear(gelu_(vector_linear(h, *blk["c_fc"])), *blk["mlp_proj"])
+        cache.length = t + 1
+        return np.matmul(self.wte, vector_layer_norm(x, *self.ln_f))  # [V]
+
+    def _attend_one(self, q, k, v, cache, layer):
+        """attention() for one query, q, k, v [H, hd]: k and v appended to the layer's cache,
+        then softmax(q keys^T / sqrt(hd)) over every key so far, times the values: [C]."""
+        t = cache.length
+        keys = cache.k[layer][0, :, : t + 1]  # [H, t + 1, hd]
+        values = cache.v[layer][0, :, : t + 1]
+        keys[:, t], values[:, t] = k, v
+        q = q * np.float32(1 / math.sqrt(self.head_dim))
+        scores = q[:, None] @ keys.swapaxes(-1, -2)  # [H, 1, t + 1]
+        kernels.shifted_exp_(scores)
+        out = scores @ values  # [H, 1, hd]
+        out /= np.add.reduce(scores, axis=-1, keepdims=True)  # one row a head: no einsum needed
+        return out.reshape(-1)
 
     def attend(self, q, k, v, cache, layer):
         """Append k, v [B, H, T, hd] to the layer's cache and attend q over it: [B, T, C]. The
