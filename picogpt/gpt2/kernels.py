@@ -54,8 +54,7 @@ def normalize(x, out, eps=LN_EPS):
 
 def layer_norm(x, g, b, eps=LN_EPS):
     """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * g + b; split by rows over
-    the cores (inside parallel.passes). One row (a decoding step's) goes through
-    vector_layer_norm."""
+    the cores (inside parallel.passes). One row goes through vector_layer_norm."""
     if x.size == x.shape[-1]:
         return vector_layer_norm(x.reshape(-1), g, b, eps).reshape(x.shape)
     rows = x.reshape(-1, x.shape[-1])
