@@ -61,7 +61,21 @@ def test_ranges_run_at_once_on_single_threaded_blas_and_it_is_restored(threads):
     assert len({ident for ident, _ in seen}) == 2
     if parallel.blas_threads() is not None:  # OpenBLAS found: held to 1, then put back
         assert {blas for _, blas in seen} == {1}
-        assert parallel.blas_threads() == 2
+        assert parallel.blas_threads() == min(2, parallel.usable_cores())
+
+
+def test_blas_never_runs_more_threads_than_the_usable_cores(threads):
+    if parallel.blas_threads() is None:
+        pytest.skip("OpenBLAS not found: BLAS keeps its own threads")
+    cores = parallel.usable_cores()
+    threads(cores + 3)  # the pool splits over them all, BLAS's spinning workers would take turns
+    assert parallel.threads() == cores + 3
+    assert parallel.blas_threads() == cores
+    with parallel.passes():
+        assert parallel.blas_threads() == 1
+    assert parallel.blas_threads() == cores
+    threads(1)
+    assert parallel.blas_threads() == 1
 
 
 def test_more_threads_than_items_runs_each_item_once(threads):

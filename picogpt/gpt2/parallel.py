@@ -14,7 +14,8 @@ Products run inside such passes too (each thread a slice of the output's columns
 while `passes()` is in force OpenBLAS is held to one thread: the pool times BLAS's threads never
 exceeds the cores, and OpenBLAS's own threads, which spin for a while after each product, never
 compete with the pool's. Outside it (decoding one token: products of one row, passes too short to
-split) OpenBLAS runs each product on all `threads()` cores, as before.
+split) OpenBLAS runs each product on `threads()` threads, as before, but never on more than the
+cores this process may use.
 
 Each range runs in a copy of the caller's context (contextvars), so what the caller set there holds
 on every thread as it would on one core: NumPy's errstate, for one, is a context variable.
@@ -78,7 +79,7 @@ def _find_blas():
         if _blas is None:
             _blas = _openblas() or False
             if _blas and not _held:
-                _blas[1](threads())
+                _blas[1](_blas_count())
     return _blas
 
 
@@ -118,17 +119,24 @@ def threads():
     return _from_environment() or usable_cores()
 
 
+def _blas_count():
+    """OpenBLAS's threads outside passes(): threads(), but never more than the usable cores.
+    Its workers spin while they wait for the next product; more of them than cores take turns
+    on them, and every product waits for the last to be scheduled."""
+    return min(threads(), usable_cores())
+
+
 def set_threads(n):
     """Split passes over n threads from now on (None: back to the default), and run products
-    outside the passes on n of OpenBLAS's threads; returns the setting before (None: the
-    default)."""
+    outside the passes on n of OpenBLAS's threads (at most the usable cores); returns the
+    setting before (None: the default)."""
     global _threads
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"threads: a whole number, at least 1, got {n!r}")
     before, _threads = _threads, n
     blas = _find_blas()
     if blas and not _held:
-        blas[1](threads())
+        blas[1](_blas_count())
     return before
 
 
@@ -156,7 +164,7 @@ def passes():
         with _held_lock:
             _held -= 1
             if blas and _held == 0:
-                blas[1](threads())
+                blas[1](_blas_count())
 
 
 def splitting():
