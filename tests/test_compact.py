@@ -126,6 +126,20 @@ def test_an_unknown_dtype_is_refused():
         engine.GPT(checkpoint.read(FOLDER), hparams, dtype="float8")
 
 
+@pytest.mark.parametrize("given", [np.dtype("float16"), np.float16])
+def test_a_numpy_dtype_is_taken_by_its_name(given):
+    by_name = picogpt.load(FOLDER, dtype="float16")
+    m = picogpt.load(FOLDER, dtype=given)
+    assert m.gpt.dtype == "float16"
+    assert np.array_equal(m.logits([5, 6, 7]), by_name.logits([5, 6, 7]))
+
+
+@pytest.mark.parametrize("given", [np.dtype("float64"), np.float64, 16, b"int8"])
+def test_a_dtype_that_is_none_of_ours_is_a_value_error(given):
+    with pytest.raises(ValueError, match="one of float32, float16, bfloat16, int8"):
+        picogpt.load(FOLDER, dtype=given)
+
+
 HF16 = Path(__file__).parent / "fixtures" / "gpt2-tiny-hf16"  # float16, written by transformers
 
 

@@ -302,15 +302,20 @@ def load(name="124M", weights_dir=None, base_url=None, source=None, dtype=None):
     (float32, or an HF folder's float16 / bfloat16). Anything wrong in the folder is a
     ModelError naming it, the cause chained. A bad $PICOGPT_THREADS is a ValueError here,
     before any download, not at the first forward that splits."""
-    check_dtype(dtype)
+    dtype = check_dtype(dtype)
     parallel.threads()
     return load_folder(resolve(name, weights_dir, base_url, source), dtype)
 
 
 def check_dtype(dtype):
-    if dtype is not None and dtype not in DTYPES:
+    """dtype by its name, one of DTYPES (a NumPy dtype, np.dtype('float16') or np.float16, by
+    its name), or None; a ValueError for anything else."""
+    if isinstance(dtype, np.dtype) or (isinstance(dtype, type) and issubclass(dtype, np.generic)):
+        dtype = np.dtype(dtype).name
+    if dtype is not None and (not isinstance(dtype, str) or dtype not in DTYPES):
         raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)} (or None: the folder's "
                          "own)")
+    return dtype
 
 
 def load_folder(folder, dtype=None):
@@ -318,7 +323,7 @@ def load_folder(folder, dtype=None):
     checked before anything is built from it: the hparams against the checkpoint's own tensors,
     the tokenizer against the vocabulary size. Anything wrong is a ModelError naming the folder
     or the file, the cause chained."""
-    check_dtype(dtype)
+    dtype = check_dtype(dtype)
     folder = Path(folder)
     try:
         hparams, tokenizer, params = read_folder(folder, compact_matrices=dtype != "float32")
