@@ -423,3 +423,13 @@ def test_a_decoding_step_is_a_row_of_the_rows_forward(params, hparams, weights):
     assert last.shape == (1, 1, hparams["n_vocab"])
     assert np.allclose(last[0, 0], gpt.forward(np.array([[8], [8]]), two)[0], rtol=0,
                        atol=1e-5 * np.abs(last).max())  # fmt: skip
+
+
+def test_a_vocabulary_that_does_not_hold_together_names_its_folder_once(tmp_path):
+    folder = tmp_path / "tiny"
+    shutil.copytree(TINY, folder)
+    lines = (folder / "vocab.bpe").read_text(encoding="utf-8").rstrip("\n").split("\n")
+    (folder / "vocab.bpe").write_text("\n".join(lines[:-3]) + "\n", encoding="utf-8")
+    with pytest.raises(ModelError, match="cut short") as e:  # the tables together: the folder
+        picogpt.load(folder)
+    assert str(e.value).startswith(f"{folder}: ") and str(e.value).count(str(folder)) == 1

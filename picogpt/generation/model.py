@@ -331,6 +331,6 @@ def load_folder(folder, dtype=None):
     except ModelError:
         raise
     except (PicogptError, OSError, ValueError) as e:
-        named = str(e).startswith(f"{folder}{os.sep}")  # it begins with a file of the folder
+        named = str(e).startswith((f"{folder}{os.sep}", f"{folder}: "))  # it or a file of it
         raise ModelError(str(e) if named else f"{folder}: {e}") from e
     return Model(gpt, tokenizer, folder)
