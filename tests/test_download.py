@@ -124,6 +124,18 @@ def test_a_mirror_without_the_tf_graph_is_enough(server, tmp_path, capsys):
         assert (folder / name).read_bytes() == served(server, name), name
 
 
+def test_offline_a_model_without_only_the_tf_graph_is_ready(server, tmp_path, capsys):
+    del server.files["/124M/model.ckpt.meta"]
+    folder = dl.download("124M", tmp_path, server.url, **FAST)  # complete but for the graph
+    capsys.readouterr()
+    assert dl.download("124M", tmp_path, closed_port_url(), **FAST) == folder  # offline now
+    assert "model.ckpt.meta cannot be fetched" in capsys.readouterr().err
+    assert dl.verified_source(folder) and not (folder / "model.ckpt.meta").exists()
+    (folder / "encoder.json").unlink()  # a file loading needs: offline, that is an error
+    with pytest.raises(dl.ModelNotFoundError, match="cannot be downloaded"):
+        dl.download("124M", tmp_path, closed_port_url(), **FAST)
+
+
 def test_corrupted_transfer_is_caught_removed_and_fetched_anew(server, tmp_path):
     server.add_fault(DATA, ("corrupt", len(served(server, DATA)) // 2))
     with pytest.raises(dl.DownloadError, match="verification") as e:

@@ -163,7 +163,10 @@ def _download_locked(folder, size, source, base, chosen, only_if_missing, limits
                     digest = fetch(session, url, folder / name, max_bytes(size, name), source,
                                    limits)
                 except Offline as e:
-                    raise _offline_error(e, folder, size, source, where, chosen) from None
+                    if name in needed or not _all_present(folder, needed):
+                        raise _offline_error(e, folder, size, source, where, chosen) from None
+                    say(f"{name} cannot be fetched ({e}); skipped (not needed to load)")
+                    continue
                 except NotFound:  # a mirror may leave out what loading does not need
                     if name in needed:
                         raise
