@@ -457,14 +457,8 @@ def test_logprobs_piped_are_a_table_of_the_api_logprobs(env):
                                     rel_tol=0.01, abs_tol=0.006)
 
 
-def test_logprobs_on_a_terminal_shade_the_text_and_the_table(env):
-    import pty
-
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "picogpt", "ROMEO:", "-m", "shakespeare-char",
-                             "--n", "20", "--seed", "3", "--logprobs", "2"],
-                            stdout=follower, stderr=subprocess.PIPE, env=env)
-    os.close(follower)
+def read_terminal(leader):
+    """Everything a process wrote to a pseudo-terminal, until it closed it."""
     data = b""
     while True:
         try:
@@ -475,14 +469,48 @@ def test_logprobs_on_a_terminal_shade_the_text_and_the_table(env):
             break
         data += chunk
     os.close(leader)
+    return data.decode("utf-8")
+
+
+def test_logprobs_on_a_terminal_shade_the_text_and_the_table(env):
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "picogpt", "ROMEO:", "-m", "shakespeare-char",
+                             "--n", "20", "--seed", "3", "--logprobs", "2"],
+                            stdout=follower, stderr=subprocess.PIPE, env=env)
+    os.close(follower)
+    shown = read_terminal(leader)
     assert proc.wait(timeout=60) == 0, proc.stderr.read()
-    shown = data.decode("utf-8").replace("\r\n", "\n")
+    shown = shown.replace("\r\n", "\n")
     assert "\x1b[48;5;" in shown  # shaded
     plain = re.sub(r"\x1b\[[0-9;]*m", "", shown)
     text = picogpt.load("shakespeare-char").generate("ROMEO:", n=20, seed=3)
     assert plain.startswith("ROMEO:" + text)
     table = plain.split("alternatives\n", 1)[1].splitlines()
     assert len(table) == 20 and all(re.match(r" +\d+  \S", line) for line in table)
+
+
+@pytest.mark.parametrize("dtype", [[], ["--dtype", "int8"]])
+def test_a_terminal_is_told_what_loads_and_the_line_is_erased(env, dtype):
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "picogpt", "ROMEO:", "-m", "shakespeare-char",
+                             "--n", "5", "--seed", "3", *dtype], stdout=subprocess.PIPE,
+                            stderr=follower, env=env)  # fmt: skip
+    os.close(follower)
+    err = read_terminal(leader)
+    out = proc.stdout.read().decode("utf-8")
+    assert proc.wait(timeout=60) == 0, err
+    folder = picogpt.resolve("shakespeare-char")
+    said = f"loading {folder}" + (" as int8" if dtype else "") + " ..."
+    assert err == said + "\r\x1b[K"  # said while loading, erased after: nothing else
+    assert out == "ROMEO:" + picogpt.load(folder, dtype=(dtype or [None, None])[1]).generate(
+        "ROMEO:", n=5, seed=3) + "\n"
+    piped = picogpt_cmd("ROMEO:", "-m", "shakespeare-char", "--n", "5", "--seed", "3", *dtype,
+                        env=env)  # fmt: skip
+    assert piped.returncode == 0 and piped.stderr == "" and piped.stdout == out
 
 
 def test_chat_stop_strings_end_the_reply(ready_env, tmp_path):

@@ -216,14 +216,26 @@ def add_sampling_options(p, n, temperature=1.0, unit="sample"):
 
 def open_model(args):
     """--model as `picogpt.resolve` reads it (a folder, a GPT-2 size downloaded when missing, or a
-    bundled model name), loaded; a name that names nothing is a usage error."""
-    from picogpt.generation.model import load
+    bundled model name), loaded; a name that names nothing is a usage error. On a terminal,
+    stderr says what is loading while it loads: 1558M, or any model made compact, takes seconds."""
+    from picogpt.generation.model import load_folder
+    from picogpt.hub.resolve import resolve
 
     try:
-        return load(args.model, args.weights_dir, getattr(args, "base_url", None),
-                    source=getattr(args, "source", None), dtype=args.dtype)
+        folder = resolve(args.model, args.weights_dir, getattr(args, "base_url", None),
+                         source=getattr(args, "source", None))
     except UnknownModelError as e:
         raise UsageError(str(e)) from e
+    terminal = sys.stderr.isatty()
+    if terminal:
+        sys.stderr.write(f"loading {folder}" + (f" as {args.dtype}" if args.dtype else "") + " ...")
+        sys.stderr.flush()
+    try:
+        return load_folder(folder, args.dtype)
+    finally:
+        if terminal:
+            sys.stderr.write("\r\x1b[K")  # the line erased: what follows starts clean
+            sys.stderr.flush()
 
 
 def sampling_options(args):
