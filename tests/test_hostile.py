@@ -784,3 +784,15 @@ def test_every_load_failure_is_a_model_error_with_its_cause(tmp_path, case):
     assert str(folder) in str(error)
     if case != "no hparams":
         assert error.__cause__ is not None, case
+
+
+@pytest.mark.parametrize("args, help_page", [
+    (["verify", "x", "--bogus"], "picogpt verify --help"),
+    (["chat", "--bogus", "1"], "picogpt chat --help"),
+    (["eval", "f", "--bogus"], "picogpt eval --help"),
+    (["Hello", "--bogus"], "picogpt --help"),  # generate's options are on the first page
+])
+def test_an_unknown_option_points_to_its_commands_help(args, help_page):
+    error = assert_one_line_error(picogpt_cmd(*args), 2)
+    unknown = " ".join(args[args.index("--bogus"):])
+    assert error == f"picogpt: error: unrecognized arguments: {unknown} (see {help_page})"

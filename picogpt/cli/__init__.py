@@ -68,6 +68,7 @@ def build_parser():
     parser.epilog = f"{EXAMPLES}\ngenerate (picogpt [generate] PROMPT ...):{options}"
     for command in (chat, download, evaluate, serve, export, train, verify):
         command.add_parser(sub)
+    parser.commands = sub.choices  # name -> the command's parser
     return parser
 
 
@@ -102,7 +103,9 @@ def _main(argv):
         return train.run(argv[1:])
     if argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
         argv = ["generate", *argv]
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by the command's own parser: its --help lists what it takes
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     command = {"generate": generate.run, "chat": chat.run, "download": download.run,
                "eval": evaluate.run, "serve": serve.run, "export": export.run,
                "verify": verify.run}
