@@ -555,6 +555,20 @@ def test_a_damaged_tokenizer_placed_by_hand_is_refused_but_kept(tmp_path):
     assert not dl.verified_source(folder)
 
 
+def test_gpt2s_tokenizer_in_other_bytes_is_gpt2s_by_its_tables(tmp_path):
+    encoder, bpe = _real_tokenizer()
+    folder = tmp_path / "124M"
+    shutil.copytree(FIXTURE, folder)
+    hparams = json.loads((folder / "hparams.json").read_text())
+    (folder / "hparams.json").write_text(json.dumps(dict(hparams, n_vocab=50257)))
+    (folder / "vocab.bpe").write_bytes(bpe)
+    anew = json.dumps(json.loads(encoder), indent=1).encode()  # the same table, other bytes
+    assert hashlib.sha256(anew).hexdigest() != sources.PINNED["encoder.json"]
+    (folder / "encoder.json").write_bytes(anew)
+    assert dl.ensure_model("124M", tmp_path, closed_port_url()) == folder
+    assert dl.verified_source(folder) == "openai"
+
+
 # --- the HuggingFace hub as a source --------------------------------------------------------------
 
 REPO = "openai-community/gpt2"

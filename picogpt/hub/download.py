@@ -290,16 +290,32 @@ def _json_field(path, key):
 
 def _check_pinned(folder, names, n_vocab):
     """GPT-2's vocabulary (n_vocab 50257, every size) is one pair of files: check their sha256.
-    A model with another vocabulary is not one of OpenAI's, and carries its own tokenizer.
-    Returns the names checked."""
+    Files written anew hold the same tables in other bytes (picogpt's export, another program's
+    JSON): those pass when their tables are GPT-2's. A model with another vocabulary is not one of
+    OpenAI's, and carries its own tokenizer. Returns the names that matched their sha256."""
     if n_vocab != GPT2_VOCAB:
         return ()
-    for name in names:
-        got = file_digest(folder / name, "sha256")
-        if got != PINNED[name]:
-            raise ValueError(f"{folder / name} is not GPT-2's {name} (sha256 {got}, expected "
-                             f"{PINNED[name]}): truncated or altered")
-    return names
+    digests = {name: file_digest(folder / name, "sha256") for name in names}
+    altered = [name for name in names if digests[name] != PINNED[name]]
+    if altered and not _gpt2s_tables(folder, names):
+        name = altered[0]
+        raise ValueError(f"{folder / name} is not GPT-2's {name} (sha256 {digests[name]}, "
+                         f"expected {PINNED[name]}) and its table is not GPT-2's either: "
+                         "truncated or altered")
+    return [name for name in names if name not in altered]
+
+
+def _gpt2s_tables(folder, names):
+    """Whether the token table and merge list in `names` are GPT-2's, whatever their bytes."""
+    from picogpt.tokenizers import GPT2_VOCABULARY
+    from picogpt.tokenizers.bpe import BPE
+
+    try:
+        theirs = BPE.load(folder, names)
+    except (PicogptError, OSError, ValueError):
+        return False
+    gpt2 = BPE.load(GPT2_VOCABULARY)
+    return theirs.encoder == gpt2.encoder and theirs.merges == gpt2.merges
 
 
 # --- lock, messages, progress ---------------------------------------------------------------------
