@@ -541,14 +541,21 @@ def test_a_damaged_tokenizer_is_refused_and_removed(gpt2_vocab_server, tmp_path,
     assert not dl.verified_source(tmp_path / "124M")
 
 
-def test_a_damaged_tokenizer_placed_by_hand_is_refused_but_kept(tmp_path):
-    encoder, bpe = _real_tokenizer()
+def placed_by_hand(tmp_path, encoder):
+    """The fixture placed in the weights folder as 124M with GPT-2's vocabulary: n_vocab 50257,
+    OpenAI's vocab.bpe and `encoder` as encoder.json."""
     folder = tmp_path / "124M"
     shutil.copytree(FIXTURE, folder)
     hparams = json.loads((folder / "hparams.json").read_text())
     (folder / "hparams.json").write_text(json.dumps(dict(hparams, n_vocab=50257)))
-    (folder / "vocab.bpe").write_bytes(bpe)
-    (folder / "encoder.json").write_bytes(encoder.replace(b'"hello"', b'"hellO"'))
+    (folder / "vocab.bpe").write_bytes(_real_tokenizer()[1])
+    (folder / "encoder.json").write_bytes(encoder)
+    return folder
+
+
+def test_a_damaged_tokenizer_placed_by_hand_is_refused_but_kept(tmp_path):
+    encoder, _ = _real_tokenizer()
+    folder = placed_by_hand(tmp_path, encoder.replace(b'"hello"', b'"hellO"'))
     with pytest.raises(dl.DownloadError, match="is not GPT-2's encoder.json"):
         dl.ensure_model("124M", tmp_path, closed_port_url())
     assert (folder / "encoder.json").exists()
@@ -556,15 +563,10 @@ def test_a_damaged_tokenizer_placed_by_hand_is_refused_but_kept(tmp_path):
 
 
 def test_gpt2s_tokenizer_in_other_bytes_is_gpt2s_by_its_tables(tmp_path):
-    encoder, bpe = _real_tokenizer()
-    folder = tmp_path / "124M"
-    shutil.copytree(FIXTURE, folder)
-    hparams = json.loads((folder / "hparams.json").read_text())
-    (folder / "hparams.json").write_text(json.dumps(dict(hparams, n_vocab=50257)))
-    (folder / "vocab.bpe").write_bytes(bpe)
+    encoder, _ = _real_tokenizer()
     anew = json.dumps(json.loads(encoder), indent=1).encode()  # the same table, other bytes
     assert hashlib.sha256(anew).hexdigest() != sources.PINNED["encoder.json"]
-    (folder / "encoder.json").write_bytes(anew)
+    folder = placed_by_hand(tmp_path, anew)
     assert dl.ensure_model("124M", tmp_path, closed_port_url()) == folder
     assert dl.verified_source(folder) == "openai"
 
