@@ -138,6 +138,7 @@ def test_every_dtype_generates_and_evaluates(dtype, env, tmp_path):
     text.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n" * 4)
     out = picogpt_cmd("eval", text, "-m", "shakespeare-char", "--dtype", dtype, env=env)
     assert out.returncode == 0 and "perplexity" in out.stdout, out.stderr
+    assert f"model:         shakespeare-char ({dtype})\n" in out.stdout  # which one was scored
 
 
 def test_train_is_imported_only_when_asked_for():

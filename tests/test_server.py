@@ -849,7 +849,7 @@ def test_picogpt_serve_command(tmp_path):
                          cwd=tmp_path)
     try:
         banner = p.stderr.readline()
-        assert "picogpt serve: gpt2-tiny at http://127.0.0.1:" in banner, banner
+        assert "picogpt serve: gpt2-tiny (float32) at http://127.0.0.1:" in banner, banner
         url = banner.split(" at ", 1)[1].split("/ ", 1)[0]
         port = int(url.rsplit(":", 1)[1])
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)

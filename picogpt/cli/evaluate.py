@@ -46,7 +46,7 @@ def run(args):
     # The bytes are the scored tokens': a character model never scores its first character.
     print(f"file:          {args.file} ({score.tokens} tokens scored, {score.n_bytes} bytes; "
           f"window {score.window}, stride {score.stride})")
-    print(f"model:         {args.model}")
+    print(f"model:         {args.model} ({model.gpt.dtype})")
     print(f"cross-entropy: {score.cross_entropy:.4f} nats/token")
     print(f"perplexity:    {score.perplexity:.4f}")
     print(f"bits per byte: {score.bits_per_byte:.4f}")

@@ -56,8 +56,8 @@ def run(args):
         s = server.Server(model, name, args.host, args.port, api_key, args.cors)
     except OSError as e:
         raise PicogptError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
-    print(f"picogpt serve: {name} at {s.url}/ (the page) and {s.url}/v1 (OpenAI's API); "
-          "Ctrl-C stops", file=sys.stderr, flush=True)
+    print(f"picogpt serve: {name} ({model.gpt.dtype}) at {s.url}/ (the page) and {s.url}/v1 "
+          "(OpenAI's API); Ctrl-C stops", file=sys.stderr, flush=True)
     try:
         s.serve_forever()
     finally:
