@@ -218,6 +218,7 @@ class GPT:
         self.n_ctx, self.n_head = self.hparams["n_ctx"], self.hparams["n_head"]
         n_embd, n_layer = self.hparams["n_embd"], self.hparams["n_layer"]
         self.head_dim = n_embd // self.n_head
+        self.scale = np.float32(1 / math.sqrt(self.head_dim))  # attention's queries, scaled
         expected = param_shapes(self.hparams)
 
         matrices = [name for name in expected if name.startswith("model/h") and name.endswith("/w")]
@@ -358,8 +359,7 @@ class GPT:
         keys = cache.k[layer][0, :, : t + 1]  # [H, t + 1, hd]
         values = cache.v[layer][0, :, : t + 1]
         keys[:, t], values[:, t] = k, v
-        q = q * np.float32(1 / math.sqrt(self.head_dim))
-        scores = q[:, None] @ keys.swapaxes(-1, -2)  # [H, 1, t + 1]
+        scores = (q * self.scale)[:, None] @ keys.swapaxes(-1, -2)  # [H, 1, t + 1]
         kernels.shifted_exp_(scores)
         out = scores @ values  # [H, 1, hd]
         out /= np.add.reduce(scores, axis=-1, keepdims=True)  # one row a head: no einsum needed
@@ -371,7 +371,6 @@ class GPT:
         decoding's: a decoding step's attention is shorter than waking a core for it."""
         B, H, T, hd = q.shape
         start = cache.length
-        scale = np.float32(1.0 / math.sqrt(hd))
         out = np.empty((B, T, H, hd), np.float32)
         heads_out = out.transpose(0, 2, 1, 3)  # [B, H, T, hd], a view of out
 
@@ -379,7 +378,7 @@ class GPT:
             keys, values = cache.k[layer][:, i:j], cache.v[layer][:, i:j]
             keys[:, :, start : start + T] = k[:, i:j]
             values[:, :, start : start + T] = v[:, i:j]
-            attention(q[:, i:j] * scale, keys[:, :, : start + T], values[:, :, : start + T],
+            attention(q[:, i:j] * self.scale, keys[:, :, : start + T], values[:, :, : start + T],
                       start, out=heads_out[:, i:j])  # fmt: skip
 
         if B * T > SMALL_BATCH:
