@@ -122,15 +122,13 @@ def _add_train_arguments(parser, defaults):
 
 
 def _check_source(parser, args):
-    """TEXT or --data, one of them; the tokenizer's default for each (GPT-2's for --data, whose
-    ids are GPT-2's)."""
+    """TEXT or --data, one of them; --data's ids need a tokenizer of tokens (no --tokenizer is
+    GPT-2's there: training.prepare decides the default)."""
     if (args.text is None) == (args.data is None):
         parser.error("give a text file (TEXT) or --data DIR, one of them")
     if args.data is not None and args.tokenizer == "chars":
         parser.error("--data holds token ids, not characters: --tokenizer gpt2 (the default "
                      "with --data) or a model's tokenizer")
-    if args.tokenizer is None and args.init is None and not args.resume:  # (a resumed run's own)
-        args.tokenizer = "gpt2" if args.data is not None else "chars"
 
 
 def _check_train_config(saved, path):
