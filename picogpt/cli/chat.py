@@ -34,6 +34,7 @@ def add_parser(sub):
 
 
 MESSAGE_LIMIT = files.MB  # bytes of one chat message read from piped stdin
+NOT_UTF8 = "(cannot read that message: it is not UTF-8 text)"
 
 
 def run(args):
@@ -62,7 +63,7 @@ def run(args):
                 print(file=sys.stderr)
                 return 0
             except UnicodeDecodeError:  # a terminal whose encoding is not UTF-8
-                print("(cannot read that message: it is not UTF-8 text)", file=sys.stderr)
+                print(NOT_UTF8, file=sys.stderr)
                 continue
         else:
             raw = sys.stdin.buffer.readline(MESSAGE_LIMIT + 1)  # bounded: stdin may be /dev/zero
@@ -85,7 +86,7 @@ def run(args):
         try:
             message.encode("utf-8")  # bytes that are not UTF-8 arrive as lone surrogates
         except UnicodeEncodeError:
-            out.write("(cannot read that message: it is not UTF-8 text)\n")
+            out.write(NOT_UTF8 + "\n")
             out.flush()
             continue
         try:
