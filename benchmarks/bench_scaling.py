@@ -5,8 +5,12 @@
 
 For each thread count n (by default the powers of two up to the cores this process may use, and
 that count itself), each engine runs in a fresh subprocess pinned to the same first n cores:
-picogpt with PICOGPT_THREADS=n, PyTorch with torch.set_num_threads(n). Each measures, on GPT-2
-124M's shapes with random weights (OpenAI's cannot be fetched where this was written):
+picogpt with PICOGPT_THREADS=n, PyTorch with torch.set_num_threads(n). The two processes take
+turns, never running at once: a round of a figure (a decoding round, a prefill, ten char steps,
+a fine-tuning step) in one, then a round in the other. On a shared host the load that other
+tenants put on the memory changes over tens of seconds; engines measured one after the other
+could see different loads, and taking turns, both see the same. Each measures, on GPT-2 124M's
+shapes with random weights (OpenAI's cannot be fetched where this was written):
 - decode: greedy tokens/s after a 16-token prompt (picogpt's engine against transformers), the
   best of a few rounds;
 - prefill: tokens/s of a 512-token prompt to its first new token (median after a warm-up);
@@ -30,6 +34,7 @@ first count: what each pass gains from more cores, and what is left on one.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -50,12 +55,40 @@ CHAR = {"n_vocab": 65, "n_ctx": 64, "n_embd": 128, "n_head": 4, "n_layer": 4}
 CHAR_BATCH = 12
 FINETUNE_T = 1024
 FIGURES = ("decode_tps", "prefill_tps", "chars_ms", "finetune_ms")
+CHAR_ROUND = 10  # char steps a turn (a fine-tuning step is a turn)
+# Before a process's turn, the other's BLAS threads must have stopped: they spin for up to about
+# 0.1 s after its last product before they sleep (OpenBLAS's and OpenMP's default).
+SETTLE_S = 0.15
+TURNS = []  # in a child of run_pair: the pipe ends its turns come in and go out by
+
+
+def wait_turn():
+    """In a child of run_pair: wait until the cores are this process's (at once when alone)."""
+    if TURNS and not os.read(TURNS[0], 1):
+        sys.exit("the benchmark's parent process is gone")
+
+
+def turn():
+    """In a child of run_pair: hand the cores to the other engine's process and wait for them to
+    come back. Each round of a figure runs between two calls, alone on the cores."""
+    if TURNS:
+        os.write(TURNS[1], b"t")
+        wait_turn()
 
 
 def timed(f, *args):
     t = time.perf_counter()
     f(*args)
     return time.perf_counter() - t
+
+
+def prefills(generate, prompt, n):
+    """n prefills' seconds, each in a turn of its own."""
+    times = []
+    for _ in range(n):
+        turn()
+        times.append(timed(generate, prompt, 1))
+    return times
 
 
 def decode_rate(generate, prompt, new):
@@ -83,23 +116,27 @@ def child_picogpt(folder, reps):
     generate(prompt, 8)  # warm-up: the first touch of the weights
     decodes, streams, peaks = [], [], []
     for _ in range(reps["rounds"]):  # alternating: the same load on a shared host
+        turn()
         decodes.append(decode_rate(generate, prompt, reps["decode"]))
         times, size = stream_times(reps["decode"] * weight_bytes)  # the bytes the round streamed
         streams.append(size * len(times) / sum(times))
         peaks.append(size / min(times))
     decode, rate = max(decodes), max(streams)
+    turn()
     generate(long_prompt, 1)  # warm-up: the first prefill's temporaries are new memory
-    prefill = PREFILL / statistics.median(timed(generate, long_prompt, 1)
-                                          for _ in range(reps["prefill"]))  # fmt: skip
+    prefill = PREFILL / statistics.median(prefills(generate, long_prompt, reps["prefill"]))
 
-    def steps(hparams, B, T, n):
+    def steps(hparams, B, T, n, per_turn):
         config = {**DEFAULTS, **{k: hparams[k] for k in ARCHITECTURE}, "block_size": T,
                   "batch_size": B}  # fmt: skip
         with tempfile.TemporaryDirectory() as out:
+            turn()
             trainer = Trainer(config, hparams, None, RunFolder(out, []), {})
             trainer.initialize()
             times = []
-            for _ in range(n + 1):  # the first is a warm-up
+            for i in range(n + 1):  # the first is a warm-up
+                if i and (i - 1) % per_turn == 0:
+                    turn()
                 ids = rng.integers(0, hparams["n_vocab"], (B, T + 1))
                 times.append(timed(trainer.step, ids[:, :-1], ids[:, 1:], 1e-4, rng) * 1e3)
         return statistics.median(times[1:])
@@ -107,8 +144,8 @@ def child_picogpt(folder, reps):
     gpt2 = {"n_vocab": 50257, "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12}
     return {"decode_tps": decode, "prefill_tps": prefill, "bound_tps": rate / weight_bytes,
             "stream_gbs": rate / 1e9, "peak_gbs": max(peaks) / 1e9, "threads": parallel.threads(),
-            "chars_ms": steps(CHAR, CHAR_BATCH, CHAR["n_ctx"], reps["chars"]),
-            "finetune_ms": steps(gpt2, 1, FINETUNE_T, reps["finetune"])}  # fmt: skip
+            "chars_ms": steps(CHAR, CHAR_BATCH, CHAR["n_ctx"], reps["chars"], CHAR_ROUND),
+            "finetune_ms": steps(gpt2, 1, FINETUNE_T, reps["finetune"], 1)}  # fmt: skip
 
 
 def child_torch(folder, reps, n_threads):
@@ -128,15 +165,21 @@ def child_torch(folder, reps, n_threads):
                            do_sample=False)  # fmt: skip
 
     generate(prompt, 8)
-    decode = max(decode_rate(generate, prompt, reps["decode"]) for _ in range(reps["rounds"]))
+    decodes = []
+    for _ in range(reps["rounds"]):
+        turn()
+        decodes.append(decode_rate(generate, prompt, reps["decode"]))
+    turn()
     generate(long_prompt, 1)
-    prefill = PREFILL / statistics.median(timed(generate, long_prompt, 1)
-                                          for _ in range(reps["prefill"]))  # fmt: skip
+    prefill = PREFILL / statistics.median(prefills(generate, long_prompt, reps["prefill"]))
+    turn()
     config = {**RECIPE, **{k: CHAR[k] for k in ("n_layer", "n_head", "n_embd")},
               "block_size": CHAR["n_ctx"], "batch_size": CHAR_BATCH}  # fmt: skip
     char_model, optimizer = torch_char_model(config, CHAR["n_vocab"])
     times = []
-    for _ in range(reps["chars"] + 1):
+    for i in range(reps["chars"] + 1):
+        if i and (i - 1) % CHAR_ROUND == 0:
+            turn()
         ids = torch.from_numpy(rng.integers(0, CHAR["n_vocab"], (CHAR_BATCH, 65)))
         t = time.perf_counter()
         loss = char_model(ids[:, :-1], ids[:, 1:])
@@ -145,21 +188,51 @@ def child_torch(folder, reps, n_threads):
         torch.nn.utils.clip_grad_norm_(char_model.parameters(), 1.0)
         optimizer.step()
         times.append((time.perf_counter() - t) * 1e3)
-    finetune, _ = step_torch(FINETUNE_T, reps["finetune"])
-    return {"decode_tps": decode, "prefill_tps": prefill, "threads": torch.get_num_threads(),
+    turn()
+    finetune, _ = step_torch(FINETUNE_T, reps["finetune"], between=turn)
+    return {"decode_tps": max(decodes), "prefill_tps": prefill, "threads": torch.get_num_threads(),
             "chars_ms": statistics.median(times[1:]), "finetune_ms": statistics.median(finetune),
             "torch": torch.__version__}  # fmt: skip
 
 
-def run_child(impl, n, folder, quick):
+def run_pair(n, folder, quick):
+    """Both engines' children at n threads, pinned to the same first n cores, taking turns until
+    both are done (see turn()): {engine: its figures}."""
     cores = sorted(os.sched_getaffinity(0))[:n]
     env = dict(os.environ, PICOGPT_THREADS=str(n), OMP_NUM_THREADS=str(n))
-    command = [sys.executable, __file__, "--child", impl, "--dir", str(folder), "--threads", str(n)]
-    out = subprocess.run(command + (["--quick"] if quick else []), env=env, capture_output=True,
-                         text=True, preexec_fn=lambda: os.sched_setaffinity(0, cores))  # fmt: skip
-    if out.returncode:
-        sys.exit(f"{impl} at {n} threads failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    children = {}
+    with contextlib.ExitStack() as stack:
+        for impl in ("picogpt", "torch"):
+            go_read, go_write = os.pipe()  # the parent hands a turn over
+            done_read, done_write = os.pipe()  # the child hands it back
+            out, err = (stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))
+            command = [sys.executable, __file__, "--child", impl, "--dir", str(folder),
+                       "--threads", str(n), "--turns", f"{go_read},{done_write}"]  # fmt: skip
+            child = subprocess.Popen(command + (["--quick"] if quick else []), env=env,
+                                     stdout=out, stderr=err, pass_fds=(go_read, done_write),
+                                     preexec_fn=lambda: os.sched_setaffinity(0, cores))  # fmt: skip
+            os.close(go_read)
+            os.close(done_write)
+            children[impl] = child, go_write, done_read, out, err
+        running = list(children)
+        while running:
+            for impl in list(running):
+                _, go, done, _, _ = children[impl]
+                time.sleep(SETTLE_S)
+                os.write(go, b"g")
+                if not os.read(done, 1):  # it has exited
+                    running.remove(impl)
+        results = {}
+        for impl, (child, go, done, out, err) in children.items():
+            child.wait()
+            os.close(go)
+            os.close(done)
+            if child.returncode:
+                err.seek(0)
+                sys.exit(f"{impl} at {n} threads failed:\n{err.read()[-3000:]}")
+            out.seek(0)
+            results[impl] = json.loads(out.read().strip().splitlines()[-1])
+    return results
 
 
 def report(results, counts):
@@ -289,10 +362,14 @@ def main():
     parser.add_argument("--passes", action="store_true", help="picogpt's per-pass profile at "
                         "each thread count, instead of the sweep against PyTorch")  # fmt: skip
     parser.add_argument("--child", choices=["picogpt", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--turns", help=argparse.SUPPRESS)  # a child's pipe ends (run_pair)
     args = parser.parse_args()
     reps = ({"decode": 16, "rounds": 2, "prefill": 2, "chars": 10, "finetune": 1} if args.quick
             else {"decode": 32, "rounds": 3, "prefill": 3, "chars": 30, "finetune": 2})  # fmt: skip
     if args.child:
+        if args.turns:
+            TURNS[:] = map(int, args.turns.split(","))
+            wait_turn()  # before anything, even the imports, runs
         n = args.threads[0]
         result = (child_picogpt(args.dir, reps) if args.child == "picogpt"
                   else child_torch(args.dir, reps, n))  # fmt: skip
@@ -307,14 +384,13 @@ def main():
     if args.quick and not args.threads:
         counts = sorted({1, usable})
     print(f"{describe()}\nGPT-2 124M's shapes with random weights; each engine in its own "
-          f"process, pinned to the same first n cores; threads {', '.join(map(str, counts))}",
-          flush=True)  # fmt: skip
+          "process, pinned to the same first n cores, the two taking turns; threads "
+          f"{', '.join(map(str, counts))}", flush=True)  # fmt: skip
     make_model(args.dir, "124M")
     results = {}
     started = time.perf_counter()
     for n in counts:
-        results[n] = {impl: run_child(impl, n, args.dir, args.quick) for impl in
-                      ("picogpt", "torch")}  # fmt: skip
+        results[n] = run_pair(n, args.dir, args.quick)
         print(f"  {n} threads: {json.dumps(results[n])}  ({time.perf_counter() - started:.0f} s)",
               flush=True)  # fmt: skip
     print(f"\nPyTorch {results[counts[0]]['torch']['torch']}")

@@ -211,8 +211,9 @@ def step_picogpt(block_size, steps):
     return times[1:]
 
 
-def step_torch(block_size, steps):
-    """ms of each step of HuggingFace's GPT2LMHeadModel + torch.optim.AdamW, the same step."""
+def step_torch(block_size, steps, between=None):
+    """ms of each step of HuggingFace's GPT2LMHeadModel + torch.optim.AdamW, the same step;
+    between(), if given, is called before each step after the warm-up (bench_scaling's turns)."""
     import torch
     import transformers
 
@@ -228,7 +229,9 @@ def step_torch(block_size, steps):
                                   lr=3e-5, betas=(0.9, 0.95))  # fmt: skip
     rng = np.random.default_rng(0)
     times = []
-    for _ in range(steps + 1):
+    for i in range(steps + 1):
+        if i and between is not None:
+            between()
         ids = torch.from_numpy(rng.integers(0, 50257, (1, block_size + 1), dtype=np.int64))
         t0 = time.perf_counter()
         logits = model(ids[:, :-1]).logits
