@@ -27,6 +27,7 @@ class Trainer:
     """A model being trained, its optimizer, and the folder it is saved to."""
 
     def __init__(self, config, hparams, tokenizer, folder, vocabulary):
+        keep_freed_memory()  # each step's activations: reused, not faulted in anew every step
         self.config, self.hparams, self.tokenizer = config, dict(hparams), tokenizer
         self.folder, self.vocabulary = folder, vocabulary
         self.out = folder.path
@@ -207,7 +208,6 @@ def train(trainer, data, report=print, status=None, resumed=False, busy=None):
     first = trainer.iter
     eval_s = 0.0  # what the last evaluation took, with its saves
     busy = busy or (lambda what: None)
-    keep_freed_memory()
     while True:
         it = trainer.iter
         due = it % c["eval_interval"] == 0 or it == max_iters
