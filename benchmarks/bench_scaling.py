@@ -56,10 +56,8 @@ CHAR_BATCH = 12
 FINETUNE_T = 1024
 FIGURES = ("decode_tps", "prefill_tps", "chars_ms", "finetune_ms")
 CHAR_ROUND = 10  # char steps a turn (a fine-tuning step is a turn)
-# Before a process's turn, the other's BLAS threads must have stopped: they spin for up to about
-# 0.1 s after its last product before they sleep (OpenBLAS's and OpenMP's default).
-SETTLE_S = 0.15
 TURNS = []  # in a child of run_pair: the pipe ends its turns come in and go out by
+QUIET = 0.05  # of a core: a process using less is idle
 
 
 def wait_turn():
@@ -72,8 +70,21 @@ def turn():
     """In a child of run_pair: hand the cores to the other engine's process and wait for them to
     come back. Each round of a figure runs between two calls, alone on the cores."""
     if TURNS:
+        settle()
         os.write(TURNS[1], b"t")
         wait_turn()
+
+
+def settle(limit_s=3.0):
+    """Wait until this process's threads are idle, at most limit_s. BLAS's threads spin for a
+    while after their last product before they sleep (OpenBLAS's about 0.15 s on the AMD EPYC
+    this was written on, PyTorch's OpenMP's less), and would take cores from the other's turn."""
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        cpu = time.process_time()  # every thread's
+        time.sleep(0.02)
+        if time.process_time() - cpu < 0.02 * QUIET:
+            return
 
 
 def timed(f, *args):
@@ -218,7 +229,6 @@ def run_pair(n, folder, quick):
         while running:
             for impl in list(running):
                 _, go, done, _, _ = children[impl]
-                time.sleep(SETTLE_S)
                 os.write(go, b"g")
                 if not os.read(done, 1):  # it has exited
                     running.remove(impl)
