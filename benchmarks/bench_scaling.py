@@ -374,7 +374,7 @@ def main():
     parser.add_argument("--child", choices=["picogpt", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--turns", help=argparse.SUPPRESS)  # a child's pipe ends (run_pair)
     args = parser.parse_args()
-    reps = ({"decode": 16, "rounds": 2, "prefill": 2, "chars": 10, "finetune": 1} if args.quick
+    reps = ({"decode": 16, "rounds": 2, "prefill": 2, "chars": 20, "finetune": 1} if args.quick
             else {"decode": 32, "rounds": 3, "prefill": 3, "chars": 30, "finetune": 2})  # fmt: skip
     if args.child:
         if args.turns:
