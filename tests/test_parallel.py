@@ -18,6 +18,7 @@ from picogpt.training import memory
 from picogpt.training.config import DEFAULTS
 from picogpt.training.data import get_batch
 from picogpt.training.loop import Trainer
+from picogpt.training.optimizer import accumulate, clip_grad_norm, scale_
 from picogpt.training.run_folder import RunFolder
 
 
@@ -226,6 +227,29 @@ def test_a_split_step_is_the_whole_step(tmp_path, threads, how, monkeypatch):
     scale = np.abs(flat).max()
     assert np.abs(trainer.flat_grad - flat).max() <= 1e-6 * scale
     assert trainer.loss(x, y) == pytest.approx(whole, rel=1e-6)  # the evaluation's, split too
+
+
+def test_passes_over_a_flat_buffer_split_over_threads_reach_every_part(threads):
+    """clip_grad_norm, scale_ and accumulate over 3 threads (buffers long enough to split): the
+    norm of the whole gradient, and every element as one thread makes it."""
+    rng = np.random.default_rng(0)
+    grad, other = (rng.standard_normal(300_001).astype(np.float32) for _ in range(2))
+    results = {}
+    for n in (1, 3):
+        threads(n)
+        clipped, total = grad.copy(), np.empty_like(grad)
+        with parallel.passes():
+            norm = clip_grad_norm(clipped, 1.0)
+            accumulate(total, grad, first=True)
+            accumulate(total, other, first=False)
+            scale_(total, 0.5)
+        results[n] = norm, clipped, total
+    (norm, clipped, total), (split_norm, split_clipped, split_total) = results[1], results[3]
+    assert split_norm == pytest.approx(norm, rel=1e-6) and norm > 1.0
+    assert np.linalg.norm(split_clipped.astype(np.float64)) == pytest.approx(1.0, rel=1e-5)
+    np.testing.assert_allclose(split_clipped, clipped, rtol=1e-6)
+    np.testing.assert_array_equal(split_total, total)
+    np.testing.assert_array_equal(total, (grad + other) * np.float32(0.5))
 
 
 def test_shards_are_bounded(threads):

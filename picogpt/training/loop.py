@@ -19,7 +19,7 @@ from picogpt.gpt2.memory import keep_freed_memory
 from picogpt.training import resume
 from picogpt.training.data import get_batch
 from picogpt.training.memory import shards
-from picogpt.training.optimizer import AdamW, clip_grad_norm, learning_rate
+from picogpt.training.optimizer import AdamW, accumulate, clip_grad_norm, learning_rate, scale_
 from picogpt.training.run_folder import STATE_DIR
 
 
@@ -67,14 +67,11 @@ class Trainer:
             for i, (xi, yi) in enumerate(zip(np.split(x, n), np.split(y, n))):
                 losses.append(self.loss(xi, yi, rng, backward=True))
                 if self.grad_sum is not None:
-                    if i == 0:
-                        self.grad_sum[...] = self.flat_grad
-                    else:
-                        self.grad_sum += self.flat_grad
+                    accumulate(self.grad_sum, self.flat_grad, first=i == 0)
             grad = self.flat_grad
             if self.grad_sum is not None:
                 grad = self.grad_sum
-                grad *= 1.0 / n
+                scale_(grad, 1.0 / n)
             clip_grad_norm(grad, c["grad_clip"])
             self.optimizer.update(grad, lr)
         return float(np.mean(losses))

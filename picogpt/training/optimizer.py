@@ -12,6 +12,7 @@ from picogpt.gpt2 import parallel
 # other for the GIL (a block 8x smaller made two threads barely faster than one).
 ADAM_BLOCK = 1 << 18
 ADAM_GRAIN = 2  # blocks a thread takes at least: fewer cost more to hand out than to update
+FLAT_GRAIN = 1 << 16  # elements a thread takes at least in a pass over a flat buffer
 
 
 class AdamW:
@@ -68,12 +69,27 @@ class AdamW:
 
 def clip_grad_norm(grad, max_norm):
     """Scale grad in place so its L2 norm is at most max_norm; the norm before clipping. The sum
-    of squares is split over the cores (inside parallel.passes)."""
-    squares = parallel.run(lambda i, j: float(np.dot(grad[i:j], grad[i:j])), len(grad), 1 << 16)
+    of squares is split over the cores (inside parallel.passes), as is the scaling."""
+    squares = parallel.run(lambda i, j: float(np.dot(grad[i:j], grad[i:j])), len(grad), FLAT_GRAIN)
     norm = math.sqrt(sum(squares))
     if max_norm and norm > max_norm:
-        grad *= max_norm / (norm + 1e-6)
+        scale_(grad, max_norm / (norm + 1e-6))
     return norm
+
+
+def scale_(x, factor):
+    """x *= factor, in place, split over the cores (inside parallel.passes): over a flat buffer
+    of every parameter (500 MB for GPT-2 124M) one core alone cannot draw the memory's
+    bandwidth."""
+    factor = x.dtype.type(factor)
+    parallel.run(lambda i, j: np.multiply(x[i:j], factor, out=x[i:j]), len(x), FLAT_GRAIN)
+
+
+def accumulate(total, grad, first):
+    """total = grad (the first micro-batch's) or total += grad, in place, split over the cores
+    (inside parallel.passes), as scale_."""
+    add = np.copyto if first else (lambda out, g: np.add(out, g, out=out))
+    parallel.run(lambda i, j: add(total[i:j], grad[i:j]), len(total), FLAT_GRAIN)
 
 
 def learning_rate(it, lr, min_lr, warmup_iters, lr_decay_iters):
