@@ -18,7 +18,7 @@ import picogpt
 from picogpt.errors import ModelError
 from picogpt.formats import tf_checkpoint as checkpoint
 from picogpt.generation.chat import Conversation
-from picogpt.gpt2 import compact, engine, kernels, memory, parallel
+from picogpt.gpt2 import compact, engine, kernels, memory
 from picogpt.gpt2.params import is_matrix, param_shapes
 
 TINY = Path(__file__).parent / "fixtures" / "gpt2-tiny"
@@ -319,14 +319,6 @@ def test_wrong_shapes_are_named(params, hparams):
 # --- weights that give non-finite logits ------------------------------------------------------
 
 LONG_PROMPT = "a prompt of more than eight tokens, so its prefill runs on every core"
-
-
-@pytest.fixture
-def threads():
-    """Set the thread count for a test (any count runs on any number of cores); put back after."""
-    before = parallel._threads
-    yield parallel.set_threads
-    parallel.set_threads(before)
 
 
 def every_way_to_run(m):

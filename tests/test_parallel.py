@@ -22,14 +22,6 @@ from picogpt.training.optimizer import accumulate, clip_grad_norm, scale_
 from picogpt.training.run_folder import RunFolder
 
 
-@pytest.fixture
-def threads():
-    """Set the thread count for a test (any count runs on any number of cores); put back after."""
-    before = parallel._threads
-    yield parallel.set_threads
-    parallel.set_threads(before)
-
-
 def test_ranges_cover_every_item_in_near_equal_parts():
     for n in (1, 2, 3, 7, 12, 100):
         for parts in (1, 2, 5, 16):
