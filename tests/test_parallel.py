@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import picogpt
-from picogpt.gpt2 import engine, network, parallel
+from picogpt.gpt2 import engine, kernels, network, parallel
 from picogpt.gpt2.params import param_shapes
 from picogpt.training import memory
 from picogpt.training.config import DEFAULTS
@@ -242,6 +242,22 @@ def test_passes_over_a_flat_buffer_split_over_threads_reach_every_part(threads):
     np.testing.assert_allclose(split_clipped, clipped, rtol=1e-6)
     np.testing.assert_array_equal(split_total, total)
     np.testing.assert_array_equal(total, (grad + other) * np.float32(0.5))
+
+
+def test_a_pass_too_short_to_repay_a_thread_runs_whole():
+    """The grains give each thread at least tens of microseconds of a pass's work: the char
+    model's passes over one sequence of 64 run whole, where GPT-2 124M's over a 512-token
+    prefill still split over 16 threads."""
+    def parts(n, grain):
+        return len(parallel.ranges(n, 16, grain))
+
+    assert parts(64, kernels.row_grain(128)) == 1  # LayerNorm of 64 rows, 128 wide
+    assert parts(3 * 128, kernels.column_grain(64, 128)) == 1  # c_attn of 64 rows
+    assert parts(4, kernels.pair_grain(64, 64)) == 1  # 4 heads of 64 positions
+    assert parts(512, kernels.row_grain(3072)) == 16  # GELU of a 512-token prefill
+    assert parts(3 * 768, kernels.column_grain(512, 768)) == 16
+    assert parts(3072, kernels.column_grain(512, 768)) == 16
+    assert parts(12, kernels.pair_grain(512, 512)) == 12
 
 
 def test_shards_are_bounded(threads):

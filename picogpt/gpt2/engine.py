@@ -20,9 +20,9 @@ import numpy as np
 
 from picogpt.gpt2 import compact, kernels, memory, parallel
 from picogpt.gpt2.kernels import (
-    COLUMN_GRAIN,
     SMALL_BATCH,
     causal_mask,
+    column_grain,
     gelu_,
     layer_norm,
     matmul,
@@ -55,7 +55,7 @@ def linear(x, wt, b, then=None):
         if then is not None:
             then(o, start, stop)
 
-    parallel.run(columns, len(wt), COLUMN_GRAIN)
+    parallel.run(columns, len(wt), column_grain(len(rows), rows.shape[1]))
     return out.reshape(*x.shape[:-1], wt.shape[0])
 
 
@@ -175,7 +175,7 @@ def project(x, wte):
             last = first + LOGITS_BLOCK_ROWS
             matmul(rows[first:last], wte[start:stop], out=out[first:last, start:stop])
 
-    parallel.run(vocabulary, len(wte), COLUMN_GRAIN)
+    parallel.run(vocabulary, len(wte), column_grain(len(rows), rows.shape[1]))
     return out.reshape(*x.shape[:-1], -1)
 
 
@@ -384,7 +384,7 @@ class GPT:
                       start, out=heads_out[:, i:j])  # fmt: skip
 
         if B * T > SMALL_BATCH:
-            parallel.run(heads, H)
+            parallel.run(heads, H, kernels.pair_grain(B * T, start + T))
         else:
             heads(0, H)
         return out.reshape(B, T, H * hd)

@@ -20,9 +20,15 @@ SMALL_BATCH = 8  # up to this many rows, products run row by row (see matmul)
 MATVEC_CHUNK_BYTES = 3 << 20
 # A forward of more rows than SMALL_BATCH splits its passes over the cores (parallel.passes):
 # products by their output's columns, at least COLUMN_GRAIN a thread (narrower products lose
-# BLAS's speed), LayerNorm by rows, at least ROW_GRAIN a thread, attention by heads.
+# BLAS's speed), LayerNorm and GELU by rows, at least ROW_GRAIN a thread, attention by heads.
+# Handing a range to a thread and waiting for it costs tens of microseconds (a wake each way),
+# so a range also holds at least SPLIT_MACS multiply-adds of a product or SPLIT_ELEMENTS
+# elements of an elementwise pass (attention's scores among them), tens of microseconds of work
+# on one core: a smaller pass runs whole (row_grain, column_grain, pair_grain).
 COLUMN_GRAIN = 32
 ROW_GRAIN = 16
+SPLIT_MACS = 1 << 22
+SPLIT_ELEMENTS = 1 << 15
 GELU_C = math.sqrt(2 / math.pi)
 GELU_A = 0.044715
 # Softmax weights exp(s - max) below e^-87.3 are subnormal floats, which Intel cores compute with
@@ -36,6 +42,24 @@ GELU_A = 0.044715
 # |dp| above 1e-14 in rows of 1024.
 SOFTMAX_FLOOR = np.float32(-48.0)
 FLOOR_CUT = np.float32(np.exp(-48.0) * (1 + 2**-20))  # just above e^-48 in float32 (see softmax_)
+
+
+def row_grain(width):
+    """Rows a thread takes at least when a pass over rows of `width` elements is split."""
+    return max(ROW_GRAIN, -(-SPLIT_ELEMENTS // width))
+
+
+def column_grain(rows, depth):
+    """Output columns a thread takes at least when a product of `rows` rows is split, each
+    column `depth` multiply-adds a row."""
+    return max(COLUMN_GRAIN, -(-SPLIT_MACS // (rows * depth)))
+
+
+def pair_grain(rows, keys):
+    """(sequence, head) pairs a thread takes at least when attention is split, each pair
+    `rows` queries over up to `keys` keys: counted by its scores, whose softmax's passes cost
+    more than their products at GPT-2's head sizes."""
+    return -(-SPLIT_ELEMENTS // (rows * keys))
 
 
 def normalize(x, out, eps=LN_EPS):
@@ -65,7 +89,7 @@ def layer_norm(x, g, b, eps=LN_EPS):
         out[i:j] *= g
         out[i:j] += b
 
-    parallel.run(part, len(rows), ROW_GRAIN)
+    parallel.run(part, len(rows), row_grain(rows.shape[1]))
     return out.reshape(x.shape)
 
 

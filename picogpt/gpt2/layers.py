@@ -20,14 +20,15 @@ import numpy as np
 
 from picogpt.gpt2 import kernels, parallel
 from picogpt.gpt2.kernels import (
-    COLUMN_GRAIN,
-    ROW_GRAIN,
     SOFTMAX_FLOOR,
     causal_mask,
+    column_grain,
     column_sums,
     gelu_gate,
     normalize,
+    pair_grain,
     past_mask,
+    row_grain,
     row_sums,
 )
 
@@ -74,7 +75,7 @@ def layer_norm_forward(x, g, b):
         np.multiply(xhat[i:j], g, out=out[i:j])
         out[i:j] += b
 
-    parallel.run(rows, len(x), ROW_GRAIN)
+    parallel.run(rows, len(x), row_grain(x.shape[1]))
     return out, LayerNormCache(xhat, rstd)
 
 
@@ -86,7 +87,7 @@ def layer_norm_output(cache, g, b):
         np.multiply(cache.xhat[i:j], g, out=out[i:j])
         out[i:j] += b
 
-    parallel.run(rows, len(out), ROW_GRAIN)
+    parallel.run(rows, len(out), row_grain(out.shape[1]))
     return out
 
 
@@ -110,7 +111,7 @@ def layer_norm_backward(dout, cache, g, dg, db):
         dxhat *= rstd[i:j]
         return part
 
-    parts = parallel.run(rows, len(dout), ROW_GRAIN)
+    parts = parallel.run(rows, len(dout), row_grain(C))
     dg[...], db[...] = parts[0]
     for part_dg, part_db in parts[1:]:
         dg += part_dg
@@ -129,7 +130,7 @@ def linear_forward(x, w, b):
         np.matmul(x, w[:, i:j], out=out[:, i:j])
         out[:, i:j] += b[i:j]
 
-    parallel.run(columns, w.shape[1], COLUMN_GRAIN)
+    parallel.run(columns, w.shape[1], column_grain(len(x), w.shape[0]))
     return out
 
 
@@ -141,10 +142,10 @@ def linear_backward(dout, x, w, dw, db):
         np.matmul(x.T, dout[:, i:j], out=dw[:, i:j])
         column_sums(dout[:, i:j], db[i:j])
 
-    parallel.run(weight_columns, w.shape[1], COLUMN_GRAIN)
+    parallel.run(weight_columns, w.shape[1], column_grain(len(x), x.shape[1]))
     dx = np.empty((len(dout), w.shape[0]), np.result_type(dout, w))
     parallel.run(lambda i, j: np.matmul(dout, w[i:j].T, out=dx[:, i:j]), w.shape[0],
-                 COLUMN_GRAIN)  # fmt: skip
+                 column_grain(len(dout), w.shape[1]))  # fmt: skip
     return dx
 
 
@@ -214,7 +215,7 @@ def attention_forward(qkv, B, T, n_head, dropout=0.0, rng=None, rows=ATTN_ROWS):
     if dropout:
         pairs(0, B * n_head)
     else:
-        parallel.run(pairs, B * n_head)
+        parallel.run(pairs, B * n_head, pair_grain(T, T))
     return out, AttentionCache(q, k, v, probs, dropped, masks, scale, rows)
 
 
@@ -289,7 +290,7 @@ def attention_backward(dy, cache):
                     dv[b, h, :stop] += dv_i
             dq[b, h] *= scale  # the gradient of the unscaled q
 
-    parallel.run(pairs, B * H)
+    parallel.run(pairs, B * H, pair_grain(T, T))
     return out
 
 
@@ -309,7 +310,7 @@ def gelu_forward(x):
     def rows(i, j):
         np.multiply(x[i:j], gelu_gate(x[i:j], gate[i:j]), out=out[i:j])
 
-    parallel.run(rows, len(x), ROW_GRAIN)
+    parallel.run(rows, len(x), row_grain(x.shape[1]))
     return out, GeluCache(x, gate)
 
 
@@ -317,7 +318,7 @@ def gelu_output(cache):
     """The forward's output again, x gate, from its cache: one pass, cheaper than keeping it."""
     out = np.empty_like(cache.x)
     parallel.run(lambda i, j: np.multiply(cache.x[i:j], cache.gate[i:j], out=out[i:j]),
-                 len(out), ROW_GRAIN)  # fmt: skip
+                 len(out), row_grain(out.shape[1]))  # fmt: skip
     return out
 
 
@@ -337,7 +338,7 @@ def gelu_backward(dout, cache):
         d *= gate[i:j]
         d *= dout[i:j]
 
-    parallel.run(rows, len(x), ROW_GRAIN)
+    parallel.run(rows, len(x), row_grain(x.shape[1]))
     return dx
 
 
