@@ -225,7 +225,7 @@ def test_passes_over_a_flat_buffer_split_over_threads_reach_every_part(threads):
     """clip_grad_norm, scale_ and accumulate over 3 threads (buffers long enough to split): the
     norm of the whole gradient, and every element as one thread makes it."""
     rng = np.random.default_rng(0)
-    grad, other = (rng.standard_normal(300_001).astype(np.float32) for _ in range(2))
+    grad, other = (rng.standard_normal(1_600_001).astype(np.float32) for _ in range(2))
     results = {}
     for n in (1, 3):
         threads(n)

@@ -12,7 +12,7 @@ from picogpt.gpt2 import parallel
 # other for the GIL (a block 8x smaller made two threads barely faster than one).
 ADAM_BLOCK = 1 << 18
 ADAM_GRAIN = 2  # blocks a thread takes at least: fewer cost more to hand out than to update
-FLAT_GRAIN = 1 << 16  # elements a thread takes at least in a pass over a flat buffer
+FLAT_GRAIN = 1 << 19  # elements a thread takes at least in a pass over a flat buffer (2 MB)
 
 
 class AdamW:
