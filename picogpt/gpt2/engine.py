@@ -38,6 +38,7 @@ from picogpt.gpt2.params import check_params, param_shapes
 # scores is small enough to stay in a core's L2 cache (1-2 MB) across softmax's passes over it.
 ATTN_BLOCK_BYTES = 1 << 20
 ATTN_MAX_ROWS = 128
+KEYS_COPY_ROWS = 32  # queries from which attention's copy of the keys, transposed, repays itself
 LOGITS_BLOCK_ROWS = 256
 TRANSPOSE_ROWS = 16  # rows per band when copying weights into [n_out, n_in] order
 
@@ -102,7 +103,8 @@ def attention(q, k, v, offset, out=None):
     if Tq > 1:
         mask = causal_mask(block)
         past = past_mask(block)
-        keys_t = np.ascontiguousarray(keys_t)  # BLAS multiplies by it faster than by a view
+    if Tq >= KEYS_COPY_ROWS:  # BLAS multiplies by a contiguous copy faster than by the view
+        keys_t = np.ascontiguousarray(keys_t)
     for start in range(0, Tq, block):
         stop = min(Tq, start + block)
         n_keys = offset + stop
