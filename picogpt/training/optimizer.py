@@ -88,8 +88,13 @@ def scale_(x, factor):
 def accumulate(total, grad, first):
     """total = grad (the first micro-batch's) or total += grad, in place, split over the cores
     (inside parallel.passes), as scale_."""
-    add = np.copyto if first else (lambda out, g: np.add(out, g, out=out))
-    parallel.run(lambda i, j: add(total[i:j], grad[i:j]), len(total), FLAT_GRAIN)
+    def part(i, j):
+        if first:
+            total[i:j] = grad[i:j]
+        else:
+            total[i:j] += grad[i:j]
+
+    parallel.run(part, len(total), FLAT_GRAIN)
 
 
 def learning_rate(it, lr, min_lr, warmup_iters, lr_decay_iters):
