@@ -75,6 +75,13 @@ def turn():
         wait_turn()
 
 
+def turn_before(i, per_turn):
+    """Before step i of a figure (0 the warm-up, which runs in the turn before): a turn every
+    per_turn steps."""
+    if i and (i - 1) % per_turn == 0:
+        turn()
+
+
 def settle(limit_s=3.0):
     """Wait until this process's threads are idle, at most limit_s. BLAS's threads spin for a
     while after their last product before they sleep (OpenBLAS's about 0.15 s on the AMD EPYC
@@ -146,8 +153,7 @@ def child_picogpt(folder, reps):
             trainer.initialize()
             times = []
             for i in range(n + 1):  # the first is a warm-up
-                if i and (i - 1) % per_turn == 0:
-                    turn()
+                turn_before(i, per_turn)
                 ids = rng.integers(0, hparams["n_vocab"], (B, T + 1))
                 times.append(timed(trainer.step, ids[:, :-1], ids[:, 1:], 1e-4, rng) * 1e3)
         return statistics.median(times[1:])
@@ -189,8 +195,7 @@ def child_torch(folder, reps, n_threads):
     char_model, optimizer = torch_char_model(config, CHAR["n_vocab"])
     times = []
     for i in range(reps["chars"] + 1):
-        if i and (i - 1) % CHAR_ROUND == 0:
-            turn()
+        turn_before(i, CHAR_ROUND)
         ids = torch.from_numpy(rng.integers(0, CHAR["n_vocab"], (CHAR_BATCH, 65)))
         t = time.perf_counter()
         loss = char_model(ids[:, :-1], ids[:, 1:])
