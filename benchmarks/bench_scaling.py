@@ -19,13 +19,14 @@ shapes with random weights (OpenAI's cannot be fetched where this was written):
 - fine-tuning: ms per step of GPT-2 124M at batch 1 x 1024 (forward, backward, clipping, AdamW),
   against HuggingFace's GPT2LMHeadModel with torch.optim.AdamW.
 picogpt's process also measures the memory bound on decoding: the bytes of weights a token
-streams divided by the rate np.matmul(W, x) sustains over a 256 MB float32 matrix (machine.py)
-while it streams as many bytes as a round of decoding does, on the same n threads. Its rounds
-alternate with the decoding rounds, so that both see the same load on a shared host, and each
-side is its best round: both are rates held over the same bytes (about half a second on 2
-cores). The table also gives the best single product's rate, a peak of a few milliseconds, which
-a round cannot hold where other tenants share the memory. The tables end with issue 21's
-targets. --quick runs 1 thread and the most, with fewer repetitions.
+streams divided by the rate np.matmul(W, x) sustains over a float32 matrix larger than any cache
+(twice the largest, at least 256 MB: machine.stream_bytes) while it streams as many bytes as a
+round of decoding does, on the same n threads. Its rounds alternate with the decoding rounds, so
+that both see the same load on a shared host, and each side is its best round: both are rates
+held over the same bytes (about half a second on 2 cores). The table also gives the best single
+product's rate, a peak of a few milliseconds, which a round cannot hold where other tenants
+share the memory. The tables end with issue 21's targets. --quick runs 1 thread and the most,
+with fewer repetitions.
 
 --passes profiles picogpt alone, in one process, at each thread count in turn: the time inside
 each pass (cProfile's cumulative time of the function that splits it) of a 512-token prefill

@@ -16,20 +16,22 @@ from pathlib import Path
 
 import numpy as np
 
+STREAM_MIN_BYTES = 256 << 20  # the reference matrix's bytes at least (stream_bytes)
+
 
 def stream_rate():
-    """GB/s a matrix-vector product streams a 256 MB matrix at, now (the best of 5 products):
-    the bound on decoding speed. It moves with the other tenants of a shared host
+    """GB/s a matrix-vector product streams a matrix larger than the caches at, now (the best of
+    5 products): the bound on decoding speed. It moves with the other tenants of a shared host
     (benchmarks/README.md has the ranges seen)."""
     times, size = stream_times(0)
     return size / min(times) / 1e9
 
 
 def stream_times(n_bytes):
-    """The seconds each product np.matmul(W, x) took over a 256 MB float32 matrix W (larger than
-    any cache), after one to warm up, for as many products as stream n_bytes (at least 5); and
-    W's bytes."""
-    w = np.ones((65536, 1024), np.float32)
+    """The seconds each product np.matmul(W, x) took over a float32 matrix W larger than any cache
+    (stream_bytes()), after one to warm up, for as many products as stream n_bytes (at least 5);
+    and W's bytes."""
+    w = np.ones((stream_bytes() // 4096, 1024), np.float32)
     x = np.ones(1024, np.float32)
     w @ x
     times = []
@@ -38,6 +40,20 @@ def stream_times(n_bytes):
         w @ x
         times.append(time.perf_counter() - t)
     return times, w.nbytes
+
+
+def stream_bytes():
+    """The reference matrix's bytes: twice the largest cache Linux reports (a server's L3 may
+    hold hundreds of MB), at least STREAM_MIN_BYTES."""
+    largest = 0
+    for size in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = size.read_text().strip()
+            largest = max(largest, int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(
+                text[-1:], 0))  # fmt: skip
+        except (OSError, ValueError):
+            continue
+    return max(STREAM_MIN_BYTES, 2 * largest)
 
 
 def cpu_model():
