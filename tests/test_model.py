@@ -417,6 +417,32 @@ def test_a_decoding_step_is_a_row_of_the_rows_forward(params, hparams, weights):
                        atol=1e-5 * np.abs(last).max())  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_a_prefill_for_its_last_logits_is_the_last_row_of_all_of_them(params, hparams, threads,
+                                                                      dtype):
+    """Without all_logits the last block computes the last position alone: its logits are the
+    last row of all_logits's, and both leave the same keys and values in the cache (within
+    rounding: the keys' and values' product is split apart from the queries'), so the steps after
+    agree too; after an earlier prefill as well (a cache already holding positions)."""
+    gpt = engine.GPT(params, hparams, dtype=dtype)
+    ids = np.random.default_rng(3).integers(0, hparams["n_vocab"], (2, 30))
+    for n in (1, 3):
+        threads(n)
+        last, every = gpt.new_cache(2), gpt.new_cache(2)
+        for chunk in (ids[:, :20], ids[:, 20:29]):  # 40 rows, then 18: split, both
+            got = gpt.forward(chunk, last)  # [B, V]
+            expected = gpt.forward(chunk, every, all_logits=True)[:, -1]
+            assert got.shape == expected.shape == (2, hparams["n_vocab"])
+            assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+        assert last.length == every.length == 29
+        for layer in range(hparams["n_layer"]):
+            for got, expected in ((last.k[layer], every.k[layer]), (last.v[layer], every.v[layer])):
+                got, expected = got[:, :, :29], expected[:, :, :29]  # (products split otherwise)
+                assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+        step = gpt.forward(ids[:, 29:], last)
+        assert np.abs(step - gpt.forward(ids[:, 29:], every)).max() <= 1e-5 * np.abs(step).max()
+
+
 def test_a_vocabulary_that_does_not_hold_together_names_its_folder_once(tmp_path):
     folder = tmp_path / "tiny"
     shutil.copytree(TINY, folder)

@@ -327,18 +327,38 @@ class GPT:
         start = cache.length
         x = embed(self.wte, ids) + self.wpe[start : start + T]  # [B, T, C]
         for layer, blk in enumerate(self.blocks):
-            h = layer_norm(x, *blk["ln_1"])
-            qkv = linear(h, *blk["c_attn"])  # [B, T, 3C]
-            q, k, v = qkv.reshape(B, T, 3, self.n_head, self.head_dim).transpose(2, 0, 3, 1, 4)
-            a = self.attend(q, k, v, cache, layer)  # each [B, H, T, hd] -> [B, T, C]
-            linear(a, *blk["c_proj"], then=add_into(x))  # x += a @ c_proj
-            h = layer_norm(x, *blk["ln_2"])
-            f = linear(h, *blk["c_fc"], then=gelu_columns)  # [B, T, 4C]
-            linear(f, *blk["mlp_proj"], then=add_into(x))  # x += f @ mlp_proj
+            # Without all_logits only the last position's output reaches the logits: the last
+            # block computes that row alone (every row's keys and values still go to the cache).
+            last = layer == len(self.blocks) - 1 and not all_logits
+            x = self._block(x, blk, cache, layer, 1 if last else T)
         cache.length = start + T
         if not all_logits:
             return project(layer_norm(x[:, -1], *self.ln_f), self.wte)  # [B, V]: the last row
         return project(layer_norm(x, *self.ln_f), self.wte)
+
+    def _block(self, x, blk, cache, layer, rows):
+        """One transformer block, x + attn(ln_1(x)), then + mlp(ln_2(.)), for the last `rows` of
+        x's positions: [B, rows, C] (x itself, updated in place, when that is all of them). Every
+        position's keys and values go into the cache; queries, attention and the MLP run for
+        those rows only, the products of the others' (10 of 12 C^2 per row) skipped."""
+        B, T, C = x.shape
+        h = layer_norm(x, *blk["ln_1"])
+        wt, b = blk["c_attn"]  # [3C, C]: the queries' rows, then the keys', then the values'
+        if rows == T:
+            qkv = linear(h, wt, b)  # [B, T, 3C]
+            q, k, v = qkv.reshape(B, T, 3, self.n_head, self.head_dim).transpose(2, 0, 3, 1, 4)
+        else:
+            kv = linear(h, wt[C:], b[C:])  # [B, T, 2C]
+            k, v = kv.reshape(B, T, 2, self.n_head, self.head_dim).transpose(2, 0, 3, 1, 4)
+            q = linear(h[:, T - rows :], wt[:C], b[:C])  # [B, rows, C]
+            q = q.reshape(B, rows, self.n_head, self.head_dim).transpose(0, 2, 1, 3)
+            x = np.ascontiguousarray(x[:, T - rows :])  # [B, rows, C]
+        a = self.attend(q, k, v, cache, layer)  # [B, H, rows, hd], [B, H, T, hd] -> [B, rows, C]
+        linear(a, *blk["c_proj"], then=add_into(x))  # x += a @ c_proj
+        h = layer_norm(x, *blk["ln_2"])
+        f = linear(h, *blk["c_fc"], then=gelu_columns)  # [B, rows, 4C]
+        linear(f, *blk["mlp_proj"], then=add_into(x))  # x += f @ mlp_proj
+        return x
 
     def _step(self, token, cache):
         """One token through the network, for decoding: _forward's math over vectors ([C], not
@@ -370,23 +390,25 @@ class GPT:
         return out.reshape(-1)
 
     def attend(self, q, k, v, cache, layer):
-        """Append k, v [B, H, T, hd] to the layer's cache and attend q over it: [B, T, C]. The
-        heads are split over the cores (inside parallel.passes) for more query rows than
-        decoding's: a decoding step's attention is shorter than waking a core for it."""
-        B, H, T, hd = q.shape
+        """Append k, v [B, H, T, hd] to the layer's cache and attend q [B, H, Tq, hd], the last Tq
+        of those T positions, over it: [B, Tq, C]. The heads are split over the cores (inside
+        parallel.passes) for more query rows than decoding's: a decoding step's attention is
+        shorter than waking a core for it."""
+        B, H, Tq, hd = q.shape
+        T = k.shape[2]
         start = cache.length
-        out = np.empty((B, T, H, hd), np.float32)
-        heads_out = out.transpose(0, 2, 1, 3)  # [B, H, T, hd], a view of out
+        out = np.empty((B, Tq, H, hd), np.float32)
+        heads_out = out.transpose(0, 2, 1, 3)  # [B, H, Tq, hd], a view of out
 
         def heads(i, j):
             keys, values = cache.k[layer][:, i:j], cache.v[layer][:, i:j]
             keys[:, :, start : start + T] = k[:, i:j]
             values[:, :, start : start + T] = v[:, i:j]
             attention(q[:, i:j] * self.scale, keys[:, :, : start + T], values[:, :, : start + T],
-                      start, out=heads_out[:, i:j])  # fmt: skip
+                      start + T - Tq, out=heads_out[:, i:j])  # fmt: skip
 
-        if B * T > SMALL_BATCH:
-            parallel.run(heads, H, kernels.pair_grain(B * T, start + T))
+        if B * Tq > SMALL_BATCH:
+            parallel.run(heads, H, kernels.pair_grain(B * Tq, start + T))
         else:
             heads(0, H)
-        return out.reshape(B, T, H * hd)
+        return out.reshape(B, Tq, H * hd)
