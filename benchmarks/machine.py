@@ -46,11 +46,11 @@ def stream_bytes():
     """The reference matrix's bytes: twice the largest cache Linux reports (a server's L3 may
     hold hundreds of MB), at least STREAM_MIN_BYTES."""
     largest = 0
-    for size in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+    for size in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):  # "48K", "2048K"
         try:
             text = size.read_text().strip()
-            largest = max(largest, int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(
-                text[-1:], 0))  # fmt: skip
+            shift = {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0)
+            largest = max(largest, int(text.rstrip("KMG")) << shift)
         except (OSError, ValueError):
             continue
     return max(STREAM_MIN_BYTES, 2 * largest)

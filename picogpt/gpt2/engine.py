@@ -323,7 +323,7 @@ class GPT:
             return self._forward(ids, cache, all_logits)
 
     def _forward(self, ids, cache, all_logits):
-        B, T = ids.shape
+        T = ids.shape[1]
         start = cache.length
         x = embed(self.wte, ids) + self.wpe[start : start + T]  # [B, T, C]
         for layer, blk in enumerate(self.blocks):
