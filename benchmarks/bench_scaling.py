@@ -50,7 +50,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench_generate import PREFILL, PROMPT, make_model  # noqa: E402
-from machine import describe, stream_times  # noqa: E402
+from machine import describe, stream_bytes, stream_times  # noqa: E402
 
 CHAR = {"n_vocab": 65, "n_ctx": 64, "n_embd": 128, "n_head": 4, "n_layer": 4}
 CHAR_BATCH = 12
@@ -277,7 +277,8 @@ def report(results, counts):
                 failed.append(f"{title}: {n} threads at {own / before:.2f}x of the count before")
             before = own
     print("\ndecode against the memory bound (weight bytes per token / the rate np.matmul(W, x) "
-          "sustains over as many bytes, same threads)\n\n| threads | stream GB/s, sustained | "
+          f"sustains over as many bytes, W {stream_bytes() >> 20} MiB, same threads)\n\n"
+          "| threads | stream GB/s, sustained | "
           "bound, tokens/s | decode | of the bound | best single product, GB/s |\n"
           "|---|---|---|---|---|---|")  # fmt: skip
     for n in counts:
