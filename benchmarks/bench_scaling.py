@@ -26,7 +26,8 @@ that both see the same load on a shared host, and each side is its best round: b
 held over the same bytes (about half a second on 2 cores). The table also gives the best single
 product's rate, a peak of a few milliseconds, which a round cannot hold where other tenants
 share the memory. The tables end with issue 21's targets. --quick runs 1 thread and the most,
-with fewer repetitions.
+with fewer repetitions, and the fine-tuning step at the most only (at 1 thread its two steps a
+side take half of --quick's two minutes).
 
 --passes profiles picogpt alone, in one process, at each thread count in turn: the time inside
 each pass (cProfile's cumulative time of the function that splits it) of a 512-token prefill
@@ -55,7 +56,6 @@ from machine import describe, stream_bytes, stream_times  # noqa: E402
 CHAR = {"n_vocab": 65, "n_ctx": 64, "n_embd": 128, "n_head": 4, "n_layer": 4}
 CHAR_BATCH = 12
 FINETUNE_T = 1024
-FIGURES = ("decode_tps", "prefill_tps", "chars_ms", "finetune_ms")
 CHAR_ROUND = 10  # char steps a turn (a fine-tuning step is a turn)
 TURNS = []  # in a child of run_pair: the pipe ends its turns come in and go out by
 QUIET = 0.05  # of a core: a process using less is idle
@@ -163,7 +163,8 @@ def child_picogpt(folder, reps):
     return {"decode_tps": decode, "prefill_tps": prefill, "bound_tps": rate / weight_bytes,
             "stream_gbs": rate / 1e9, "peak_gbs": max(peaks) / 1e9, "threads": parallel.threads(),
             "chars_ms": steps(CHAR, CHAR_BATCH, CHAR["n_ctx"], reps["chars"], CHAR_ROUND),
-            "finetune_ms": steps(gpt2, 1, FINETUNE_T, reps["finetune"], 1)}  # fmt: skip
+            "finetune_ms": (steps(gpt2, 1, FINETUNE_T, reps["finetune"], 1) if reps["finetune"]
+                            else None)}  # fmt: skip
 
 
 def child_torch(folder, reps, n_threads):
@@ -205,16 +206,18 @@ def child_torch(folder, reps, n_threads):
         torch.nn.utils.clip_grad_norm_(char_model.parameters(), 1.0)
         optimizer.step()
         times.append((time.perf_counter() - t) * 1e3)
-    turn()
-    finetune, _ = step_torch(FINETUNE_T, reps["finetune"], between=turn)
+    finetune = None
+    if reps["finetune"]:
+        turn()
+        finetune = statistics.median(step_torch(FINETUNE_T, reps["finetune"], between=turn)[0])
     return {"decode_tps": max(decodes), "prefill_tps": prefill, "threads": torch.get_num_threads(),
-            "chars_ms": statistics.median(times[1:]), "finetune_ms": statistics.median(finetune),
+            "chars_ms": statistics.median(times[1:]), "finetune_ms": finetune,
             "torch": torch.__version__}  # fmt: skip
 
 
-def run_pair(n, folder, quick):
+def run_pair(n, folder, quick, finetune=True):
     """Both engines' children at n threads, pinned to the same first n cores, taking turns until
-    both are done (see turn()): {engine: its figures}."""
+    both are done (see turn()): {engine: its figures}, finetune_ms None without `finetune`."""
     cores = sorted(os.sched_getaffinity(0))[:n]
     env = dict(os.environ, PICOGPT_THREADS=str(n), OMP_NUM_THREADS=str(n))
     children = {}
@@ -225,7 +228,8 @@ def run_pair(n, folder, quick):
             out, err = (stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2))
             command = [sys.executable, __file__, "--child", impl, "--dir", str(folder),
                        "--threads", str(n), "--turns", f"{go_read},{done_write}"]  # fmt: skip
-            child = subprocess.Popen(command + (["--quick"] if quick else []), env=env,
+            command += (["--quick"] if quick else []) + ([] if finetune else ["--no-finetune"])
+            child = subprocess.Popen(command, env=env,
                                      stdout=out, stderr=err, pass_fds=(go_read, done_write),
                                      preexec_fn=lambda: os.sched_setaffinity(0, cores))  # fmt: skip
             os.close(go_read)
@@ -265,6 +269,9 @@ def report(results, counts):
         before = None
         for n in counts:
             ours, theirs = results[n]["picogpt"][key], results[n]["torch"][key]
+            if ours is None or theirs is None:
+                print(f"| {n} | not run (--quick) | | | |")
+                continue
             speed = ours / theirs if higher else theirs / ours
             own = ours if higher else 1 / ours
             step = "" if before is None else f"{own / before:.2f}x"
@@ -371,7 +378,8 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", help="thread counts (default: 1, 2, "
                         "4, ... up to the usable cores)")  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="1 thread and the most, fewer reps")
+    parser.add_argument("--quick", action="store_true", help="1 thread and the most, fewer reps, "
+                        "fine-tuning at the most only")  # fmt: skip
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "picogpt-124M",
                         help="where the random 124M model is written (kept for later runs)")
     parser.add_argument("--text", type=Path, help="ignored: the char recipe runs on random "
@@ -380,9 +388,12 @@ def main():
                         "each thread count, instead of the sweep against PyTorch")  # fmt: skip
     parser.add_argument("--child", choices=["picogpt", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--turns", help=argparse.SUPPRESS)  # a child's pipe ends (run_pair)
+    parser.add_argument("--no-finetune", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     reps = ({"decode": 16, "rounds": 2, "prefill": 2, "chars": 20, "finetune": 1} if args.quick
             else {"decode": 32, "rounds": 3, "prefill": 3, "chars": 30, "finetune": 2})  # fmt: skip
+    if args.no_finetune:
+        reps["finetune"] = 0
     if args.child:
         if args.turns:
             TURNS[:] = map(int, args.turns.split(","))
@@ -407,7 +418,7 @@ def main():
     results = {}
     started = time.perf_counter()
     for n in counts:
-        results[n] = run_pair(n, args.dir, args.quick)
+        results[n] = run_pair(n, args.dir, args.quick, finetune=not args.quick or n == counts[-1])
         print(f"  {n} threads: {json.dumps(results[n])}  ({time.perf_counter() - started:.0f} s)",
               flush=True)  # fmt: skip
     print(f"\nPyTorch {results[counts[0]]['torch']['torch']}")
