@@ -229,8 +229,8 @@ def run_pair(n, folder, quick, finetune=True):
             command = [sys.executable, __file__, "--child", impl, "--dir", str(folder),
                        "--threads", str(n), "--turns", f"{go_read},{done_write}"]  # fmt: skip
             command += (["--quick"] if quick else []) + ([] if finetune else ["--no-finetune"])
-            child = subprocess.Popen(command, env=env,
-                                     stdout=out, stderr=err, pass_fds=(go_read, done_write),
+            child = subprocess.Popen(command, env=env, stdout=out, stderr=err,
+                                     pass_fds=(go_read, done_write),
                                      preexec_fn=lambda: os.sched_setaffinity(0, cores))  # fmt: skip
             os.close(go_read)
             os.close(done_write)
