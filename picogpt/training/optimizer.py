@@ -7,10 +7,10 @@ import numpy as np
 
 from picogpt.gpt2 import parallel
 
-# Elements updated at a time: the block's arrays (5 MB) stay in the L2 and L3 caches between the
-# update's dozen NumPy calls, and each call is long enough that the threads seldom wait on each
-# other for the GIL (a block 8x smaller made two threads barely faster than one).
-ADAM_BLOCK = 1 << 18
+# Elements updated at a time: the block's five arrays (2.5 MB) stay in the L2 and L3 caches
+# between the update's dozen NumPy calls, and each call is long enough that the threads seldom
+# wait on each other for the GIL (a block 4x smaller made two threads barely faster than one).
+ADAM_BLOCK = 1 << 17
 ADAM_GRAIN = 2  # blocks a thread takes at least: fewer cost more to hand out than to update
 FLAT_GRAIN = 1 << 19  # elements a thread takes at least in a pass over a flat buffer (2 MB)
 
