@@ -111,10 +111,10 @@ class Trainer:
         losses = [loss for part in ranges for loss in part]
         weights = [(stop - start) / len(x) for start, stop in parts]
         if backward and len(parts) > 1:
-            self.flat_grad *= weights[0]
+            scale_(self.flat_grad, weights[0])
             for w, (flat, _) in zip(weights[1:], self.shard_grads):
-                flat *= w
-                self.flat_grad += flat
+                scale_(flat, w)
+                accumulate(self.flat_grad, flat, first=False)
         return sum(w * loss for w, loss in zip(weights, losses))
 
     def estimate_loss(self, data, rng):
